@@ -1,0 +1,14 @@
+# The README's two commands. Both use the release profile so gRPC's C core compiles once.
+.PHONY: demo test deps bench
+
+deps:
+	@bash .ci/install-deps
+
+demo: deps
+	cargo run --release -- demo
+
+test: deps
+	cargo test --release
+
+bench: deps
+	cargo bench --bench fanout

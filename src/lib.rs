@@ -1,0 +1,8 @@
+//! push-manager: a thread-based fan-out service for real-time push.
+//!
+//! Business servers call `protocol.PushServer/Broadcast`; the `manager` role discovers
+//! connect-nodes in etcd and forwards each broadcast to every node through a bounded queue and
+//! dedicated worker threads; the `gateway` role is a connect-node that registers itself in etcd
+//! and pushes what it receives to its WebSocket subscribers.
+
+pub mod proto;
