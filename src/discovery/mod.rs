@@ -1,0 +1,226 @@
+//! Discovery: which connect-nodes exist, read from etcd.
+//!
+//! The `discovery` thread lists the prefix at start and then every poll interval, and watches it
+//! from the listed revision so a change is applied within a moment: any watch event just wakes
+//! the thread to list again, so the periodic list stays the single source of truth (it also
+//! covers a compacted or lost watch). While etcd is unreachable the last known set is kept; the
+//! thread logs once when etcd goes away and once when it comes back. It knows nothing of node
+//! clients: it hands each listing to a callback.
+
+mod diff;
+mod record;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use log::{debug, info, warn};
+
+pub use diff::{diff, Diff, NodeAddrs};
+pub use record::{parse, validate_addr, BadRecord, NodeRecord};
+
+use crate::etcd::{self, WatchEvent, Watcher};
+
+/// One read of the prefix.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub nodes: NodeAddrs,
+    /// Keys under the prefix that are not node records.
+    pub bad: Vec<BadRecord>,
+    /// The etcd revision the listing reflects.
+    pub revision: i64,
+}
+
+/// Lists and parses every node record under `prefix`.
+pub fn list(client: &etcd::Client, prefix: &str) -> etcd::Result<Listing> {
+    let raw = client.get_prefix(prefix)?;
+    let mut listing = Listing { revision: raw.revision, ..Listing::default() };
+    for kv in raw.kvs {
+        match parse(prefix, &kv.key, &kv.value) {
+            Ok(r) => {
+                listing.nodes.insert(r.id, r.addr);
+            }
+            Err(bad) => listing.bad.push(bad),
+        }
+    }
+    Ok(listing)
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub prefix: String,
+    pub poll_interval: Duration,
+    pub watch: bool,
+}
+
+/// The `discovery` thread's handle; dropping it stops and joins the thread.
+pub struct Discovery {
+    shutdown: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    status: Arc<Status>,
+}
+
+/// What the thread reports about itself.
+#[derive(Debug)]
+struct Status {
+    etcd_reachable: AtomicBool,
+    listings: AtomicU64,
+}
+
+impl Discovery {
+    /// Starts the thread; `on_list` is called on it with every successful listing's node set.
+    pub fn start<F>(client: etcd::Client, config: Config, on_list: F) -> std::io::Result<Discovery>
+    where
+        F: FnMut(&NodeAddrs) + Send + 'static,
+    {
+        let (shutdown_tx, shutdown_rx) = bounded(0);
+        let status = Arc::new(Status { etcd_reachable: AtomicBool::new(true), listings: AtomicU64::new(0) });
+        let poller = Poller {
+            client,
+            config,
+            on_list: Box::new(on_list),
+            shutdown: shutdown_rx,
+            status: status.clone(),
+            warned: HashMap::new(),
+            watcher: None,
+        };
+        let thread = thread::Builder::new().name("discovery".into()).spawn(move || poller.run())?;
+        Ok(Discovery { shutdown: Some(shutdown_tx), thread: Some(thread), status })
+    }
+
+    /// Whether the last listing attempt reached etcd.
+    pub fn etcd_reachable(&self) -> bool {
+        self.status.etcd_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Successful listings so far (each one applied through the callback).
+    pub fn listings(&self) -> u64 {
+        self.status.listings.load(Ordering::Relaxed)
+    }
+
+    /// Idempotent: stops the thread (and its watcher) and joins it.
+    pub fn shutdown(&mut self) {
+        self.shutdown.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("the discovery thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Retry delay after a failed listing: short at first so a restarted etcd is seen quickly.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+struct Poller {
+    client: etcd::Client,
+    config: Config,
+    on_list: Box<dyn FnMut(&NodeAddrs) + Send>,
+    shutdown: Receiver<()>,
+    status: Arc<Status>,
+    /// Bad keys already warned about, with the reason we gave.
+    warned: HashMap<String, String>,
+    watcher: Option<Watcher>,
+}
+
+impl Poller {
+    fn run(mut self) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            let next_list = match self.list_once() {
+                Ok(()) => {
+                    retry = FIRST_RETRY;
+                    Instant::now() + self.config.poll_interval
+                }
+                Err(()) => {
+                    let at = Instant::now() + retry.min(self.config.poll_interval);
+                    retry = (retry * 2).min(self.config.poll_interval);
+                    at
+                }
+            };
+            if !self.wait(next_list) {
+                return;
+            }
+        }
+    }
+
+    /// Waits until `deadline` or until a watch event says the set changed.
+    /// Returns false on shutdown.
+    fn wait(&mut self, deadline: Instant) -> bool {
+        loop {
+            let events = self.watcher.as_ref().map_or(never(), |w| w.events().clone());
+            let timeout = after(deadline.saturating_duration_since(Instant::now()));
+            select! {
+                recv(self.shutdown) -> _ => return false,
+                recv(timeout) -> _ => return true,
+                recv(events) -> event => match event {
+                    Ok(WatchEvent::Put(_)) | Ok(WatchEvent::Delete { .. }) | Ok(WatchEvent::Connected) => {
+                        // Coalesce a burst of events into one listing.
+                        while events.try_recv().is_ok() {}
+                        return true;
+                    }
+                    Ok(WatchEvent::Disconnected { error }) => debug!("watch on {} interrupted: {error}", self.config.prefix),
+                    Ok(WatchEvent::Compacted { compact_revision }) => {
+                        debug!("watch on {} compacted at {compact_revision}; listing again", self.config.prefix);
+                        self.watcher = None;
+                        return true;
+                    }
+                    Ok(WatchEvent::Canceled { reason }) => {
+                        info!("etcd canceled the watch on {}: {reason}; listing again", self.config.prefix);
+                        self.watcher = None;
+                        return true;
+                    }
+                    Err(_) => {
+                        self.watcher = None;
+                        return true;
+                    }
+                },
+            }
+        }
+    }
+
+    fn list_once(&mut self) -> Result<(), ()> {
+        let listing = match list(&self.client, &self.config.prefix) {
+            Ok(l) => l,
+            Err(e) => {
+                if self.status.etcd_reachable.swap(false, Ordering::Relaxed) {
+                    warn!("etcd unreachable ({e}); keeping the last known connect-nodes and retrying");
+                }
+                return Err(());
+            }
+        };
+        if !self.status.etcd_reachable.swap(true, Ordering::Relaxed) {
+            info!("etcd reachable again; {} connect-node(s) registered", listing.nodes.len());
+        }
+        self.warn_bad_records(&listing.bad);
+        (self.on_list)(&listing.nodes);
+        self.status.listings.fetch_add(1, Ordering::Relaxed);
+        if self.config.watch && self.watcher.is_none() {
+            match self.client.watch_prefix(&self.config.prefix, listing.revision + 1) {
+                Ok(w) => self.watcher = Some(w),
+                Err(e) => debug!("cannot watch {} yet: {e}", self.config.prefix),
+            }
+        }
+        Ok(())
+    }
+
+    /// One warning per bad key (again only if its problem changes).
+    fn warn_bad_records(&mut self, bad: &[BadRecord]) {
+        self.warned.retain(|key, _| bad.iter().any(|b| &b.key == key));
+        for b in bad {
+            if self.warned.get(&b.key) != Some(&b.reason) {
+                warn!("{b}");
+                self.warned.insert(b.key.clone(), b.reason.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Node records: what a connect-node writes under the prefix, and how we read it.
+//!
+//! The key's last segment is the node id; the value is its gRPC address `host:port`, or a JSON
+//! object with an `addr` field (other fields are metadata for other readers and are ignored).
+
+use std::fmt;
+
+/// A connect-node as registered in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub addr: String,
+}
+
+/// Why a key under the prefix is not a usable node record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadRecord {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "skipping key {:?}: {}", self.key, self.reason)
+    }
+}
+
+/// Parses one key/value found under `prefix`.
+pub fn parse(prefix: &str, key: &str, value: &[u8]) -> Result<NodeRecord, BadRecord> {
+    let bad = |reason: String| BadRecord { key: key.to_string(), reason };
+    let rest = key.strip_prefix(prefix).unwrap_or(key);
+    let id = rest.rsplit('/').next().unwrap_or_default();
+    if id.is_empty() {
+        return Err(bad("the key has no node id after the prefix".into()));
+    }
+    let text = std::str::from_utf8(value).map_err(|_| bad("the value is not UTF-8".into()))?.trim();
+    let addr = if text.starts_with('{') {
+        address_from_json(text).map_err(bad)?
+    } else {
+        text.to_string()
+    };
+    validate_addr(&addr).map_err(bad)?;
+    Ok(NodeRecord { id: id.to_string(), addr })
+}
+
+fn address_from_json(text: &str) -> Result<String, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON value: {e}"))?;
+    match value.get("addr") {
+        Some(serde_json::Value::String(addr)) => Ok(addr.trim().to_string()),
+        Some(_) => Err("the JSON field \"addr\" is not a string".into()),
+        None => Err("the JSON value has no \"addr\" field".into()),
+    }
+}
+
+/// `host:port` with a non-empty host (name, IPv4 or bracketed IPv6) and a port in 1..=65535.
+pub fn validate_addr(addr: &str) -> Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} is not host:port"));
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+        return Err(format!("{addr:?} has no valid host before the port"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!("{addr:?}: an IPv6 host must be in brackets, like [::1]:50061"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{addr:?} has no valid port (1-65535)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/services/connect-node/";
+
+    fn ok(key: &str, value: &str) -> NodeRecord {
+        parse(P, key, value.as_bytes()).unwrap()
+    }
+
+    fn err(key: &str, value: &[u8]) -> String {
+        parse(P, key, value).unwrap_err().reason
+    }
+
+    #[test]
+    fn plain_address() {
+        assert_eq!(ok("/services/connect-node/n1", "127.0.0.1:50061"), NodeRecord { id: "n1".into(), addr: "127.0.0.1:50061".into() });
+        assert_eq!(ok("/services/connect-node/n1", " host.example:1 \n").addr, "host.example:1");
+        assert_eq!(ok("/services/connect-node/n1", "[::1]:9000").addr, "[::1]:9000");
+    }
+
+    #[test]
+    fn id_is_the_last_segment() {
+        assert_eq!(ok("/services/connect-node/zone-a/n7", "h:1").id, "n7");
+    }
+
+    #[test]
+    fn json_with_addr_and_metadata() {
+        let r = ok("/services/connect-node/n2", r#"{"addr":"10.0.0.2:50061","zone":"a","weight":3}"#);
+        assert_eq!(r.addr, "10.0.0.2:50061");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        assert!(err("/services/connect-node/n", b"nonsense").contains("not host:port"));
+        assert!(err("/services/connect-node/n", b"h:0").contains("port"));
+        assert!(err("/services/connect-node/n", b"h:70000").contains("port"));
+        assert!(err("/services/connect-node/n", b":80").contains("host"));
+        assert!(err("/services/connect-node/n", b"::1:80").contains("brackets"));
+        assert!(err("/services/connect-node/n", b"{\"addr\":").contains("invalid JSON"));
+        assert!(err("/services/connect-node/n", b"{\"address\":\"h:1\"}").contains("no \"addr\""));
+        assert!(err("/services/connect-node/n", b"{\"addr\":5}").contains("not a string"));
+        assert!(err("/services/connect-node/n", &[0xff, 0xfe]).contains("UTF-8"));
+        assert!(err("/services/connect-node/", b"h:1").contains("no node id"));
+    }
+}
