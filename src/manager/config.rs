@@ -1,0 +1,159 @@
+//! Configuration of the push-manager role: a plain struct with documented defaults.
+
+use std::time::Duration;
+
+use super::error::{Error, Result};
+use crate::etcd;
+
+/// Everything `push-manager serve` can be told. Defaults match the CLI's.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC address for `protocol.PushServer`. Default `0.0.0.0:50053`.
+    pub listen: String,
+    /// etcd endpoints and per-call deadline. Default `127.0.0.1:2379`, 2 s.
+    pub etcd: etcd::Config,
+    /// etcd key prefix under which connect-nodes register. Default `/services/connect-node/`.
+    pub prefix: String,
+    /// Worker threads per connect-node. Default 10.
+    pub routine_size: usize,
+    /// Messages each node's queue holds before broadcasts are dropped for it. Default 1000.
+    pub queue_size: usize,
+    /// How often the node set is re-listed from etcd (the watch applies changes sooner). Default 3 s.
+    pub poll_interval: Duration,
+    /// Watch the prefix so changes apply at once; off leaves only the periodic list. Default on.
+    pub watch: bool,
+    /// Deadline of one RPC to a connect-node. Default 5 s.
+    pub rpc_timeout: Duration,
+    /// Most messages a worker sends in one RPC when more are already queued. Default 64.
+    pub batch_max: usize,
+    /// Largest `proto.body` accepted, in bytes. Default 1 MiB.
+    pub max_message_bytes: usize,
+    /// Retries of a failed RPC to a node that is still registered.
+    pub retry: RetryPolicy,
+    /// How long a removed node (or every node, at shutdown) may take to deliver what it has
+    /// queued before the rest is counted as failed. Default 10 s.
+    pub drain_timeout: Duration,
+    /// gRPC completion-queue threads (server and node clients each). Default 2.
+    pub grpc_threads: usize,
+}
+
+/// Exponential backoff between attempts of one RPC.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Wait before the first retry, doubled each time. Default 100 ms.
+    pub initial_backoff: Duration,
+    /// Cap on the wait between attempts. Default 1 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt number `attempt` (2 for the first retry).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(2).min(16);
+        self.initial_backoff.saturating_mul(1 << doublings).min(self.max_backoff)
+    }
+}
+
+pub const DEFAULT_PREFIX: &str = "/services/connect-node/";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:50053".into(),
+            etcd: etcd::Config::default(),
+            prefix: DEFAULT_PREFIX.into(),
+            routine_size: 10,
+            queue_size: 1000,
+            poll_interval: Duration::from_secs(3),
+            watch: true,
+            rpc_timeout: Duration::from_secs(5),
+            batch_max: 64,
+            max_message_bytes: 1 << 20,
+            retry: RetryPolicy::default(),
+            drain_timeout: Duration::from_secs(10),
+            grpc_threads: 2,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.prefix.is_empty() {
+            return bad("--prefix must not be empty: every key in etcd would be taken for a node".into());
+        }
+        if self.routine_size == 0 {
+            return bad("--routine-size must be at least 1 worker thread per node".into());
+        }
+        if self.queue_size == 0 {
+            return bad("--queue-size must be at least 1 message".into());
+        }
+        if self.batch_max == 0 {
+            return bad("--batch-max must be at least 1 (1 sends one RPC per message)".into());
+        }
+        if self.poll_interval.is_zero() {
+            return bad("--poll-interval must be greater than 0".into());
+        }
+        if self.rpc_timeout.is_zero() {
+            return bad("--rpc-timeout must be greater than 0".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("--max-attempts must be at least 1".into());
+        }
+        if self.max_message_bytes == 0 {
+            return bad("--max-message-bytes must be at least 1".into());
+        }
+        if self.grpc_threads == 0 {
+            return bad("grpc_threads must be at least 1".into());
+        }
+        self.etcd.validate().map_err(|e| Error::InvalidConfig(format!("--etcd: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn zero_sizes_are_refused_with_the_flag_name() {
+        let cases: Vec<(fn(&mut Config), &str)> = vec![
+            (|c| c.routine_size = 0, "--routine-size"),
+            (|c| c.queue_size = 0, "--queue-size"),
+            (|c| c.batch_max = 0, "--batch-max"),
+            (|c| c.poll_interval = Duration::ZERO, "--poll-interval"),
+            (|c| c.prefix.clear(), "--prefix"),
+            (|c| c.retry.max_attempts = 0, "--max-attempts"),
+        ];
+        for (break_it, flag) in cases {
+            let mut config = Config::default();
+            break_it(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(flag), "{err:?} should name {flag}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.backoff(2), Duration::from_millis(100));
+        assert_eq!(p.backoff(3), Duration::from_millis(200));
+        assert_eq!(p.backoff(10), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,35 @@
+//! Errors of the push-manager role.
+
+use thiserror::Error;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A configuration value is out of range; the message names the flag.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The gRPC server could not be built or bound.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] grpcio::Error),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+    /// etcd refused something at start-up (the running service tolerates etcd outages).
+    #[error("etcd: {0}")]
+    Etcd(#[from] crate::etcd::Error),
+    /// A thread could not be spawned.
+    #[error("spawning thread {name}: {source}")]
+    Spawn { name: String, source: std::io::Error },
+}
+
+impl Error {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidConfig(_) | Error::Bind { .. } => false,
+            Error::Grpc(_) | Error::Spawn { .. } => true,
+            Error::Etcd(e) => e.is_retryable(),
+        }
+    }
+}

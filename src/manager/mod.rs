@@ -1,0 +1,150 @@
+//! The push-manager role: the `protocol.PushServer` service, the discovery of connect-nodes,
+//! and the fan-out of every broadcast to each node through its own queue and workers.
+//!
+//! Threads: gRPC completion-queue threads (`grpc-server-*`, `grpc-node-*`), `discovery` (and the
+//! etcd client's `etcd-watch`), and `node-<id>-<n>` per node. All are joined by `shutdown`.
+
+mod config;
+mod error;
+mod fanout;
+mod message;
+mod node;
+mod server;
+mod throttle;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::executor::block_on;
+use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder, ServerCredentials};
+use log::{info, warn};
+
+pub use config::{Config, RetryPolicy, DEFAULT_PREFIX};
+pub use error::{Error, Result};
+pub use fanout::FanoutReport;
+pub use message::{encode_batch, Outgoing, SharedMessage};
+pub use node::{NodeStats, Refused};
+pub use server::{validate, validate_topic, MAX_TOPIC_BYTES};
+
+use crate::discovery::{self, Discovery};
+use crate::etcd;
+use crate::proto::protocol_grpc::create_push_server;
+use fanout::Fanout;
+use node::NodeSettings;
+use server::PushService;
+
+/// A running push-manager. Dropping it shuts it down.
+pub struct Manager {
+    server: Option<grpcio::Server>,
+    discovery: Option<Discovery>,
+    fanout: Arc<Fanout>,
+    addr: SocketAddr,
+}
+
+impl Manager {
+    /// Binds the gRPC server, starts discovery, and serves. etcd need not be up yet.
+    pub fn start(config: Config) -> Result<Manager> {
+        config.validate()?;
+        let client_env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-node").build());
+        let settings = NodeSettings {
+            routine_size: config.routine_size,
+            queue_size: config.queue_size,
+            batch_max: config.batch_max,
+            rpc_timeout: config.rpc_timeout,
+            retry: config.retry,
+        };
+        let fanout = Arc::new(Fanout::new(client_env, settings, config.drain_timeout));
+
+        let server_env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-server").build());
+        let service = PushService {
+            fanout: fanout.clone(),
+            max_message_bytes: config.max_message_bytes,
+            prefix: config.prefix.clone(),
+        };
+        // gRPC sets SO_REUSEPORT by default, which would let two servers share a port silently.
+        let args = ChannelBuilder::new(server_env.clone())
+            .reuse_port(false)
+            .max_receive_message_len(receive_limit(config.max_message_bytes))
+            .build_args();
+        let mut server = ServerBuilder::new(server_env)
+            .channel_args(args)
+            .register_service(create_push_server(service))
+            .build()?;
+        let port = server
+            .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
+            .map_err(|e| Error::Bind { addr: config.listen.clone(), reason: e.to_string() })?;
+        let addr = bound_addr(&config.listen, port)?;
+
+        let client = etcd::Client::connect(config.etcd.clone())?;
+        let reconciled = fanout.clone();
+        let discovery = Discovery::start(
+            client,
+            discovery::Config { prefix: config.prefix.clone(), poll_interval: config.poll_interval, watch: config.watch },
+            move |nodes| reconciled.reconcile(nodes),
+        )
+        .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
+
+        server.start();
+        info!("push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}", config.etcd.endpoints, config.prefix);
+        Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr })
+    }
+
+    /// The address the gRPC server is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counters of every registered connect-node, by id.
+    pub fn nodes(&self) -> Vec<NodeStats> {
+        self.fanout.stats()
+    }
+
+    /// Counters of removed connect-nodes still draining their queue.
+    pub fn retiring_nodes(&self) -> Vec<NodeStats> {
+        self.fanout.retiring_stats()
+    }
+
+    /// Whether the last attempt to list the node set reached etcd.
+    pub fn etcd_reachable(&self) -> bool {
+        self.discovery.as_ref().is_some_and(|d| d.etcd_reachable())
+    }
+
+    /// Successful listings of the node set so far.
+    pub fn listings(&self) -> u64 {
+        self.discovery.as_ref().map_or(0, |d| d.listings())
+    }
+
+    /// Idempotent: stops accepting RPCs, stops discovery, drains every queue within the drain
+    /// timeout, and joins every thread.
+    pub fn shutdown(&mut self) {
+        let Some(mut server) = self.server.take() else { return };
+        info!("push-manager shutting down: no new broadcasts, draining node queues");
+        if block_on(server.shutdown()).is_err() {
+            warn!("the gRPC server did not shut down cleanly");
+        }
+        if let Some(mut d) = self.discovery.take() {
+            d.shutdown();
+        }
+        self.fanout.shutdown();
+        info!("push-manager stopped");
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// gRPC's receive limit for a request carrying a body of the largest allowed size, so an
+/// oversized body reaches our validation (and its clear message) instead of a transport error.
+fn receive_limit(max_message_bytes: usize) -> i32 {
+    max_message_bytes.saturating_mul(2).max(4 << 20).min(i32::MAX as usize) as i32
+}
+
+fn bound_addr(listen: &str, port: u16) -> Result<SocketAddr> {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = host.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    Ok(SocketAddr::new(ip, port))
+}

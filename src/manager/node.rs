@@ -1,0 +1,359 @@
+//! One connect-node as push-manager sees it: a gRPC channel, a bounded queue, and the
+//! `routine_size` worker threads (`node-<id>-<n>`) that drain it.
+//!
+//! A worker takes one message and whatever else is already queued (up to `batch_max`), and sends
+//! them in one RPC: batching never waits for a batch to fill, so light traffic pays no latency.
+//! Failed RPCs with a retryable status are retried with backoff while the node is registered.
+//! Closing drops the queue's sender: workers deliver what is queued, give up on the rest at the
+//! drain deadline (counted as `abandoned`), and end when the channel is empty and disconnected.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use grpcio::{CallOption, ChannelBuilder, Client, Environment, RpcStatusCode};
+use log::{debug, info, warn};
+use parking_lot::{Mutex, RwLock};
+
+use super::config::RetryPolicy;
+use super::message::{SharedMessage, BROADCAST, BROADCAST_BATCH};
+use super::throttle::Throttle;
+
+/// A batch stops growing at this many encoded bytes (a single larger message still goes alone),
+/// well under gRPC's default 4 MiB receive limit on the connect-node.
+const BATCH_MAX_BYTES: usize = 2 << 20;
+
+/// What a node client is built with; shared by every node of one manager.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    pub routine_size: usize,
+    pub queue_size: usize,
+    pub batch_max: usize,
+    pub rpc_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// Running totals for one node. Messages, not RPCs, unless the name says otherwise.
+#[derive(Default, Debug)]
+struct Counters {
+    enqueued: AtomicU64,
+    dropped_full: AtomicU64,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    abandoned: AtomicU64,
+    retried: AtomicU64,
+    rpcs: AtomicU64,
+}
+
+/// A snapshot of one node's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub id: String,
+    pub addr: String,
+    /// Messages its queue accepted.
+    pub enqueued: u64,
+    /// Broadcasts refused because its queue was full (or closing).
+    pub dropped_full: u64,
+    /// Messages the node acknowledged.
+    pub sent: u64,
+    /// Messages given up after the last attempt failed.
+    pub failed: u64,
+    /// Messages still queued at the drain deadline, never attempted.
+    pub abandoned: u64,
+    /// RPC attempts that were retries.
+    pub retried: u64,
+    /// RPCs made (a batch is one).
+    pub rpcs: u64,
+    /// Messages waiting in its queue now.
+    pub queue_depth: u64,
+}
+
+impl NodeStats {
+    /// Every accepted message has met its end: sent, failed or abandoned.
+    pub fn settled(&self) -> bool {
+        self.queue_depth == 0 && self.enqueued == self.sent + self.failed + self.abandoned
+    }
+}
+
+/// Why an offer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is at `queue_size`.
+    Full,
+    /// The node is being removed or the manager is shutting down.
+    Closing,
+}
+
+/// State the workers consult to know whether to retry and when to give up.
+struct Lifecycle {
+    registered: AtomicBool,
+    drain_deadline: Mutex<Option<Instant>>,
+    /// Dropped on close, which wakes workers sleeping in a retry backoff.
+    closing_tx: Mutex<Option<Sender<()>>>,
+    closing_rx: Receiver<()>,
+}
+
+impl Lifecycle {
+    fn past_drain_deadline(&self) -> bool {
+        matches!(*self.drain_deadline.lock(), Some(d) if Instant::now() >= d)
+    }
+
+    /// The RPC deadline: the configured timeout, cut short by a drain deadline.
+    fn rpc_timeout(&self, configured: Duration) -> Duration {
+        match *self.drain_deadline.lock() {
+            Some(d) => configured.min(d.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)),
+            None => configured,
+        }
+    }
+}
+
+pub struct NodeClient {
+    id: String,
+    addr: String,
+    sender: RwLock<Option<Sender<SharedMessage>>>,
+    counters: Arc<Counters>,
+    lifecycle: Arc<Lifecycle>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    full_warnings: Throttle,
+}
+
+impl NodeClient {
+    /// Connects (lazily) to `addr` and starts the workers.
+    pub fn start(id: &str, addr: &str, env: Arc<Environment>, settings: &NodeSettings) -> std::io::Result<NodeClient> {
+        let client = Client::new(ChannelBuilder::new(env).connect(addr));
+        let (tx, rx) = bounded(settings.queue_size);
+        let (closing_tx, closing_rx) = bounded(0);
+        let counters = Arc::new(Counters::default());
+        let lifecycle = Arc::new(Lifecycle {
+            registered: AtomicBool::new(true),
+            drain_deadline: Mutex::new(None),
+            closing_tx: Mutex::new(Some(closing_tx)),
+            closing_rx,
+        });
+        let node = NodeClient {
+            id: id.to_string(),
+            addr: addr.to_string(),
+            sender: RwLock::new(Some(tx)),
+            counters: counters.clone(),
+            lifecycle: lifecycle.clone(),
+            workers: Mutex::new(Vec::with_capacity(settings.routine_size)),
+            full_warnings: Throttle::new(Duration::from_secs(1)),
+        };
+        for n in 0..settings.routine_size {
+            let worker = Worker {
+                node_id: node.id.clone(),
+                client: client.clone(),
+                queue: rx.clone(),
+                counters: counters.clone(),
+                lifecycle: lifecycle.clone(),
+                settings: settings.clone(),
+                failures: Throttle::new(Duration::from_secs(1)),
+            };
+            let spawned = thread::Builder::new().name(format!("node-{id}-{n}")).spawn(move || worker.run());
+            match spawned {
+                Ok(handle) => node.workers.lock().push(handle),
+                Err(e) => {
+                    node.close(Duration::ZERO, false);
+                    node.join();
+                    return Err(e);
+                }
+            }
+        }
+        info!("node {id}: added at {addr} ({} workers, queue {})", settings.routine_size, settings.queue_size);
+        Ok(node)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Queues `msg` without blocking.
+    pub fn offer(&self, msg: &SharedMessage) -> Result<(), Refused> {
+        // try_send never blocks, so holding the read lock across it is fine.
+        let result = match &*self.sender.read() {
+            Some(tx) => tx.try_send(msg.clone()),
+            None => Err(TrySendError::Disconnected(msg.clone())),
+        };
+        match result {
+            Ok(()) => {
+                self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+                let refused = if e.is_full() { Refused::Full } else { Refused::Closing };
+                if let Some(suppressed) = self.full_warnings.allow() {
+                    warn!(
+                        "node {}: dropped a broadcast, queue {} ({} more dropped since the last warning)",
+                        self.id,
+                        if refused == Refused::Full { "full" } else { "closing" },
+                        suppressed
+                    );
+                }
+                Err(refused)
+            }
+        }
+    }
+
+    /// Stops accepting: workers deliver what is queued until `drain_timeout` has passed, then
+    /// count the rest as abandoned. `registered: false` (node removed) also stops retries.
+    /// Does not wait; `join` does.
+    pub fn close(&self, drain_timeout: Duration, registered: bool) {
+        let queued = self.sender.read().as_ref().map_or(0, |tx| tx.len());
+        *self.lifecycle.drain_deadline.lock() = Some(Instant::now() + drain_timeout);
+        self.lifecycle.registered.store(registered, Ordering::Relaxed);
+        if self.sender.write().take().is_some() {
+            debug!("node {}: closing with {queued} queued, drain within {drain_timeout:?}", self.id);
+        }
+        self.lifecycle.closing_tx.lock().take();
+    }
+
+    /// Whether every worker has ended (after `close`).
+    pub fn is_finished(&self) -> bool {
+        self.workers.lock().iter().all(|w| w.is_finished())
+    }
+
+    /// Joins the workers. Call after `close`, or it waits forever.
+    pub fn join(&self) {
+        // Taken out first so the lock is not held across the joins.
+        let workers = std::mem::take(&mut *self.workers.lock());
+        for w in workers {
+            if w.join().is_err() {
+                warn!("node {}: a worker panicked", self.id);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeStats {
+            id: self.id.clone(),
+            addr: self.addr.clone(),
+            enqueued: load(&c.enqueued),
+            dropped_full: load(&c.dropped_full),
+            sent: load(&c.sent),
+            failed: load(&c.failed),
+            abandoned: load(&c.abandoned),
+            retried: load(&c.retried),
+            rpcs: load(&c.rpcs),
+            queue_depth: self.sender.read().as_ref().map_or(0, |tx| tx.len() as u64),
+        }
+    }
+}
+
+impl Drop for NodeClient {
+    fn drop(&mut self) {
+        self.close(Duration::ZERO, false);
+        self.join();
+    }
+}
+
+/// One `node-<id>-<n>` thread.
+struct Worker {
+    node_id: String,
+    client: Client,
+    queue: Receiver<SharedMessage>,
+    counters: Arc<Counters>,
+    lifecycle: Arc<Lifecycle>,
+    settings: NodeSettings,
+    failures: Throttle,
+}
+
+impl Worker {
+    /// Ends when the queue is disconnected and empty: nothing queued is left behind uncounted.
+    fn run(self) {
+        let mut batch = Vec::with_capacity(self.settings.batch_max);
+        let mut carried: Option<SharedMessage> = None;
+        loop {
+            let first = match carried.take() {
+                Some(m) => m,
+                None => match self.queue.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+            };
+            let mut bytes = first.encoded_len();
+            batch.push(first);
+            while batch.len() < self.settings.batch_max {
+                let Ok(next) = self.queue.try_recv() else { break };
+                if bytes + next.encoded_len() > BATCH_MAX_BYTES {
+                    carried = Some(next);
+                    break;
+                }
+                bytes += next.encoded_len();
+                batch.push(next);
+            }
+            self.deliver(&batch);
+            batch.clear();
+        }
+    }
+
+    fn deliver(&self, batch: &Vec<SharedMessage>) {
+        let n = batch.len() as u64;
+        let mut attempt = 1;
+        loop {
+            if self.lifecycle.past_drain_deadline() {
+                self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
+                return;
+            }
+            let opt = CallOption::default().timeout(self.lifecycle.rpc_timeout(self.settings.rpc_timeout));
+            self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
+            let result = if batch.len() == 1 {
+                self.client.unary_call(&BROADCAST, &batch[0], opt)
+            } else {
+                self.client.unary_call(&BROADCAST_BATCH, batch, opt)
+            };
+            let error = match result {
+                Ok(_) => {
+                    self.counters.sent.fetch_add(n, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => e,
+            };
+            let registered = self.lifecycle.registered.load(Ordering::Relaxed);
+            if is_retryable(&error) && attempt < self.settings.retry.max_attempts && registered {
+                attempt += 1;
+                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                self.wait_before_retry(self.settings.retry.backoff(attempt));
+                continue;
+            }
+            self.counters.failed.fetch_add(n, Ordering::Relaxed);
+            if let Some(suppressed) = self.failures.allow() {
+                warn!(
+                    "node {}: gave up on {n} message(s) after {attempt} attempt(s): {error} \
+                     ({suppressed} more failures since the last warning)",
+                    self.node_id
+                );
+            }
+            return;
+        }
+    }
+
+    /// Sleeps for `backoff`, or less if the node is closed meanwhile.
+    fn wait_before_retry(&self, backoff: Duration) {
+        select! {
+            recv(self.lifecycle.closing_rx) -> _ => {}
+            default(backoff) => {}
+        }
+    }
+}
+
+/// Statuses after which the same request may succeed. DEADLINE_EXCEEDED is among them: the node
+/// may then see a message twice, which is the price of not losing it (at-least-once).
+fn is_retryable(error: &grpcio::Error) -> bool {
+    match error {
+        grpcio::Error::RpcFailure(status) => matches!(
+            status.code(),
+            RpcStatusCode::UNAVAILABLE | RpcStatusCode::DEADLINE_EXCEEDED | RpcStatusCode::RESOURCE_EXHAUSTED | RpcStatusCode::ABORTED
+        ),
+        grpcio::Error::RemoteStopped => true,
+        _ => false,
+    }
+}

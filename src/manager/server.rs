@@ -1,0 +1,106 @@
+//! `protocol.PushServer`: validates a broadcast and offers it to every node's queue.
+//!
+//! The handler never blocks (it only `try_send`s), so it runs on gRPC's completion-queue
+//! threads directly.
+
+use std::sync::Arc;
+
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
+use log::debug;
+
+use super::fanout::Fanout;
+use super::message::Outgoing;
+use crate::proto::protocol::{BroadCastReply, BroadCastReq};
+use crate::proto::protocol_grpc::PushServer;
+
+/// Longest topic accepted, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 128;
+
+#[derive(Clone)]
+pub struct PushService {
+    pub fanout: Arc<Fanout>,
+    pub max_message_bytes: usize,
+    pub prefix: String,
+}
+
+/// Why a request is refused, as the caller will read it.
+pub fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), String> {
+    if !req.has_proto() {
+        return Err("proto is required: BroadCastReq.proto carries the body to deliver".into());
+    }
+    let body = req.get_proto().get_body().len();
+    if body > max_message_bytes {
+        return Err(format!("proto.body is {body} bytes; the limit is {max_message_bytes} (--max-message-bytes)"));
+    }
+    validate_topic(req.get_topic())
+}
+
+/// Empty (everyone) or at most 128 bytes with no whitespace or control characters.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!("topic is {} bytes; the limit is {MAX_TOPIC_BYTES}", topic.len()));
+    }
+    if let Some(c) = topic.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("topic {topic:?} contains {c:?}; whitespace and control characters are not allowed"));
+    }
+    Ok(())
+}
+
+impl PushServer for PushService {
+    fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<BroadCastReply>) {
+        if let Err(msg) = validate(&req, self.max_message_bytes) {
+            debug!("refused a broadcast from {}: {msg}", ctx.peer());
+            ctx.spawn(reply_error(sink, RpcStatusCode::INVALID_ARGUMENT, msg));
+            return;
+        }
+        if self.fanout.node_count() == 0 {
+            let msg = format!("no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast", self.prefix);
+            ctx.spawn(reply_error(sink, RpcStatusCode::UNAVAILABLE, msg));
+            return;
+        }
+        let report = self.fanout.offer(&Outgoing::new(&req));
+        let mut reply = BroadCastReply::new();
+        reply.set_targeted(report.targeted);
+        reply.set_accepted(report.accepted);
+        reply.set_dropped(report.dropped.into());
+        ctx.spawn(async move {
+            // The caller may have gone away; nothing to do about it.
+            let _ = sink.success(reply).await;
+        });
+    }
+}
+
+async fn reply_error(sink: UnarySink<BroadCastReply>, code: RpcStatusCode, msg: String) {
+    let _ = sink.fail(RpcStatus::with_message(code, msg)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::protocol::Proto;
+
+    fn req(topic: &str, body: usize) -> BroadCastReq {
+        let mut p = Proto::new();
+        p.set_body(vec![0; body]);
+        let mut r = BroadCastReq::new();
+        r.set_proto(p);
+        r.set_topic(topic.into());
+        r
+    }
+
+    #[test]
+    fn accepts_plain_requests() {
+        validate(&req("", 10), 10).unwrap();
+        validate(&req("room-1/a.b", 0), 10).unwrap();
+        validate(&req(&"t".repeat(MAX_TOPIC_BYTES), 0), 10).unwrap();
+    }
+
+    #[test]
+    fn refuses_with_a_reason() {
+        assert!(validate(&BroadCastReq::new(), 10).unwrap_err().contains("proto is required"));
+        assert!(validate(&req("", 11), 10).unwrap_err().contains("--max-message-bytes"));
+        assert!(validate(&req(&"t".repeat(MAX_TOPIC_BYTES + 1), 0), 10).unwrap_err().contains("limit is 128"));
+        assert!(validate(&req("a b", 0), 10).unwrap_err().contains("whitespace"));
+        assert!(validate(&req("a\u{7}", 0), 10).unwrap_err().contains("control"));
+    }
+}
