@@ -6,3 +6,7 @@
 //! and pushes what it receives to its WebSocket subscribers.
 
 pub mod proto;
+pub mod discovery;
+pub mod etcd;
+pub mod manager;
+pub mod cli;

@@ -1,3 +1,5 @@
+use clap::Parser;
+
 fn main() {
-    println!("push-manager");
+    std::process::exit(push_manager::cli::run(push_manager::cli::Cli::parse()));
 }

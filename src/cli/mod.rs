@@ -1,0 +1,86 @@
+//! The command line: one binary, one subcommand per role or tool.
+
+mod nodes;
+mod send;
+mod serve;
+mod subscribe;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use log::LevelFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "push-manager", version, about = "Fan-out service for real-time push: business servers -> push-manager -> connect-nodes -> WebSocket users")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run push-manager: serve protocol.PushServer and fan broadcasts out to connect-nodes found in etcd.
+    Serve(serve::ServeArgs),
+    /// Call PushServer/Broadcast once and print the reply.
+    Send(send::SendArgs),
+    /// Connect to a connect-node's WebSocket endpoint and print each message as it arrives.
+    Subscribe(subscribe::SubscribeArgs),
+    /// List the connect-nodes registered in etcd (id, address, lease TTL left).
+    Nodes(nodes::NodesArgs),
+}
+
+/// Flags every long-running subcommand shares.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_parser = parse_level)]
+    pub log_level: LevelFilter,
+}
+
+fn parse_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse().map_err(|_| format!("{s:?} is not a log level; use error, warn, info, debug or trace"))
+}
+
+/// Durations like `3s`, `500ms`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))
+}
+
+/// Comma-separated `host:port` list.
+pub fn parse_endpoints(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect()
+}
+
+pub fn init_logging(level: LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_thread_level(LevelFilter::Error)
+        .set_thread_mode(simplelog::ThreadLogMode::Names)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    // Only fails if a logger is already set, e.g. when a test runs two commands.
+    let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, simplelog::ColorChoice::Never);
+}
+
+/// Runs a parsed command; the exit code is the process's.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args).map_err(|e| e.to_string()),
+        Command::Send(args) => send::run(args).map_err(|e| e.to_string()),
+        Command::Subscribe(args) => subscribe::run(args).map_err(|e| e.to_string()),
+        Command::Nodes(args) => nodes::run(args).map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("push-manager: {e}");
+            1
+        }
+    }
+}
+
+/// Blocks until SIGINT or SIGTERM.
+pub fn wait_for_signal() -> std::io::Result<i32> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    Ok(signals.forever().next().unwrap_or(SIGTERM))
+}

@@ -1,0 +1,98 @@
+//! `push-manager subscribe`: a WebSocket user on the command line, printing each delivery.
+
+use std::io::Write;
+
+use clap::Args;
+use tungstenite::Message;
+
+#[derive(Args, Debug)]
+pub struct SubscribeArgs {
+    /// WebSocket URL of a connect-node.
+    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
+    pub url: String,
+    /// Topic to subscribe to (repeat for several); none means only broadcasts to everyone.
+    #[arg(long = "topic")]
+    pub topics: Vec<String>,
+    /// Exit after this many deliveries (0: run until the connection closes).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// The connection could not be opened or broke.
+    #[error("{url}: {source}")]
+    WebSocket { url: String, source: Box<tungstenite::Error> },
+    /// The node closed the connection with a code that is not a normal close.
+    #[error("{url} closed the connection: {code} {reason}")]
+    Closed { url: String, code: u16, reason: String },
+    /// Standard output went away.
+    #[error("writing to standard output: {0}")]
+    Stdout(#[from] std::io::Error),
+}
+
+/// The URL with `?topic=..` appended for each topic.
+pub fn subscribe_url(url: &str, topics: &[String]) -> String {
+    let mut out = url.to_string();
+    for (i, t) in topics.iter().enumerate() {
+        let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
+        out.push(sep);
+        out.push_str("topic=");
+        out.push_str(&percent_encode(t));
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn run(args: SubscribeArgs) -> Result<(), SubscribeError> {
+    let url = subscribe_url(&args.url, &args.topics);
+    let ws_error = |e: tungstenite::Error| SubscribeError::WebSocket { url: args.url.clone(), source: Box::new(e) };
+    let (mut socket, _) = tungstenite::connect(url.as_str()).map_err(ws_error)?;
+    eprintln!("connected to {url}");
+    let mut stdout = std::io::stdout().lock();
+    let mut delivered = 0;
+    loop {
+        match socket.read().map_err(ws_error)? {
+            Message::Text(text) => {
+                writeln!(stdout, "{}", text.as_str())?;
+                stdout.flush()?;
+                if text.as_str().contains("\"type\":\"message\"") {
+                    delivered += 1;
+                    if delivered == args.count {
+                        let _ = socket.close(None);
+                        return Ok(());
+                    }
+                }
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                if code == 1000 || code == 1001 {
+                    eprintln!("closed by the node: {code} {reason}");
+                    return Ok(());
+                }
+                return Err(SubscribeError::Closed { url: args.url.clone(), code, reason });
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_become_query_parameters() {
+        assert_eq!(subscribe_url("ws://h/ws", &[]), "ws://h/ws");
+        assert_eq!(subscribe_url("ws://h/ws", &["a".into(), "b c".into()]), "ws://h/ws?topic=a&topic=b%20c");
+        assert_eq!(subscribe_url("ws://h/ws?x=1", &["a".into()]), "ws://h/ws?x=1&topic=a");
+    }
+}
