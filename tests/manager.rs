@@ -1,0 +1,331 @@
+//! push-manager against a real etcd and real grpcio connect-node stand-ins (tests/sink).
+
+mod sink;
+mod util;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::{ChannelBuilder, EnvBuilder, RpcStatusCode};
+use push_manager::etcd;
+use push_manager::manager::{Config, Manager, NodeStats};
+use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use push_manager::proto::protocol_grpc::PushServerClient;
+use sink::Sink;
+use util::{wait_until, Etcd};
+
+const PREFIX: &str = "/test/nodes/";
+
+fn config(etcd: &Etcd) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) },
+        prefix: PREFIX.into(),
+        routine_size: 2,
+        queue_size: 100,
+        // Long, so that a change seen quickly can only have come through the watch.
+        poll_interval: Duration::from_secs(60),
+        drain_timeout: Duration::from_secs(5),
+        rpc_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+fn register(etcd: &Etcd, id: &str, addr: &str) {
+    etcd.client().put(&format!("{PREFIX}{id}"), addr.as_bytes(), None).unwrap();
+}
+
+fn unregister(etcd: &Etcd, id: &str) {
+    etcd.client().delete(&format!("{PREFIX}{id}")).unwrap();
+}
+
+fn client(manager: &Manager) -> PushServerClient {
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-test").build());
+    PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())))
+}
+
+fn request(topic: &str, body: &str) -> BroadCastReq {
+    let mut proto = Proto::new();
+    proto.set_op(1000);
+    proto.set_body(body.as_bytes().to_vec());
+    let mut req = BroadCastReq::new();
+    req.set_topic(topic.into());
+    req.set_proto(proto);
+    req
+}
+
+fn broadcast(client: &PushServerClient, body: &str) -> BroadCastReply {
+    client.broadcast(&request("", body)).expect("broadcast succeeds")
+}
+
+fn node_ids(manager: &Manager) -> BTreeSet<String> {
+    manager.nodes().into_iter().map(|n| n.id).collect()
+}
+
+fn ids(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn stats(manager: &Manager, id: &str) -> NodeStats {
+    manager.nodes().into_iter().find(|n| n.id == id).unwrap_or_else(|| panic!("node {id} is not registered"))
+}
+
+/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task/*/comm).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn finds_registered_nodes_and_delivers_one_broadcast_to_each_exactly_once() {
+    let etcd = Etcd::start();
+    let sinks = [Sink::start(), Sink::start()];
+    register(&etcd, "a1", &sinks[0].addr);
+    register(&etcd, "a2", &sinks[1].addr);
+    // A value that is no node record is skipped, not fatal.
+    register(&etcd, "junk", "not-an-address");
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("both nodes discovered", Duration::from_secs(5), || node_ids(&manager) == ids(&["a1", "a2"]));
+
+    let reply = broadcast(&client(&manager), "hello");
+    assert_eq!((reply.get_targeted(), reply.get_accepted()), (2, 2));
+    assert!(reply.get_dropped().is_empty());
+    for sink in &sinks {
+        wait_until("the broadcast arrives", Duration::from_secs(5), || sink.count() == 1);
+        assert_eq!(sink.bodies(), vec![b"hello".to_vec()]);
+    }
+    wait_until("counters settle", Duration::from_secs(5), || manager.nodes().iter().all(|n| n.sent == 1 && n.settled()));
+}
+
+#[test]
+fn a_node_added_later_is_used_within_a_second_through_the_watch() {
+    let etcd = Etcd::start();
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    let sink = Sink::start();
+    let registered_at = Instant::now();
+    register(&etcd, "late", &sink.addr);
+    wait_until("the new node is used within 1 s", Duration::from_secs(1), || node_ids(&manager) == ids(&["late"]));
+    assert!(registered_at.elapsed() < Duration::from_secs(1));
+    broadcast(&client(&manager), "x");
+    wait_until("delivered to the new node", Duration::from_secs(5), || sink.count() == 1);
+}
+
+#[test]
+fn without_the_watch_a_node_is_found_within_one_poll_interval() {
+    let etcd = Etcd::start();
+    let poll = Duration::from_millis(500);
+    let manager = Manager::start(Config { watch: false, poll_interval: poll, ..config(&etcd) }).unwrap();
+    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    let sink = Sink::start();
+    register(&etcd, "polled", &sink.addr);
+    wait_until("found by the next poll", poll * 2 + Duration::from_millis(500), || node_ids(&manager) == ids(&["polled"]));
+}
+
+#[test]
+fn a_deleted_node_is_removed_and_its_threads_joined() {
+    let etcd = Etcd::start();
+    let sinks = [Sink::start(), Sink::start()];
+    register(&etcd, "d1", &sinks[0].addr);
+    register(&etcd, "d2", &sinks[1].addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("both discovered", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    assert_eq!(threads_named("node-d1-"), 2, "routine_size workers for d1");
+
+    unregister(&etcd, "d1");
+    wait_until("d1 removed", Duration::from_secs(2), || node_ids(&manager) == ids(&["d2"]));
+    // Retired nodes are joined on the next listing; the watch event of any change triggers one.
+    register(&etcd, "d3", &sinks[0].addr);
+    wait_until("d1's workers joined", Duration::from_secs(5), || {
+        threads_named("node-d1-") == 0 && manager.retiring_nodes().is_empty()
+    });
+    let reply = broadcast(&client(&manager), "after");
+    assert_eq!(reply.get_targeted(), 2);
+    assert!(!manager.nodes().iter().any(|n| n.id == "d1"));
+}
+
+#[test]
+fn an_address_change_moves_traffic_to_the_new_address() {
+    let etcd = Etcd::start();
+    let (old, new) = (Sink::start(), Sink::start());
+    register(&etcd, "mover", &old.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    let client = client(&manager);
+    broadcast(&client, "one");
+    wait_until("old address gets it", Duration::from_secs(5), || old.count() == 1);
+
+    register(&etcd, "mover", &new.addr);
+    wait_until("address replaced", Duration::from_secs(2), || stats(&manager, "mover").addr == new.addr);
+    broadcast(&client, "two");
+    wait_until("new address gets it", Duration::from_secs(5), || new.count() == 1);
+    assert_eq!(new.bodies(), vec![b"two".to_vec()]);
+    assert_eq!(old.count(), 1, "nothing more went to the old address");
+}
+
+#[test]
+fn ten_thousand_broadcasts_reach_three_nodes_with_matching_counters() {
+    let etcd = Etcd::start();
+    let sinks: Vec<Sink> = (0..3).map(|_| Sink::start()).collect();
+    for (i, s) in sinks.iter().enumerate() {
+        register(&etcd, &format!("bulk{i}"), &s.addr);
+    }
+    let manager = Manager::start(Config { queue_size: 20_000, routine_size: 4, ..config(&etcd) }).unwrap();
+    wait_until("three nodes", Duration::from_secs(5), || node_ids(&manager).len() == 3);
+    let client = client(&manager);
+    const N: usize = 10_000;
+    for i in 0..N {
+        let reply = broadcast(&client, &i.to_string());
+        assert_eq!(reply.get_accepted(), 3, "broadcast {i}: {reply:?}");
+    }
+    for s in &sinks {
+        wait_until("every message arrives", Duration::from_secs(60), || s.count() >= N);
+        assert_eq!(s.count(), N, "no duplicates");
+        let distinct: BTreeSet<_> = s.bodies().into_iter().collect();
+        assert_eq!(distinct.len(), N, "each message exactly once");
+    }
+    wait_until("counters settle", Duration::from_secs(5), || manager.nodes().iter().all(NodeStats::settled));
+    for n in manager.nodes() {
+        assert_eq!((n.enqueued, n.sent, n.failed, n.dropped_full), (N as u64, N as u64, 0, 0), "{n:?}");
+    }
+    assert!(sinks.iter().any(|s| s.batches() > 0), "bursts were batched");
+}
+
+#[test]
+fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything() {
+    let etcd = Etcd::start();
+    let (slow, fast) = (Sink::start(), Sink::start());
+    slow.stall();
+    register(&etcd, "slow", &slow.addr);
+    register(&etcd, "fast", &fast.addr);
+    let queue_size = 10;
+    let manager = Manager::start(Config { queue_size, routine_size: 1, batch_max: 1, ..config(&etcd) }).unwrap();
+    wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    let client = client(&manager);
+
+    // One message is held by the slow node's only worker; then its queue fills.
+    broadcast(&client, "first");
+    wait_until("the slow node holds one call", Duration::from_secs(5), || slow.parked() == 1);
+    let total = 50;
+    let mut named = 0;
+    for i in 1..total {
+        let reply = broadcast(&client, &format!("m{i}"));
+        if reply.get_dropped() == ["slow".to_string()] {
+            named += 1;
+            assert_eq!((reply.get_targeted(), reply.get_accepted()), (2, 1));
+        } else {
+            assert!(reply.get_dropped().is_empty(), "{reply:?}");
+        }
+    }
+    assert_eq!(named, total - 1 - queue_size, "exactly the broadcasts beyond the queue were dropped for slow");
+    wait_until("fast got everything", Duration::from_secs(10), || fast.count() == total);
+    let s = stats(&manager, "slow");
+    assert_eq!((s.enqueued, s.dropped_full), ((1 + queue_size) as u64, named as u64), "{s:?}");
+    assert_eq!(stats(&manager, "fast").dropped_full, 0);
+
+    slow.unstall();
+    wait_until("slow drains what it accepted", Duration::from_secs(10), || slow.count() == 1 + queue_size);
+    wait_until("slow counters settle", Duration::from_secs(5), || stats(&manager, "slow").settled());
+    assert_eq!(stats(&manager, "slow").sent, (1 + queue_size) as u64);
+}
+
+#[test]
+fn a_down_node_is_retried_then_counted_failed_and_resumes_when_back() {
+    let etcd = Etcd::start();
+    let (mut down, up) = (Sink::start(), Sink::start());
+    let down_addr = down.addr.clone();
+    register(&etcd, "down", &down_addr);
+    register(&etcd, "up", &up.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    let client = client(&manager);
+    broadcast(&client, "before");
+    wait_until("both up at first", Duration::from_secs(5), || down.count() == 1 && up.count() == 1);
+
+    down.stop();
+    for i in 0..5 {
+        broadcast(&client, &format!("while-down-{i}"));
+    }
+    wait_until("failures counted after retries", Duration::from_secs(20), || stats(&manager, "down").failed == 5);
+    let s = stats(&manager, "down");
+    assert!(s.retried >= 5, "each failure was retried first: {s:?}");
+    assert!(s.settled(), "{s:?}");
+    wait_until("the other node got everything", Duration::from_secs(5), || up.count() == 6);
+
+    let back = Sink::start_on(&down_addr);
+    wait_until("delivery resumes", Duration::from_secs(20), || {
+        broadcast(&client, "again");
+        back.count() > 0
+    });
+    assert!(back.bodies().iter().all(|b| b == b"again"));
+}
+
+#[test]
+fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
+    let mut etcd = Etcd::start();
+    let sink = Sink::start();
+    register(&etcd, "steady", &sink.addr);
+    let manager = Manager::start(Config { poll_interval: Duration::from_millis(300), ..config(&etcd) }).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    let client = client(&manager);
+
+    etcd.kill();
+    wait_until("etcd seen down", Duration::from_secs(10), || !manager.etcd_reachable());
+    for i in 0..10 {
+        assert_eq!(broadcast(&client, &format!("during-{i}")).get_accepted(), 1);
+    }
+    wait_until("delivered during the outage", Duration::from_secs(5), || sink.count() == 10);
+
+    etcd.restart();
+    let newcomer = Sink::start();
+    register(&etcd, "newcomer", &newcomer.addr);
+    wait_until("discovery resumes", Duration::from_secs(10), || node_ids(&manager) == ids(&["steady", "newcomer"]));
+    assert!(manager.etcd_reachable());
+    broadcast(&client, "after");
+    wait_until("the newcomer gets traffic", Duration::from_secs(5), || newcomer.count() == 1);
+}
+
+#[track_caller]
+fn assert_refused(client: &PushServerClient, req: &BroadCastReq, code: RpcStatusCode, needle: &str) {
+    match client.broadcast(req) {
+        Err(grpcio::Error::RpcFailure(s)) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(s.message().contains(needle), "{:?} should mention {needle:?}", s.message());
+        }
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_requests_get_invalid_argument_and_the_server_keeps_serving() {
+    let etcd = Etcd::start();
+    let sink = Sink::start();
+    let manager = Manager::start(Config { max_message_bytes: 1024, ..config(&etcd) }).unwrap();
+    let client = client(&manager);
+    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    assert_refused(&client, &request("", "x"), RpcStatusCode::UNAVAILABLE, "no connect-node is registered");
+
+    register(&etcd, "n", &sink.addr);
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    assert_refused(&client, &BroadCastReq::new(), RpcStatusCode::INVALID_ARGUMENT, "proto is required");
+    assert_refused(&client, &request("", &"b".repeat(1025)), RpcStatusCode::INVALID_ARGUMENT, "--max-message-bytes");
+    assert_refused(&client, &request(&"t".repeat(129), "x"), RpcStatusCode::INVALID_ARGUMENT, "limit is 128");
+    assert_refused(&client, &request("has space", "x"), RpcStatusCode::INVALID_ARGUMENT, "whitespace");
+
+    assert_eq!(broadcast(&client, "still fine").get_accepted(), 1);
+    wait_until("the good one is delivered", Duration::from_secs(5), || sink.count() == 1);
+    assert_eq!(stats(&manager, "n").enqueued, 1, "no refused request was queued");
+}
+
+#[test]
+fn invalid_configuration_is_refused_before_anything_starts() {
+    let etcd = Etcd::start();
+    let err = Manager::start(Config { routine_size: 0, ..config(&etcd) }).err().expect("refused");
+    assert!(err.to_string().contains("--routine-size"), "{err}");
+    let err = Manager::start(Config { listen: "127.0.0.1:notaport".into(), ..config(&etcd) }).err().expect("refused");
+    assert!(err.to_string().contains("127.0.0.1:notaport"), "{err}");
+}

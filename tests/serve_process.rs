@@ -1,0 +1,96 @@
+//! The real `push-manager serve` binary: start-up, bad flags, and a clean SIGTERM drain.
+
+mod sink;
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sink::Sink;
+use util::{wait_until, Etcd};
+
+const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
+const PREFIX: &str = "/proc-test/nodes/";
+
+/// Starts `serve` and returns it with the address it printed.
+fn serve(etcd: &Etcd, extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX, "--log-level", "warn"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let port = addr.rsplit(':').next().unwrap();
+    (child, format!("127.0.0.1:{port}"))
+}
+
+fn send(server: &str, body: &str) -> Output {
+    Command::new(BIN).args(["send", "--server", server, "--timeout", "2s", body]).output().unwrap()
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_queued_messages_then_exits_zero() {
+    let etcd = Etcd::start();
+    let sink = Sink::start();
+    // One worker answering each call after 50 ms keeps messages queued when SIGTERM arrives.
+    sink.answer_after(Duration::from_millis(50));
+    etcd.client().put(&format!("{PREFIX}only"), sink.addr.as_bytes(), None).unwrap();
+    let (mut child, addr) = serve(&etcd, &["--routine-size", "1", "--batch-max", "1", "--drain-timeout", "20s"]);
+
+    wait_until("the node is discovered", Duration::from_secs(10), || send(&addr, "probe").status.success());
+    let probes = sink.count();
+    let n = 20;
+    for i in 0..n {
+        let out = send(&addr, &format!("queued-{i}"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("accepted by 1"), "{out:?}");
+    }
+    assert!(sink.count() < probes + n, "messages are still queued when the signal is sent");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let got: Vec<_> = sink.bodies().into_iter().filter(|b| b.starts_with(b"queued-")).collect();
+    assert_eq!(got.len(), n, "every queued message was delivered before exit");
+}
+
+#[test]
+fn send_reports_an_error_status_and_exits_non_zero() {
+    let etcd = Etcd::start();
+    let (mut child, addr) = serve(&etcd, &[]);
+    let out = send(&addr, "nobody");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no connect-node is registered"), "{stderr}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn bad_flags_exit_non_zero_with_a_clear_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["serve", "--routine-size", "0"], "--routine-size"),
+        (&["serve", "--poll-interval", "soon"], "not a duration"),
+        (&["serve", "--etcd", ""], "--etcd"),
+        (&["serve", "--listen", "127.0.0.1:notaport"], "127.0.0.1:notaport"),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(BIN).args(*args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
+    }
+}

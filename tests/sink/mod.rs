@@ -1,0 +1,180 @@
+//! An in-process connect-node stand-in for manager tests: a real grpcio server implementing
+//! `protocol.ConnectNode` that records what it receives, and can be told to stall (hold every
+//! call unanswered) or to answer each call only after a delay, on a thread of its own.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::{ChannelBuilder, EnvBuilder, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
+use parking_lot::Mutex;
+use push_manager::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
+use push_manager::proto::protocol_grpc::{create_connect_node, ConnectNode};
+
+#[derive(Default)]
+struct State {
+    /// Count only, keep nothing (benchmarks).
+    counting_only: bool,
+    count: AtomicU64,
+    /// Every message with the moment it arrived, in arrival order.
+    received: Mutex<Vec<(Instant, BroadCastReq)>>,
+    rpcs: AtomicU64,
+    batches: AtomicU64,
+    stalled: AtomicBool,
+    /// Calls held unanswered while stalled.
+    parked: Mutex<Vec<(UnarySink<NodeReply>, u32)>>,
+    delay_ms: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Service(Arc<State>);
+
+impl Service {
+    fn take(&self, ctx: RpcContext, messages: Vec<BroadCastReq>, sink: UnarySink<NodeReply>) {
+        let state = &self.0;
+        state.rpcs.fetch_add(1, Ordering::SeqCst);
+        let n = messages.len() as u32;
+        state.record(messages);
+        if state.stalled.load(Ordering::SeqCst) {
+            state.parked.lock().push((sink, n));
+            return;
+        }
+        let delay = state.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            // Never block a completion-queue thread: answer from a thread of our own.
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay));
+                futures::executor::block_on(answer(sink, n));
+            });
+        } else {
+            ctx.spawn(answer(sink, n));
+        }
+    }
+}
+
+impl State {
+    fn record(&self, messages: Vec<BroadCastReq>) {
+        if !self.counting_only {
+            let now = Instant::now();
+            self.received.lock().extend(messages.iter().map(|m| (now, m.clone())));
+        }
+        self.count.fetch_add(messages.len() as u64, Ordering::SeqCst);
+    }
+}
+
+async fn answer(sink: UnarySink<NodeReply>, n: u32) {
+    let mut reply = NodeReply::new();
+    reply.set_received(n);
+    let _ = sink.success(reply).await;
+}
+
+impl ConnectNode for Service {
+    fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<NodeReply>) {
+        self.take(ctx, vec![req], sink);
+    }
+
+    fn broadcast_batch(&mut self, ctx: RpcContext, req: BroadcastBatch, sink: UnarySink<NodeReply>) {
+        self.0.batches.fetch_add(1, Ordering::SeqCst);
+        let mut req = req;
+        self.take(ctx, req.take_messages().into_vec(), sink);
+    }
+}
+
+pub struct Sink {
+    server: Option<grpcio::Server>,
+    pub addr: String,
+    state: Arc<State>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        Sink::start_on("127.0.0.1:0")
+    }
+
+    /// Starts on `addr` (e.g. the address of a sink that was stopped, to bring it back).
+    pub fn start_on(addr: &str) -> Sink {
+        Sink::with_state(addr, State::default())
+    }
+
+    /// A sink that only counts what it receives (for load: keeps no copies).
+    pub fn counting() -> Sink {
+        Sink::with_state("127.0.0.1:0", State { counting_only: true, ..State::default() })
+    }
+
+    fn with_state(addr: &str, state: State) -> Sink {
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
+        let state = Arc::new(state);
+        let args = ChannelBuilder::new(env.clone()).reuse_port(false).build_args();
+        let mut server = ServerBuilder::new(env)
+            .channel_args(args)
+            .register_service(create_connect_node(Service(state.clone())))
+            .build()
+            .expect("sink server builds");
+        let port = server.add_listening_port(addr, ServerCredentials::insecure()).expect("sink binds");
+        server.start();
+        Sink { server: Some(server), addr: format!("127.0.0.1:{port}"), state }
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.count.load(Ordering::SeqCst) as usize
+    }
+
+    /// When each message arrived, with its body, in arrival order.
+    pub fn arrivals(&self) -> Vec<(Instant, Vec<u8>)> {
+        self.state.received.lock().iter().map(|(t, r)| (*t, r.get_proto().get_body().to_vec())).collect()
+    }
+
+    pub fn received(&self) -> Vec<BroadCastReq> {
+        self.state.received.lock().iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    pub fn bodies(&self) -> Vec<Vec<u8>> {
+        self.state.received.lock().iter().map(|(_, r)| r.get_proto().get_body().to_vec()).collect()
+    }
+
+    pub fn rpcs(&self) -> u64 {
+        self.state.rpcs.load(Ordering::SeqCst)
+    }
+
+    pub fn batches(&self) -> u64 {
+        self.state.batches.load(Ordering::SeqCst)
+    }
+
+    /// Holds every call unanswered until `unstall`.
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn unstall(&self) {
+        self.state.stalled.store(false, Ordering::SeqCst);
+        let parked = std::mem::take(&mut *self.state.parked.lock());
+        for (sink, n) in parked {
+            futures::executor::block_on(answer(sink, n));
+        }
+    }
+
+    pub fn parked(&self) -> usize {
+        self.state.parked.lock().len()
+    }
+
+    /// Each call is answered this long after it arrives.
+    pub fn answer_after(&self, delay: Duration) {
+        self.state.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Stops serving; the address is free again afterwards.
+    pub fn stop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = futures::executor::block_on(s.shutdown());
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.unstall();
+        self.stop();
+    }
+}
