@@ -4,7 +4,7 @@
 /// the prefix with its last byte below 0xff incremented and everything after it dropped.
 /// An empty prefix, or one of only 0xff bytes, has no such bound; etcd reads `"\0"` as
 /// "every key from `key` on", which is then the right answer.
-pub(crate) fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -15,9 +15,22 @@ pub(crate) fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// The `(key, range_end)` pair selecting every key that starts with `prefix`. etcd refuses an
+/// empty key, so the empty prefix (every key) is spelled `("\0", "\0")` as etcd's clients do.
+pub(crate) fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let key = if prefix.is_empty() { vec![0] } else { prefix.to_vec() };
+    (key, prefix_range_end(prefix))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::prefix_range_end;
+    use super::{prefix_range, prefix_range_end};
+
+    #[test]
+    fn empty_prefix_is_the_whole_keyspace() {
+        assert_eq!(prefix_range(b""), (vec![0], vec![0]));
+        assert_eq!(prefix_range(b"/a/"), (b"/a/".to_vec(), b"/a0".to_vec()));
+    }
 
     #[test]
     fn increments_the_last_byte() {

@@ -155,9 +155,10 @@ impl Client {
 
     /// Every key starting with `prefix` (all keys for `""`), sorted by key.
     pub fn get_prefix(&self, prefix: &str) -> Result<Listing> {
+        let (key, range_end) = keys::prefix_range(prefix.as_bytes());
         let mut req = RangeRequest::default();
-        req.set_key(prefix.as_bytes().to_vec());
-        req.set_range_end(keys::prefix_range_end(prefix.as_bytes()));
+        req.set_key(key);
+        req.set_range_end(range_end);
         let mut resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
         Ok(Listing {
             revision: resp.get_header().get_revision(),
@@ -196,7 +197,8 @@ impl Client {
 
     /// Deletes every key starting with `prefix`; returns how many were deleted.
     pub fn delete_prefix(&self, prefix: &str) -> Result<i64> {
-        self.delete_range(prefix.as_bytes().to_vec(), keys::prefix_range_end(prefix.as_bytes()))
+        let (key, range_end) = keys::prefix_range(prefix.as_bytes());
+        self.delete_range(key, range_end)
     }
 
     fn delete_range(&self, key: Vec<u8>, range_end: Vec<u8>) -> Result<i64> {

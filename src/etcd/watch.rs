@@ -55,10 +55,11 @@ impl Watcher {
         // Unbounded: a full queue would block the thread and with it shutdown; the consumer
         // keeps up with etcd's write rate or has bigger problems.
         let (events_tx, events_rx) = unbounded();
+        let (key, range_end) = keys::prefix_range(prefix.as_bytes());
         let worker = WatchLoop {
             client,
-            key: prefix.as_bytes().to_vec(),
-            range_end: keys::prefix_range_end(prefix.as_bytes()),
+            key,
+            range_end,
             next_revision: start_revision,
             events: events_tx,
             stop: stop_rx,
