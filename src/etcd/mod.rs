@@ -211,9 +211,8 @@ impl Client {
 
     /// Grants a lease of `ttl` rounded up to whole seconds (at least 1).
     pub fn grant(&self, ttl: Duration) -> Result<Lease> {
-        let secs = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
         let mut req = LeaseGrantRequest::default();
-        req.set_TTL(i64::try_from(secs).unwrap_or(i64::MAX));
+        req.set_TTL(ttl_seconds(ttl));
         let resp = self.with_failover(|ch, opt| LeaseClient::new(ch.clone()).lease_grant_opt(&req, opt))?;
         if !resp.get_error().is_empty() {
             return Err(Error::Rpc { code: RpcStatusCode::UNKNOWN, message: resp.get_error().to_owned() });
@@ -308,6 +307,12 @@ impl Client {
     }
 }
 
+/// A lease TTL in etcd's whole seconds: rounded up, so a lease never lives shorter than asked.
+fn ttl_seconds(ttl: Duration) -> i64 {
+    let secs = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
 /// etcd reports a missing lease as NOT_FOUND with this message; give it its own variant.
 fn lease_error(e: Error, lease_id: i64) -> Error {
     match e {
@@ -329,4 +334,28 @@ fn channel(env: &Arc<Environment>, endpoint: &str) -> Channel {
         .initial_reconnect_backoff(Duration::from_millis(100))
         .max_reconnect_backoff(Duration::from_secs(2))
         .connect(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn handles_can_move_between_threads() {
+        assert_send_sync::<Client>();
+        assert_send_sync::<Error>();
+        assert_send::<KeepAlive>();
+        assert_send::<Watcher>();
+    }
+
+    #[test]
+    fn grant_rounds_ttl_up_to_whole_seconds() {
+        assert_eq!(ttl_seconds(Duration::ZERO), 1);
+        assert_eq!(ttl_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_seconds(Duration::from_millis(2001)), 3);
+    }
 }

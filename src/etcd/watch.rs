@@ -39,6 +39,9 @@ pub enum WatchEvent {
 
 /// Handle on an `etcd-watch` thread. Dropping it stops and joins the thread, even while the
 /// thread waits on the stream.
+///
+/// Events arrive as `Connected`, then changes; an outage shows as one `Disconnected` (also as
+/// the first event if etcd is unreachable at start) and ends with the next `Connected`.
 pub struct Watcher {
     events: Receiver<WatchEvent>,
     /// Dropped to wake the thread out of a backoff wait.
