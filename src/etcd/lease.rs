@@ -40,12 +40,22 @@ impl KeepAlive {
     pub(super) fn spawn(client: Client, lease: Lease) -> Result<KeepAlive> {
         let (stop_tx, stop_rx) = bounded(0);
         let (lost_tx, lost_rx) = bounded(1);
-        let renewer = Renewer { client, lease, stop: stop_rx, lost: lost_tx };
+        let renewer = Renewer {
+            client,
+            lease,
+            stop: stop_rx,
+            lost: lost_tx,
+        };
         let thread = thread::Builder::new()
             .name("etcd-keepalive".into())
             .spawn(move || renewer.run())
             .map_err(|e| Error::Spawn(format!("etcd-keepalive: {e}")))?;
-        Ok(KeepAlive { lease, lost: lost_rx, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(KeepAlive {
+            lease,
+            lost: lost_rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn lease(&self) -> Lease {
@@ -63,7 +73,10 @@ impl KeepAlive {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                log::error!("etcd-keepalive thread of lease {:#x} panicked", self.lease.id);
+                log::error!(
+                    "etcd-keepalive thread of lease {:#x} panicked",
+                    self.lease.id
+                );
             }
         }
     }
@@ -105,7 +118,10 @@ impl Renewer {
                     if down_for >= ttl {
                         return self.report(LeaseLost::Unreachable { for_: down_for });
                     }
-                    log::warn!("renewing etcd lease {:#x} failed ({down_for:?} since last renewal): {e}", self.lease.id);
+                    log::warn!(
+                        "renewing etcd lease {:#x} failed ({down_for:?} since last renewal): {e}",
+                        self.lease.id
+                    );
                     wait = RETRY_INTERVAL.min(ttl - down_for);
                 }
             }

@@ -59,14 +59,25 @@ impl Etcd {
     pub fn start() -> Etcd {
         let mut failures = Vec::new();
         for _ in 0..ETCD_START_ATTEMPTS {
-            let dir = tempfile::Builder::new().prefix("push-manager-etcd-").tempdir().expect("create temp dir");
-            let mut etcd = Etcd { dir, client_port: free_port(), peer_port: free_port(), child: None };
+            let dir = tempfile::Builder::new()
+                .prefix("push-manager-etcd-")
+                .tempdir()
+                .expect("create temp dir");
+            let mut etcd = Etcd {
+                dir,
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            };
             match etcd.spawn_and_wait() {
                 Ok(()) => return etcd,
                 Err(e) => failures.push(e),
             }
         }
-        panic!("etcd did not start in {ETCD_START_ATTEMPTS} attempts:\n{}", failures.join("\n---\n"));
+        panic!(
+            "etcd did not start in {ETCD_START_ATTEMPTS} attempts:\n{}",
+            failures.join("\n---\n")
+        );
     }
 
     /// `127.0.0.1:<client port>`.
@@ -76,7 +87,10 @@ impl Etcd {
 
     /// A config for this etcd with a 2 s deadline.
     pub fn config(&self) -> Config {
-        Config { endpoints: vec![self.endpoint()], timeout: Duration::from_secs(2) }
+        Config {
+            endpoints: vec![self.endpoint()],
+            timeout: Duration::from_secs(2),
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -112,12 +126,19 @@ impl Etcd {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let log = OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open etcd log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open etcd log");
         let client_url = format!("http://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new("etcd")
             .arg("--name=t")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -133,21 +154,33 @@ impl Etcd {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let probe = Client::connect(Config { endpoints: vec![self.endpoint()], timeout: Duration::from_millis(200) })
-            .expect("valid config");
+        let probe = Client::connect(Config {
+            endpoints: vec![self.endpoint()],
+            timeout: Duration::from_millis(200),
+        })
+        .expect("valid config");
         let deadline = Instant::now() + ETCD_START_TIMEOUT;
         loop {
             if probe.get("/push-manager-test/ready").is_ok() {
                 return Ok(());
             }
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 self.child = None;
-                return Err(format!("etcd exited ({status}); log tail:\n{}", self.log_tail()));
+                return Err(format!(
+                    "etcd exited ({status}); log tail:\n{}",
+                    self.log_tail()
+                ));
             }
             if Instant::now() >= deadline {
                 self.kill();
-                return Err(format!("etcd not ready after {ETCD_START_TIMEOUT:?}; log tail:\n{}", self.log_tail()));
+                return Err(format!(
+                    "etcd not ready after {ETCD_START_TIMEOUT:?}; log tail:\n{}",
+                    self.log_tail()
+                ));
             }
             thread::sleep(POLL_INTERVAL);
         }
@@ -159,4 +192,3 @@ impl Drop for Etcd {
         self.kill();
     }
 }
-
