@@ -365,6 +365,18 @@ fn client_and_watcher_recover_after_etcd_restarts() {
         next_event(&watcher),
         WatchEvent::Disconnected { .. }
     ));
+    let mut started_while_down = client.watch_prefix("/r/", 0).unwrap();
+    assert!(matches!(
+        next_event(&started_while_down),
+        WatchEvent::Disconnected { .. }
+    ));
+    let stopping = Instant::now();
+    started_while_down.shutdown();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "a reconnecting watcher stops promptly: {:?}",
+        stopping.elapsed()
+    );
 
     etcd.restart();
     wait_until(
