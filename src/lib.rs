@@ -5,4 +5,5 @@
 //! dedicated worker threads; the `gateway` role is a connect-node that registers itself in etcd
 //! and pushes what it receives to its WebSocket subscribers.
 
+pub mod gateway;
 pub mod proto;
