@@ -324,7 +324,7 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(limit.rlim_cur as u64)
+    Ok(limit.rlim_cur)
 }
 
 #[cfg(test)]
@@ -357,7 +357,7 @@ mod tests {
         let soft = raise_nofile_limit().unwrap();
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        assert_eq!(soft, limit.rlim_cur as u64);
+        assert_eq!(soft, limit.rlim_cur);
         assert_eq!(limit.rlim_cur, limit.rlim_max);
     }
 }

@@ -89,18 +89,18 @@ impl Client {
         Client::try_connect(gw, path_and_query).unwrap_or_else(|e| panic!("connecting to {path_and_query}: {e}"))
     }
 
-    pub fn try_connect(
-        gw: &Gateway,
-        path_and_query: &str,
-    ) -> Result<Client, tungstenite::HandshakeError<tungstenite::ClientHandshake<TcpStream>>> {
+    pub fn try_connect(gw: &Gateway, path_and_query: &str) -> Result<Client, tungstenite::Error> {
         let stream = TcpStream::connect(gw.ws_addr()).expect("TCP connect");
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.set_write_timeout(Some(PATIENCE)).unwrap();
         let url = format!("ws://{}{}", gw.ws_addr(), path_and_query);
         // Small buffers: the idle bench opens thousands of these.
         let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-        let (ws, _response) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config))?;
-        Ok(Client { ws })
+        match tungstenite::client::client_with_config(url.as_str(), stream, Some(config)) {
+            Ok((ws, _response)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("blocking sockets do not interrupt"),
+        }
     }
 
     /// Connects and subscribes to `topics` with a command, waiting for the ack.
