@@ -5,9 +5,9 @@
 //! dedicated worker threads; the `gateway` role is a connect-node that registers itself in etcd
 //! and pushes what it receives to its WebSocket subscribers.
 
-pub mod etcd;
-pub mod proto;
+pub mod cli;
 pub mod discovery;
 pub mod etcd;
+pub mod gateway;
 pub mod manager;
-pub mod cli;
+pub mod proto;

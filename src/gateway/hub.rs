@@ -1,0 +1,132 @@
+//! The hub turns one broadcast into deliveries. Subscriptions are sharded over the event loops:
+//! each loop keeps its own topic -> connections index, so publishing encodes the frame once,
+//! hands the same `Arc` to every loop and lets each look up its own subscribers. The hub itself
+//! only keeps subscriber counts (updated by the loops) to answer "how many will get it" at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+use tungstenite::Utf8Bytes;
+
+use super::protocol;
+use super::stats::Stats;
+use crate::proto::protocol::BroadCastReq;
+
+/// One encoded broadcast, shared by every loop and queued by reference on each connection.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    /// `""` means every connection.
+    pub(crate) topic: Box<str>,
+    pub(crate) frame: Utf8Bytes,
+}
+
+/// What an event loop is told from outside.
+pub(crate) enum LoopMsg {
+    /// A freshly accepted socket for the loop to shake hands with and own.
+    Accepted(mio::net::TcpStream),
+    /// A broadcast to fan out to the loop's matching connections.
+    Publish(Arc<Delivery>),
+}
+
+/// The way into one event loop: its inbound channel and the waker that interrupts its poll.
+#[derive(Clone)]
+pub(crate) struct LoopHandle {
+    pub(crate) tx: Sender<LoopMsg>,
+    pub(crate) waker: Arc<mio::Waker>,
+    /// Set by the first sender after the loop last looked at its queue; only that sender pays
+    /// for the wake-up syscall. The loop clears it *before* draining the queue.
+    pub(crate) wake_pending: Arc<AtomicBool>,
+}
+
+impl LoopHandle {
+    /// Queues `msg` and wakes the loop unless a wake-up is already pending. Returns false once
+    /// the loop is gone.
+    pub(crate) fn send(&self, msg: LoopMsg) -> bool {
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.waker.wake() {
+                log::warn!("cannot wake an event loop: {e}");
+            }
+        }
+        true
+    }
+}
+
+/// Subscriber counts per topic over all loops, for `NodeReply.delivered`.
+#[derive(Debug, Default)]
+pub(crate) struct TopicCounts {
+    counts: Mutex<HashMap<Box<str>, u64>>,
+}
+
+impl TopicCounts {
+    pub(crate) fn add(&self, topic: &str) {
+        *self.counts.lock().entry(topic.into()).or_insert(0) += 1;
+    }
+
+    pub(crate) fn remove(&self, topic: &str) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(topic);
+            }
+        }
+    }
+
+    fn get(&self, topic: &str) -> u64 {
+        self.counts.lock().get(topic).copied().unwrap_or(0)
+    }
+}
+
+/// Fans broadcasts out to the event loops; shared by the gRPC service and the [`super::Gateway`].
+pub struct Hub {
+    loops: Vec<LoopHandle>,
+    counts: Arc<TopicCounts>,
+    stats: Arc<Stats>,
+    /// Held while a delivery is handed to every loop, so that two concurrent publishers cannot
+    /// interleave differently on different loops: all connections see one order.
+    order: Mutex<()>,
+}
+
+impl Hub {
+    pub(crate) fn new(loops: Vec<LoopHandle>, counts: Arc<TopicCounts>, stats: Arc<Stats>) -> Hub {
+        Hub { loops, counts, stats, order: Mutex::new(()) }
+    }
+
+    /// Delivers `msg` to every connection subscribed to its topic (every connection for an
+    /// empty topic), after whatever was published before. Never blocks on a connection.
+    ///
+    /// Returns the connections it was fanned out to: the subscriber count at this moment (a
+    /// connection subscribing or leaving concurrently may or may not be among them).
+    pub fn publish(&self, msg: &BroadCastReq) -> u64 {
+        Stats::inc(&self.stats.messages_received);
+        let topic = msg.get_topic();
+        let delivered = if topic.is_empty() { self.connections() as u64 } else { self.counts.get(topic) };
+        let delivery = Arc::new(Delivery {
+            topic: topic.into(),
+            frame: Utf8Bytes::from(protocol::encode_delivery(msg)),
+        });
+        let _order = self.order.lock();
+        for handle in &self.loops {
+            // A loop that is gone (gateway shutting down) has no connections left to reach.
+            handle.send(LoopMsg::Publish(delivery.clone()));
+        }
+        delivered
+    }
+
+    /// WebSocket connections currently open (past the handshake, not closing).
+    pub fn connections(&self) -> usize {
+        self.stats.connections_open.load(Ordering::Relaxed) as usize
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("loops", &self.loops.len()).field("connections", &self.connections()).finish()
+    }
+}

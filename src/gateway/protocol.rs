@@ -1,0 +1,342 @@
+//! What travels over a WebSocket between a connect-node and its users: the JSON commands a
+//! client sends, the acknowledgements and deliveries the node sends back, and the close codes it
+//! uses when it ends a connection. Kept apart from the I/O so it can be tested byte for byte.
+//!
+//! # Connecting
+//! `GET /ws` with a WebSocket upgrade; `?topic=a&topic=b` (percent-encoded) subscribes at connect
+//! time. Another path gets HTTP 404, a request without an upgrade gets HTTP 426, a bad query
+//! topic gets HTTP 400.
+//!
+//! # Client commands (text frames)
+//! ```json
+//! {"action":"subscribe","topics":["a","b"]}
+//! {"action":"unsubscribe","topics":["a"]}
+//! ```
+//! The node answers with every topic the connection holds afterwards:
+//! `{"type":"subscribed","topics":["a","b"]}` (resp. `"type":"unsubscribed"`).
+//! Subscribing twice to a topic or unsubscribing from one not held is not an error.
+//!
+//! # Deliveries (text frames)
+//! One JSON object per broadcast, in the order the node received them:
+//! ```json
+//! {"type":"message","topic":"a","op":1000,"seq":3,"ver":1,"body":"hello"}
+//! ```
+//! `op`, `seq` and `ver` come from `BroadCastReq.proto` (`op` falls back to
+//! `BroadCastReq.protoOp` when `proto.op` is 0). `topic` is `""` for a broadcast to every
+//! connection. A body that is not valid UTF-8 is sent as `"body_base64":"..."` (standard
+//! alphabet, padded) instead of `"body"`.
+//!
+//! # Close codes
+//! | code | reason starts with | when |
+//! | --- | --- | --- |
+//! | 1001 | `server shutting down` | the node stops |
+//! | 1003 | `binary frames are not supported` | a binary frame arrived |
+//! | 1007 | `invalid JSON: ...` / `text frame is not valid UTF-8` | a command that does not parse |
+//! | 1008 | `unknown action "x"`, `empty topic`, `topic longer than ...`, `too many topics ...`, ... | a command that parses but is refused |
+//! | 1009 | `message too big ...` | a frame or message over `max_frame_bytes` |
+//! | 1002 | `protocol error: ...` | a WebSocket protocol violation (e.g. unmasked frame) |
+//! | 4000 | `slow consumer: outgoing buffer overflow` | the connection's unsent bytes would pass `max_out_buffer` |
+//!
+//! A client from which nothing (not even a pong) arrived for `pong_timeout` is dropped without a
+//! close frame: it is not listening anyway.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::protocol::BroadCastReq;
+
+pub(crate) const CLOSE_SHUTDOWN: u16 = 1001;
+pub(crate) const CLOSE_PROTOCOL: u16 = 1002;
+pub(crate) const CLOSE_UNSUPPORTED: u16 = 1003;
+pub(crate) const CLOSE_INVALID_DATA: u16 = 1007;
+pub(crate) const CLOSE_POLICY: u16 = 1008;
+pub(crate) const CLOSE_TOO_BIG: u16 = 1009;
+pub(crate) const CLOSE_SLOW: u16 = 4000;
+
+pub(crate) const REASON_SHUTDOWN: &str = "server shutting down";
+pub(crate) const REASON_BINARY: &str = "binary frames are not supported";
+pub(crate) const REASON_SLOW: &str = "slow consumer: outgoing buffer overflow";
+
+/// A close frame's payload holds at most 125 bytes, two of them the code.
+const MAX_REASON_BYTES: usize = 123;
+
+/// Limits on topics, from the gateway config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TopicLimits {
+    pub(crate) max_len: usize,
+    pub(crate) max_per_connection: usize,
+}
+
+/// A client command that parsed and whose topics are valid.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Command {
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+}
+
+/// Why a connection is being closed: a close code and a reason fit for a close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reject {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+}
+
+impl Reject {
+    pub(crate) fn new(code: u16, reason: impl Into<String>) -> Reject {
+        Reject { code, reason: truncate_reason(reason.into()) }
+    }
+
+    fn policy(reason: impl Into<String>) -> Reject {
+        Reject::new(CLOSE_POLICY, reason)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawCommand {
+    action: Option<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+/// Parses one text frame from a client.
+pub(crate) fn parse_command(text: &str, limits: TopicLimits) -> Result<Command, Reject> {
+    let raw: RawCommand = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            Reject::policy(format!("bad command: {e}"))
+        } else {
+            Reject::new(CLOSE_INVALID_DATA, format!("invalid JSON: {e}"))
+        }
+    })?;
+    let action = raw.action.ok_or_else(|| Reject::policy("missing \"action\""))?;
+    if raw.topics.is_empty() {
+        return Err(Reject::policy("no topics given"));
+    }
+    if raw.topics.len() > limits.max_per_connection {
+        return Err(too_many_topics(raw.topics.len(), limits));
+    }
+    for topic in &raw.topics {
+        validate_topic(topic, limits.max_len).map_err(Reject::policy)?;
+    }
+    match action.as_str() {
+        "subscribe" => Ok(Command::Subscribe(raw.topics)),
+        "unsubscribe" => Ok(Command::Unsubscribe(raw.topics)),
+        other => Err(Reject::policy(format!("unknown action {:?}", other))),
+    }
+}
+
+pub(crate) fn too_many_topics(count: usize, limits: TopicLimits) -> Reject {
+    Reject::policy(format!("too many topics: {count} > {} per connection", limits.max_per_connection))
+}
+
+/// Checks one topic name: non-empty, at most `max_len` bytes, no control characters.
+pub(crate) fn validate_topic(topic: &str, max_len: usize) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("empty topic".into());
+    }
+    if topic.len() > max_len {
+        return Err(format!("topic longer than {max_len} bytes ({} bytes)", topic.len()));
+    }
+    if topic.chars().any(char::is_control) {
+        return Err("topic contains a control character".into());
+    }
+    Ok(())
+}
+
+/// Reads `topic=` parameters from a query string (other parameters are ignored).
+pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<String>, String> {
+    let mut topics: Vec<String> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "topic" {
+            continue;
+        }
+        let topic = percent_decode(value).ok_or_else(|| "topic is not valid percent-encoded UTF-8".to_string())?;
+        validate_topic(&topic, limits.max_len)?;
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    if topics.len() > limits.max_per_connection {
+        return Err(too_many_topics(topics.len(), limits).reason);
+    }
+    Ok(topics)
+}
+
+/// Decodes `%XX` escapes and `+` (a space in form encoding); `None` on a bad escape or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    topics: &'a [Box<str>],
+}
+
+/// `{"type":"subscribed"|"unsubscribed","topics":[...]}`.
+pub(crate) fn encode_ack(subscribed: bool, topics: &[Box<str>]) -> String {
+    let kind = if subscribed { "subscribed" } else { "unsubscribed" };
+    serde_json::to_string(&Ack { kind, topics }).expect("an ack always serialises")
+}
+
+#[derive(Serialize)]
+struct Delivery<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    topic: &'a str,
+    op: i32,
+    seq: i32,
+    ver: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+}
+
+/// The delivery frame for one broadcast (see the module doc); encoded once per broadcast.
+pub(crate) fn encode_delivery(msg: &BroadCastReq) -> String {
+    let proto = msg.get_proto();
+    let op = if proto.get_op() != 0 { proto.get_op() } else { msg.get_protoOp() };
+    let (body, body_base64) = match std::str::from_utf8(proto.get_body()) {
+        Ok(text) => (Some(text), None),
+        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(proto.get_body()))),
+    };
+    let delivery = Delivery {
+        kind: "message",
+        topic: msg.get_topic(),
+        op,
+        seq: proto.get_seq(),
+        ver: proto.get_ver(),
+        body,
+        body_base64,
+    };
+    serde_json::to_string(&delivery).expect("a delivery always serialises")
+}
+
+/// Cuts a reason to what a close frame can carry, at a character boundary.
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::protocol::Proto;
+
+    const LIMITS: TopicLimits = TopicLimits { max_len: 8, max_per_connection: 3 };
+
+    fn reject(text: &str) -> Reject {
+        parse_command(text, LIMITS).unwrap_err()
+    }
+
+    #[test]
+    fn parses_subscribe_and_unsubscribe() {
+        assert_eq!(
+            parse_command(r#"{"action":"subscribe","topics":["a","b"]}"#, LIMITS),
+            Ok(Command::Subscribe(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            parse_command(r#"{"topics":["a"],"action":"unsubscribe"}"#, LIMITS),
+            Ok(Command::Unsubscribe(vec!["a".into()]))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_commands_with_their_close_code() {
+        let r = reject("{nope");
+        assert_eq!(r.code, CLOSE_INVALID_DATA);
+        assert!(r.reason.starts_with("invalid JSON: "), "{}", r.reason);
+        assert_eq!(reject(r#"{"action":"x","topics":["a"]}"#), Reject::policy(r#"unknown action "x""#));
+        assert_eq!(reject(r#"{"topics":["a"]}"#).reason, r#"missing "action""#);
+        assert_eq!(reject(r#"{"action":"subscribe","topics":[]}"#).reason, "no topics given");
+        assert_eq!(reject(r#"{"action":"subscribe","topics":[""]}"#).reason, "empty topic");
+        assert_eq!(reject(r#"{"action":"subscribe","topics":["a\u0001"]}"#).reason, "topic contains a control character");
+        assert!(reject(r#"{"action":"subscribe","topics":["123456789"]}"#).reason.starts_with("topic longer than 8 bytes"));
+        assert!(reject(r#"{"action":"subscribe","topics":["a","b","c","d"]}"#).reason.starts_with("too many topics"));
+        let wrong_type = reject(r#"{"action":"subscribe","topics":"a"}"#);
+        assert_eq!(wrong_type.code, CLOSE_POLICY);
+        assert!(wrong_type.reason.starts_with("bad command: "), "{}", wrong_type.reason);
+    }
+
+    #[test]
+    fn reasons_fit_a_close_frame() {
+        let r = Reject::new(CLOSE_POLICY, "é".repeat(100));
+        assert!(r.reason.len() <= MAX_REASON_BYTES);
+        assert!(r.reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn query_topics_are_decoded_validated_and_deduplicated() {
+        assert_eq!(topics_from_query("topic=a&x=1&topic=b%20c&topic=a", LIMITS), Ok(vec!["a".into(), "b c".into()]));
+        assert_eq!(topics_from_query("", LIMITS), Ok(vec![]));
+        assert_eq!(topics_from_query("topic=", LIMITS), Err("empty topic".into()));
+        assert!(topics_from_query("topic=%zz", LIMITS).is_err());
+        assert!(topics_from_query("topic=%ff", LIMITS).is_err());
+        assert!(topics_from_query("topic=a&topic=b&topic=c&topic=d", LIMITS).unwrap_err().starts_with("too many topics"));
+    }
+
+    fn broadcast(topic: &str, proto_op: i32, op: i32, body: &[u8]) -> BroadCastReq {
+        let mut proto = Proto::new();
+        proto.set_ver(1);
+        proto.set_op(op);
+        proto.set_seq(3);
+        proto.set_body(body.to_vec());
+        let mut msg = BroadCastReq::new();
+        msg.set_topic(topic.into());
+        msg.set_protoOp(proto_op);
+        msg.set_proto(proto);
+        msg
+    }
+
+    #[test]
+    fn encodes_deliveries() {
+        assert_eq!(
+            encode_delivery(&broadcast("a", 7, 1000, b"hello")),
+            r#"{"type":"message","topic":"a","op":1000,"seq":3,"ver":1,"body":"hello"}"#
+        );
+        assert_eq!(
+            encode_delivery(&broadcast("", 7, 0, b"say \"hi\"")),
+            r#"{"type":"message","topic":"","op":7,"seq":3,"ver":1,"body":"say \"hi\""}"#
+        );
+        assert_eq!(
+            encode_delivery(&broadcast("a", 7, 1, &[0xff, 0x00, 0x41])),
+            r#"{"type":"message","topic":"a","op":1,"seq":3,"ver":1,"body_base64":"/wBB"}"#
+        );
+    }
+
+    #[test]
+    fn encodes_acks() {
+        let topics: Vec<Box<str>> = vec!["a".into(), "b".into()];
+        assert_eq!(encode_ack(true, &topics), r#"{"type":"subscribed","topics":["a","b"]}"#);
+        assert_eq!(encode_ack(false, &[]), r#"{"type":"unsubscribed","topics":[]}"#);
+    }
+}

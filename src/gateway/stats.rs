@@ -1,0 +1,63 @@
+//! Counters a connect-node keeps so operators and tests can see what it did with its clients
+//! and messages without reading logs. Plain relaxed atomics: each is independent.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters shared by the accept thread, the event loops and the hub.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) connections_open: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) closed_slow: AtomicU64,
+    pub(crate) closed_timeout: AtomicU64,
+    pub(crate) closed_bad_input: AtomicU64,
+    pub(crate) http_rejected: AtomicU64,
+    pub(crate) messages_received: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// WebSocket connections past the handshake and not yet closing (a gauge).
+    pub connections_open: u64,
+    /// TCP connections accepted on the WebSocket port (handshake not yet done).
+    pub accepted: u64,
+    /// Connections closed with 4000 because their outgoing buffer would overflow.
+    pub closed_slow: u64,
+    /// Connections dropped because nothing arrived from them for `pong_timeout`.
+    pub closed_timeout: u64,
+    /// Connections closed for a bad command, topic, frame type or frame size.
+    pub closed_bad_input: u64,
+    /// Sockets answered with an HTTP error (or closed) instead of upgraded: plain HTTP, wrong
+    /// path, bad query topics, malformed requests.
+    pub http_rejected: u64,
+    /// Broadcasts handed to the hub (gRPC or direct `publish`).
+    pub messages_received: u64,
+    /// Text frames handed to connections: one per delivery per matching connection, plus the
+    /// acks of subscribe/unsubscribe commands.
+    pub frames_sent: u64,
+}
+
+impl Stats {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            connections_open: self.connections_open.load(Relaxed),
+            accepted: self.accepted.load(Relaxed),
+            closed_slow: self.closed_slow.load(Relaxed),
+            closed_timeout: self.closed_timeout.load(Relaxed),
+            closed_bad_input: self.closed_bad_input.load(Relaxed),
+            http_rejected: self.http_rejected.load(Relaxed),
+            messages_received: self.messages_received.load(Relaxed),
+            frames_sent: self.frames_sent.load(Relaxed),
+        }
+    }
+}
