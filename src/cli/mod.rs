@@ -1,5 +1,7 @@
 //! The command line: one binary, one subcommand per role or tool.
 
+mod demo;
+mod node;
 mod nodes;
 mod send;
 mod serve;
@@ -19,6 +21,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the whole path on loopback: etcd, push-manager, three connect-nodes, WebSocket users.
+    Demo(demo::DemoArgs),
+    /// Run a connect-node: serve ConnectNode and WebSocket users, registered in etcd under a lease.
+    Node(node::NodeArgs),
     /// Run push-manager: serve protocol.PushServer and fan broadcasts out to connect-nodes found in etcd.
     Serve(serve::ServeArgs),
     /// Call PushServer/Broadcast once and print the reply.
@@ -64,6 +70,8 @@ pub fn init_logging(level: LevelFilter) {
 /// Runs a parsed command; the exit code is the process's.
 pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Node(args) => node::run(args).map_err(|e| e.to_string()),
         Command::Serve(args) => serve::run(args).map_err(|e| e.to_string()),
         Command::Send(args) => send::run(args).map_err(|e| e.to_string()),
         Command::Subscribe(args) => subscribe::run(args).map_err(|e| e.to_string()),

@@ -10,6 +10,7 @@
 mod error;
 mod keys;
 mod lease;
+mod local;
 mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +28,7 @@ use crate::proto::rpc_grpc::{KvClient, LeaseClient};
 
 pub use error::{Error, Result};
 pub use lease::{KeepAlive, LeaseLost};
+pub use local::{free_port, LocalEtcd};
 pub use watch::{WatchEvent, Watcher};
 
 /// Where etcd is and how long a call may take.

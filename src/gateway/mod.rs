@@ -12,6 +12,7 @@ mod error;
 mod event_loop;
 mod hub;
 pub mod protocol;
+mod registration;
 mod service;
 mod stats;
 
@@ -27,6 +28,7 @@ use log::{info, warn};
 
 pub use error::{Error, Result};
 pub use hub::Hub;
+pub use registration::{Registration, RegistrationConfig};
 pub use stats::StatsSnapshot;
 
 use event_loop::{LoopConfig, LoopParts};

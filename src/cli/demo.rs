@@ -1,0 +1,262 @@
+//! `push-manager demo`: the whole path in one process, on loopback.
+//!
+//! A real etcd (spawned in a temp dir, when `etcd` is on PATH), push-manager, three connect-nodes
+//! registered under leases, and WebSocket subscribers on them. It sends a broadcast per topic and
+//! one to everyone, prints who got what through which node, stops one node and shows discovery
+//! dropping it, then shuts everything down and exits 0 — or 1, saying what went wrong.
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use grpcio::{ChannelBuilder, EnvBuilder};
+use log::LevelFilter;
+use tungstenite::{Message, WebSocket};
+
+use super::subscribe::subscribe_url;
+use crate::etcd::{self, LocalEtcd};
+use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
+use crate::manager::{self, Manager};
+use crate::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use crate::proto::protocol_grpc::PushServerClient;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Log level for the components' own logs (the account is printed regardless).
+    #[arg(long, default_value = "warn", value_parser = super::parse_level)]
+    pub log_level: LevelFilter,
+}
+
+const PREFIX: &str = "/demo/connect-node/";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// (subscriber, node index, topics)
+const SUBSCRIBERS: &[(&str, usize, &[&str])] = &[
+    ("alice", 0, &["sports"]),
+    ("bob", 1, &["news"]),
+    ("carol", 2, &["sports", "news"]),
+    ("dave", 0, &[]),
+    ("erin", 1, &["weather"]),
+];
+
+type Failure = String;
+
+/// A frame a subscriber received: a delivery, or `{"type":"closed",...}` when its node closed it.
+struct Delivery {
+    subscriber: &'static str,
+    node: String,
+    frame: serde_json::Value,
+    /// The frame as it came over the wire.
+    text: String,
+}
+
+pub fn run(args: DemoArgs) -> Result<(), Failure> {
+    super::init_logging(args.log_level);
+    let etcd = LocalEtcd::start().map_err(|e| {
+        format!("the demo needs the etcd binary on PATH (`make demo` installs Debian's etcd-server): {e}")
+    })?;
+    println!("etcd: a real etcd process (pid {}) on {}, data in {}", etcd.pid().unwrap_or_default(), etcd.endpoint(), etcd.data_dir().display());
+    let etcd_config = etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(2) };
+    let client = etcd::Client::connect(etcd_config.clone()).map_err(|e| e.to_string())?;
+
+    let mut manager = Manager::start(manager::Config {
+        listen: "127.0.0.1:0".into(),
+        etcd: etcd_config,
+        prefix: PREFIX.into(),
+        ..manager::Config::default()
+    })
+    .map_err(|e| e.to_string())?;
+    println!("push-manager: serving PushServer on {}, discovering nodes under {PREFIX}", manager.addr());
+
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let gateway = Gateway::start(gateway::Config {
+            grpc_listen: "127.0.0.1:0".into(),
+            ws_listen: "127.0.0.1:0".into(),
+            ..gateway::Config::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let id = format!("node-{i}");
+        let registration = Registration::start(
+            client.clone(),
+            RegistrationConfig { key: format!("{PREFIX}{id}"), addr: gateway.grpc_addr().to_string(), ttl: Duration::from_secs(5) },
+        )
+        .map_err(|e| e.to_string())?;
+        println!("connect-node {id}: gRPC {} WebSocket ws://{}/ws, registered with a 5 s lease", gateway.grpc_addr(), gateway.ws_addr());
+        nodes.push((id, gateway, Some(registration)));
+    }
+    wait_for("push-manager to discover 3 nodes", || manager.nodes().len() == 3)?;
+    println!("push-manager: discovered {}", node_list(&manager));
+
+    let (deliveries_tx, deliveries) = unbounded();
+    let mut readers = Vec::new();
+    println!();
+    for (name, node, topics) in SUBSCRIBERS {
+        let (id, gateway, _) = &nodes[*node];
+        let url = subscribe_url(&format!("ws://{}/ws", gateway.ws_addr()), &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        readers.push(subscribe(name, id.clone(), &url, deliveries_tx.clone())?);
+        let shown = if topics.is_empty() { "no topic (broadcasts to everyone only)".to_string() } else { topics.join(", ") };
+        println!("subscriber {name:<6} on {id}: {shown}");
+    }
+    drop(deliveries_tx);
+    wait_for("every subscriber to be connected", || nodes.iter().map(|(_, g, _)| g.hub().connections()).sum::<usize>() == SUBSCRIBERS.len())?;
+
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-demo").build());
+    let push = PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())));
+    let mut seq = 0;
+    for topic in ["sports", "news", ""] {
+        seq += 1;
+        let body = match topic {
+            "" => "Server maintenance at 02:00 UTC".to_string(),
+            t => format!("Latest {t} headline #{seq}"),
+        };
+        send_and_show(&push, &deliveries, topic, seq, &body, &[])?;
+    }
+
+    let (id, mut gateway, registration) = nodes.pop().expect("three nodes");
+    println!("\nstopping {id}: revoking its lease, then closing its connections");
+    let stopped_at = Instant::now();
+    registration.expect("registered").deregister();
+    wait_for(&format!("push-manager to drop {id}"), || manager.nodes().len() == 2)?;
+    println!("push-manager: dropped {id} after {} ms; now {}", stopped_at.elapsed().as_millis(), node_list(&manager));
+    gateway.shutdown();
+    let on_stopped: Vec<&str> = SUBSCRIBERS.iter().filter(|s| s.1 == 2).map(|s| s.0).collect();
+    for _ in &on_stopped {
+        let d = deliveries.recv_timeout(WAIT).map_err(|_| format!("{id}'s subscribers were not closed"))?;
+        if d.frame["type"] != "closed" {
+            return Err(format!("{} received {} after {id} stopped", d.subscriber, d.text));
+        }
+        println!("  {:<6} was closed by {}: {} {}", d.subscriber, d.node, d.frame["code"], d.frame["reason"]);
+    }
+    seq += 1;
+    send_and_show(&push, &deliveries, "", seq, "Everyone still connected gets this", &on_stopped)?;
+
+    wait_for("node counters to settle", || manager.nodes().iter().all(|n| n.settled()))?;
+    println!();
+    for n in manager.nodes() {
+        println!("push-manager counters for {}: enqueued {} sent {} in {} RPC(s), failed {}, dropped {}", n.id, n.enqueued, n.sent, n.rpcs, n.failed, n.dropped_full);
+    }
+    println!("\nshutting down");
+    manager.shutdown();
+    for (_, mut gateway, registration) in nodes {
+        drop(registration);
+        gateway.shutdown();
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    println!("demo complete");
+    Ok(())
+}
+
+fn node_list(manager: &Manager) -> String {
+    let nodes: Vec<String> = manager.nodes().into_iter().map(|n| format!("{} at {}", n.id, n.addr)).collect();
+    nodes.join(", ")
+}
+
+/// Sends one broadcast and prints which subscribers it reached, and through which node;
+/// `gone` are subscribers whose node was stopped.
+fn send_and_show(
+    push: &PushServerClient,
+    deliveries: &Receiver<Delivery>,
+    topic: &str,
+    seq: i32,
+    body: &str,
+    gone: &[&str],
+) -> Result<(), Failure> {
+    let expected: Vec<&str> = SUBSCRIBERS
+        .iter()
+        .filter(|(name, _, topics)| !gone.contains(name) && (topic.is_empty() || topics.contains(&topic)))
+        .map(|(name, _, _)| *name)
+        .collect();
+    let reply = broadcast(push, topic, seq, body)?;
+    let shown_topic = if topic.is_empty() { "everyone".to_string() } else { format!("topic {topic:?}") };
+    println!(
+        "\nbroadcast #{seq} to {shown_topic}: {body:?}\n  push-manager: targeted {} node(s), accepted by {}, dropped by {}",
+        reply.get_targeted(),
+        reply.get_accepted(),
+        reply.get_dropped().len()
+    );
+    let mut got: BTreeMap<&str, String> = BTreeMap::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < expected.len() {
+        let d = deliveries
+            .recv_deadline(deadline)
+            .map_err(|_| format!("broadcast #{seq}: only {:?} of {expected:?} received it", got.keys().collect::<Vec<_>>()))?;
+        if d.frame["seq"] != seq {
+            return Err(format!("{} received an unexpected frame {}", d.subscriber, d.frame));
+        }
+        if !expected.contains(&d.subscriber) {
+            return Err(format!("{} received broadcast #{seq} but is not subscribed to it", d.subscriber));
+        }
+        if got.insert(d.subscriber, d.node.clone()).is_some() {
+            return Err(format!("{} received broadcast #{seq} twice", d.subscriber));
+        }
+        println!("  {:<6} got it through {}: {}", d.subscriber, d.node, d.text);
+    }
+    let missed: Vec<&str> = SUBSCRIBERS.iter().map(|s| s.0).filter(|n| !expected.contains(n) && !gone.contains(n)).collect();
+    if !missed.is_empty() {
+        println!("  not subscribed, not sent: {}", missed.join(", "));
+    }
+    Ok(())
+}
+
+fn broadcast(push: &PushServerClient, topic: &str, seq: i32, body: &str) -> Result<BroadCastReply, Failure> {
+    let mut proto = Proto::new();
+    proto.set_ver(1);
+    proto.set_op(1000);
+    proto.set_seq(seq);
+    proto.set_body(body.as_bytes().to_vec());
+    let mut req = BroadCastReq::new();
+    req.set_protoOp(1000);
+    req.set_topic(topic.into());
+    req.set_proto(proto);
+    push.broadcast(&req).map_err(|e| format!("Broadcast #{seq} failed: {e}"))
+}
+
+/// A WebSocket user on its own thread, forwarding each delivery.
+fn subscribe(name: &'static str, node: String, url: &str, out: Sender<Delivery>) -> Result<JoinHandle<()>, Failure> {
+    let (socket, _) = tungstenite::connect(url).map_err(|e| format!("{name} cannot connect to {url}: {e}"))?;
+    let socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>> = socket;
+    thread::Builder::new()
+        .name(format!("demo-{name}"))
+        .spawn(move || read_deliveries(name, node, socket, out))
+        .map_err(|e| e.to_string())
+}
+
+fn read_deliveries(name: &'static str, node: String, mut socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>, out: Sender<Delivery>) {
+    while let Ok(msg) = socket.read() {
+        let (frame, text) = match msg {
+            Message::Text(text) => match serde_json::from_str::<serde_json::Value>(text.as_str()) {
+                Ok(frame) if frame["type"] == "message" => (frame, text.to_string()),
+                _ => continue,
+            },
+            Message::Close(close) => {
+                let (code, reason) = close.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let frame = serde_json::json!({"type": "closed", "code": code, "reason": reason});
+                let text = frame.to_string();
+                let _ = out.send(Delivery { subscriber: name, node, frame, text });
+                return;
+            }
+            _ => continue,
+        };
+        if out.send(Delivery { subscriber: name, node: node.clone(), frame, text }).is_err() {
+            return;
+        }
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<(), Failure> {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("gave up waiting for {what} after {WAIT:?}"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! An etcd process of our own: a single-member cluster on free loopback ports in a temporary
+//! directory, stopped and deleted on drop. The demo runs discovery through one, and every
+//! integration test starts its own.
+
+use std::fs::{self, OpenOptions};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{Client, Config};
+
+/// How long etcd may take to answer after being started.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// A free port can be taken by someone else before etcd binds it; start again on new ones.
+const START_ATTEMPTS: usize = 5;
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A port nothing listens on right now (the OS picked it; it may be reused later).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 works on any machine with loopback")
+}
+
+pub struct LocalEtcd {
+    dir: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl LocalEtcd {
+    /// Starts `etcd` (from PATH) on free ports and returns once it answers.
+    pub fn start() -> Result<LocalEtcd, String> {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("push-manager-etcd-")
+                .tempdir()
+                .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+            let mut etcd = LocalEtcd { dir, client_port: free_port(), peer_port: free_port(), child: None };
+            match etcd.spawn_and_wait() {
+                Ok(()) => return Ok(etcd),
+                Err(e) if e.starts_with("cannot run etcd") => return Err(e),
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(format!("etcd did not start in {START_ATTEMPTS} attempts:\n{}", failures.join("\n---\n")))
+    }
+
+    /// `127.0.0.1:<client port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// A client config for this etcd with a 2 s deadline.
+    pub fn config(&self) -> Config {
+        Config { endpoints: vec![self.endpoint()], timeout: Duration::from_secs(2) }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.config()).expect("a loopback endpoint is a valid config")
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILLs etcd and reaps it: no clean shutdown, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills etcd if it runs and starts it again on the same data dir and ports.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.spawn_and_wait()
+    }
+
+    /// The last lines of etcd's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("cannot open etcd's log: {e}"))?;
+        let log_too = log.try_clone().map_err(|e| format!("cannot open etcd's log: {e}"))?;
+        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--name=t")
+            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=t={peer_url}"))
+            .stdin(Stdio::null())
+            .stdout(log_too)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run etcd: {e}"))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let probe = Client::connect(Config { endpoints: vec![self.endpoint()], timeout: Duration::from_millis(200) })
+            .expect("a loopback endpoint is a valid config");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if probe.get("/push-manager/ready").is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!("etcd exited ({status}); log tail:\n{}", self.log_tail()));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(format!("etcd not ready after {START_TIMEOUT:?}; log tail:\n{}", self.log_tail()));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,267 @@
+//! The whole path: business client -> push-manager -> connect-nodes -> WebSocket users, with a
+//! real etcd, real grpcio, real WebSocket clients, and the real binary where processes matter.
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::{ChannelBuilder, EnvBuilder};
+use push_manager::etcd;
+use push_manager::gateway::{self, Gateway, Registration, RegistrationConfig};
+use push_manager::manager::{self, Manager};
+use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use push_manager::proto::protocol_grpc::PushServerClient;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+use util::{wait_until, Etcd};
+
+const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
+const PREFIX: &str = "/e2e/nodes/";
+
+type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+fn start_manager(etcd: &Etcd) -> Manager {
+    Manager::start(manager::Config {
+        listen: "127.0.0.1:0".into(),
+        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(1) },
+        prefix: PREFIX.into(),
+        routine_size: 2,
+        // Long: whatever is seen quickly came through the watch.
+        poll_interval: Duration::from_secs(60),
+        ..manager::Config::default()
+    })
+    .unwrap()
+}
+
+/// An in-process connect-node registered in etcd.
+struct Node {
+    gateway: Gateway,
+    // Held so the node stays registered for as long as the test keeps it.
+    _registration: Registration,
+}
+
+fn start_node(etcd: &Etcd, id: &str) -> Node {
+    let gateway = Gateway::start(gateway::Config {
+        grpc_listen: "127.0.0.1:0".into(),
+        ws_listen: "127.0.0.1:0".into(),
+        ..gateway::Config::default()
+    })
+    .unwrap();
+    let registration = Registration::start(
+        etcd.client(),
+        RegistrationConfig { key: format!("{PREFIX}{id}"), addr: gateway.grpc_addr().to_string(), ttl: Duration::from_secs(5) },
+    )
+    .unwrap();
+    Node { gateway, _registration: registration }
+}
+
+fn connect(ws_addr: &str, topics: &[&str]) -> Ws {
+    let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
+    let url = if query.is_empty() { format!("ws://{ws_addr}/ws") } else { format!("ws://{ws_addr}/ws?{}", query.join("&")) };
+    let (ws, _) = tungstenite::connect(url.as_str()).unwrap();
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    ws
+}
+
+/// The next delivery (skipping acknowledgements); panics after the read timeout.
+#[track_caller]
+fn next_delivery(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.read().expect("a frame before the read timeout") {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "message" {
+                    return v;
+                }
+            }
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn push_client(manager: &Manager) -> PushServerClient {
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-e2e").build());
+    PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())))
+}
+
+fn broadcast(client: &PushServerClient, topic: &str, body: &str) -> BroadCastReply {
+    let mut proto = Proto::new();
+    proto.set_op(1000);
+    proto.set_body(body.as_bytes().to_vec());
+    let mut req = BroadCastReq::new();
+    req.set_topic(topic.into());
+    req.set_proto(proto);
+    client.broadcast(&req).unwrap()
+}
+
+fn node_ids(manager: &Manager) -> Vec<String> {
+    manager.nodes().into_iter().map(|n| n.id).collect()
+}
+
+#[test]
+fn topic_broadcasts_reach_exactly_their_subscribers_on_every_node() {
+    let etcd = Etcd::start();
+    let manager = start_manager(&etcd);
+    let nodes = [start_node(&etcd, "n1"), start_node(&etcd, "n2")];
+    wait_until("both nodes discovered", Duration::from_secs(5), || manager.nodes().len() == 2);
+    let addr = |i: usize| nodes[i].gateway.ws_addr().to_string();
+    let mut a = vec![connect(&addr(0), &["a"]), connect(&addr(1), &["a"])];
+    let mut b = vec![connect(&addr(0), &["b"]), connect(&addr(1), &["b"])];
+    let mut everyone_only = connect(&addr(1), &[]);
+    wait_until("subscriptions in place", Duration::from_secs(5), || {
+        nodes.iter().map(|n| n.gateway.hub().connections()).sum::<usize>() == 5
+    });
+    let client = push_client(&manager);
+
+    assert_eq!(broadcast(&client, "a", "for-a").get_accepted(), 2);
+    assert_eq!(broadcast(&client, "", "for-all").get_accepted(), 2);
+    for ws in &mut a {
+        assert_eq!(next_delivery(ws)["body"], "for-a");
+        assert_eq!(next_delivery(ws)["body"], "for-all", "for-a arrived once, then the broadcast to all");
+    }
+    for ws in b.iter_mut().chain([&mut everyone_only]) {
+        let first = next_delivery(ws);
+        assert_eq!(first["body"], "for-all", "a non-subscriber of a got nothing before it");
+        assert_eq!(first["topic"], "");
+    }
+}
+
+#[test]
+fn a_node_started_after_push_manager_gets_traffic_within_a_second() {
+    let etcd = Etcd::start();
+    let manager = start_manager(&etcd);
+    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    let started = Instant::now();
+    let node = start_node(&etcd, "late");
+    wait_until("discovered within 1 s", Duration::from_secs(1), || manager.nodes().len() == 1);
+    let mut ws = connect(&node.gateway.ws_addr().to_string(), &[]);
+    wait_until("connected", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    broadcast(&push_client(&manager), "", "hi");
+    assert_eq!(next_delivery(&mut ws)["body"], "hi");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn registration_comes_back_after_its_lease_is_revoked_behind_its_back() {
+    let etcd = Etcd::start();
+    let node = start_node(&etcd, "phoenix");
+    let key = format!("{PREFIX}phoenix");
+    let first = etcd.client().get(&key).unwrap().expect("registered").lease;
+    etcd.client().revoke(first).unwrap();
+    wait_until("registered again under a new lease", Duration::from_secs(10), || {
+        matches!(etcd.client().get(&key).unwrap(), Some(kv) if kv.lease != 0 && kv.lease != first)
+    });
+    drop(node);
+}
+
+/// `push-manager node` as a child process, with the ids and addresses it printed.
+struct NodeProcess {
+    child: Child,
+    ws_url: String,
+}
+
+fn spawn_node(etcd: &Etcd, id: &str, lease_ttl: &str) -> NodeProcess {
+    let mut child = Command::new(BIN)
+        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", &etcd.endpoint()])
+        .args(["--prefix", PREFIX, "--node-id", id, "--lease-ttl", lease_ttl, "--log-level", "warn"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    // "node <id> grpc <addr> ws <url>"
+    let ws_url = line.split_whitespace().nth(5).unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    NodeProcess { child, ws_url }
+}
+
+fn signal(child: &Child, sig: i32) {
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn a_node_killed_with_sigkill_is_dropped_after_its_lease_ttl() {
+    let etcd = Etcd::start();
+    let manager = start_manager(&etcd);
+    let mut node = spawn_node(&etcd, "doomed", "2s");
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager) == ["doomed"]);
+    signal(&node.child, libc::SIGKILL);
+    node.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_until("dropped once the lease expires", Duration::from_secs(10), || manager.nodes().is_empty());
+    assert!(killed.elapsed() >= Duration::from_millis(500), "nothing but the lease could have removed it");
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_is_dropped_at_once_and_closes_its_clients() {
+    let etcd = Etcd::start();
+    let manager = start_manager(&etcd);
+    let mut node = spawn_node(&etcd, "polite", "30s");
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager) == ["polite"]);
+    let (mut ws, _) = tungstenite::connect(node.ws_url.as_str()).unwrap();
+    signal(&node.child, libc::SIGTERM);
+    // With a 30 s lease, only the revocation can remove it this fast.
+    wait_until("dropped at once", Duration::from_secs(2), || manager.nodes().is_empty());
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Close(f)) => break f,
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    assert!(node.child.wait().unwrap().success());
+}
+
+#[test]
+fn node_refuses_bad_flags_with_a_clear_message() {
+    let etcd = Etcd::start();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--lease-ttl", "0s"], "--lease-ttl"),
+        (&["--node-id", "a/b"], "--node-id"),
+        (&["--advertise", "nonsense"], "--advertise"),
+        (&["--ws-listen", "127.0.0.1:notaport"], "127.0.0.1:notaport"),
+    ];
+    for (args, needle) in cases {
+        let mut argv: Vec<String> = ["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--prefix", PREFIX]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        argv.extend(["--etcd".to_string(), etcd.endpoint()]);
+        // A flag under test replaces its default above.
+        if let Some(i) = argv.iter().position(|a| a == args[0]) {
+            argv[i + 1] = args[1].to_string();
+        } else {
+            argv.extend(args.iter().map(|s| s.to_string()));
+        }
+        let out = Command::new(BIN).args(&argv).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
+    }
+    assert!(etcd.client().get_prefix(PREFIX).unwrap().kvs.is_empty(), "no failed start left a registration behind");
+}
+
+#[test]
+fn the_demo_runs_to_completion_and_shows_its_deliveries() {
+    let out = Command::new(BIN).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in [
+        "alice  got it through node-1",
+        "carol  got it through node-3",
+        "bob    got it through node-2",
+        "dave   got it through node-1",
+        "push-manager: dropped node-3",
+        "targeted 2 node(s), accepted by 2",
+        "demo complete",
+    ] {
+        assert!(stdout.contains(line), "demo output lacks {line:?}:\n{stdout}");
+    }
+}
