@@ -3,7 +3,8 @@
 //!
 //! For 1, 4 and 16 sink nodes (in-process `ConnectNode` servers that count what they get), and
 //! for `--batch-max 1` (one RPC per message per node) and the default batching, CLIENT_THREADS
-//! threads call `PushServer/Broadcast` with 256-byte bodies for a fixed time; deliveries/s counts
+//! threads, each with PIPELINE calls in flight, call `PushServer/Broadcast` with 256-byte bodies
+//! for a fixed time; deliveries/s counts
 //! messages that reached sinks, until the last one arrived. The baseline ("direct") is the same
 //! threads calling every sink's `ConnectNode/Broadcast` themselves. Then p50/p99 from Broadcast to
 //! arrival at a fixed moderate rate. Each figure is the median of REPS runs. Real etcd, loopback.
@@ -15,11 +16,15 @@ mod sink;
 #[path = "../tests/util/mod.rs"]
 mod util;
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use futures::executor::block_on;
 use grpcio::{ChannelBuilder, EnvBuilder, Environment};
 use push_manager::etcd;
 use push_manager::manager::{Config, Manager};
@@ -29,7 +34,9 @@ use sink::Sink;
 use util::{wait_until, Etcd};
 
 const BODY_BYTES: usize = 256;
-const CLIENT_THREADS: usize = 4;
+const CLIENT_THREADS: usize = 2;
+/// Calls each client thread keeps in flight.
+const PIPELINE: usize = 16;
 const NODE_COUNTS: [usize; 3] = [1, 4, 16];
 const LATENCY_RATE: u64 = 1000;
 
@@ -57,22 +64,32 @@ struct Run {
     dropped: u64,
 }
 
-/// Runs `call` on CLIENT_THREADS threads for `secs`; returns the calls made and their sum.
-fn hammer<F>(secs: Duration, make_call: impl Fn() -> F) -> (u64, u64)
-where
-    F: FnMut() -> u64 + Send + 'static,
-{
+/// A call under way; resolves to what it counts (deliveries accepted, or 1 for a direct call).
+type Pending = Pin<Box<dyn Future<Output = u64> + Send>>;
+
+/// Runs CLIENT_THREADS threads for `secs`, each keeping PIPELINE calls in flight (a cheap load
+/// generator, so the CPU goes to what is measured). Returns the calls made and their sum.
+fn hammer(secs: Duration, make_caller: impl Fn() -> Box<dyn FnMut() -> Pending + Send>) -> (u64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (calls, units) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let threads: Vec<_> = (0..CLIENT_THREADS)
         .map(|i| {
-            let mut call = make_call();
+            let mut call = make_caller();
             let (stop, calls, units) = (stop.clone(), calls.clone(), units.clone());
             thread::Builder::new()
                 .name(format!("bench-client-{i}"))
                 .spawn(move || {
+                    let mut in_flight = VecDeque::with_capacity(PIPELINE);
                     while !stop.load(Ordering::Relaxed) {
-                        units.fetch_add(call(), Ordering::Relaxed);
+                        while in_flight.len() < PIPELINE {
+                            in_flight.push_back(call());
+                        }
+                        let done = in_flight.pop_front().expect("a call is in flight");
+                        units.fetch_add(block_on(done), Ordering::Relaxed);
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for done in in_flight {
+                        units.fetch_add(block_on(done), Ordering::Relaxed);
                         calls.fetch_add(1, Ordering::Relaxed);
                     }
                 })
@@ -97,11 +114,15 @@ fn through_manager(env: &Arc<Environment>, addr: &str, sinks: &[Sink], secs: Dur
         let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(addr));
         let req = request(vec![b'x'; BODY_BYTES]);
         let dropped = dropped.clone();
-        move || {
-            let reply = client.broadcast(&req).expect("broadcast");
-            dropped.fetch_add(reply.get_dropped().len() as u64, Ordering::Relaxed);
-            reply.get_accepted() as u64
-        }
+        Box::new(move || {
+            let reply = client.broadcast_async(&req).expect("broadcast starts");
+            let dropped = dropped.clone();
+            Box::pin(async move {
+                let reply = reply.await.expect("broadcast");
+                dropped.fetch_add(reply.get_dropped().len() as u64, Ordering::Relaxed);
+                reply.get_accepted() as u64
+            })
+        })
     });
     wait_until("accepted deliveries arrive", Duration::from_secs(120), || total(sinks) - before >= accepted);
     Run {
@@ -117,11 +138,14 @@ fn direct(env: &Arc<Environment>, sinks: &[Sink], secs: Duration) -> Run {
         let clients: Vec<_> = addrs.iter().map(|a| ConnectNodeClient::new(ChannelBuilder::new(env.clone()).connect(a))).collect();
         let req = request(vec![b'x'; BODY_BYTES]);
         let mut next = 0;
-        move || {
+        Box::new(move || {
             next = (next + 1) % clients.len();
-            clients[next].broadcast(&req).expect("direct call");
-            1
-        }
+            let reply = clients[next].broadcast_async(&req).expect("direct call starts");
+            Box::pin(async move {
+                reply.await.expect("direct call");
+                1
+            })
+        })
     });
     let per_s = calls as f64 / secs.as_secs_f64();
     Run { broadcasts_per_s: per_s / sinks.len() as f64, deliveries_per_s: per_s, dropped: 0 }
@@ -146,8 +170,8 @@ fn main() {
     let reps = env_or("FANOUT_REPS", 3) as usize;
     let etcd = Etcd::start();
     let env = Arc::new(EnvBuilder::new().cq_count(2).name_prefix("grpc-bench").build());
-    println!("fanout: {CLIENT_THREADS} client threads, {BODY_BYTES}-byte bodies, {secs:?} per run, median of {reps} runs");
-    println!("{:>5}  {:<14} {:>13} {:>13} {:>10} {:>9}", "nodes", "path", "broadcasts/s", "deliveries/s", "vs direct", "dropped");
+    println!("fanout: {CLIENT_THREADS} client threads x {PIPELINE} calls in flight, {BODY_BYTES}-byte bodies, {secs:?} per run, median of {reps} runs");
+    println!("{:>5}  {:<14} {:>13} {:>13} {:>10} {:>9} {:>9}", "nodes", "path", "broadcasts/s", "deliveries/s", "vs direct", "dropped", "msgs/RPC");
     let mut at_four = (0.0, 0.0);
     for nodes in NODE_COUNTS {
         let prefix = format!("/bench/{nodes}/");
@@ -156,7 +180,7 @@ fn main() {
             etcd.client().put(&format!("{prefix}n{i}"), s.addr.as_bytes(), None).unwrap();
         }
         let baseline = median((0..reps).map(|_| direct(&env, &sinks, secs).deliveries_per_s).collect());
-        println!("{nodes:>5}  {:<14} {:>13.0} {:>13.0} {:>9.2}x {:>9}", "direct", baseline / nodes as f64, baseline, 1.0, "-");
+        println!("{nodes:>5}  {:<14} {:>13.0} {:>13.0} {:>9.2}x {:>9} {:>9.1}", "direct", baseline / nodes as f64, baseline, 1.0, "-", 1.0);
         for batch_max in [1, 64] {
             let manager = start_manager(&etcd, &prefix, nodes, batch_max);
             let addr = format!("127.0.0.1:{}", manager.addr().port());
@@ -165,7 +189,9 @@ fn main() {
             let broadcasts = median(runs.iter().map(|r| r.broadcasts_per_s).collect());
             let dropped: u64 = runs.iter().map(|r| r.dropped).sum();
             let path = format!("batch-max {batch_max}");
-            println!("{nodes:>5}  {path:<14} {broadcasts:>13.0} {deliveries:>13.0} {:>9.2}x {dropped:>9}", deliveries / baseline);
+            let (sent, rpcs) = manager.nodes().iter().fold((0, 0), |(s, r), n| (s + n.sent, r + n.rpcs));
+            let per_rpc = sent as f64 / rpcs.max(1) as f64;
+            println!("{nodes:>5}  {path:<14} {broadcasts:>13.0} {deliveries:>13.0} {:>9.2}x {dropped:>9} {per_rpc:>9.1}", deliveries / baseline);
             if nodes == 4 {
                 if batch_max == 1 { at_four.0 = deliveries } else { at_four.1 = deliveries }
             }

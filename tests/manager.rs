@@ -252,7 +252,10 @@ fn a_down_node_is_retried_then_counted_failed_and_resumes_when_back() {
     }
     wait_until("failures counted after retries", Duration::from_secs(20), || stats(&manager, "down").failed == 5);
     let s = stats(&manager, "down");
-    assert!(s.retried >= 5, "each failure was retried first: {s:?}");
+    // Messages may share RPCs; every RPC that failed used all 3 attempts (2 of them retries).
+    let attempts_that_failed = s.rpcs - 1;
+    assert!(attempts_that_failed >= 3 && attempts_that_failed % 3 == 0, "{s:?}");
+    assert_eq!(s.retried, attempts_that_failed / 3 * 2, "each failed RPC was retried first: {s:?}");
     assert!(s.settled(), "{s:?}");
     wait_until("the other node got everything", Duration::from_secs(5), || up.count() == 6);
 

@@ -1,13 +1,15 @@
 //! One connect-node as push-manager sees it: a gRPC channel, a bounded queue, and the
 //! `routine_size` worker threads (`node-<id>-<n>`) that drain it.
 //!
-//! A worker takes one message and whatever else is already queued (up to `batch_max`), and sends
-//! them in one RPC: batching never waits for a batch to fill, so light traffic pays no latency.
+//! Workers take turns building batches: the first message waiting, whatever else is queued, and
+//! (only while another RPC to the node is in flight) what arrives before that RPC completes, up
+//! to `batch_max`. Nothing waits for a batch to fill, so light traffic pays no latency; under
+//! load, messages share RPCs, which is what lets one node take far more than ~11k RPCs/s.
 //! Failed RPCs with a retryable status are retried with backoff while the node is registered.
 //! Closing drops the queue's sender: workers deliver what is queued, give up on the rest at the
 //! drain deadline (counted as `abandoned`), and end when the channel is empty and disconnected.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -126,6 +128,8 @@ impl NodeClient {
         let (tx, rx) = bounded(settings.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
+        let (completed_tx, completed_rx) = bounded(settings.routine_size);
+        let pipeline = Arc::new(Pipeline { collecting: Mutex::new(None), in_flight: AtomicUsize::new(0), completed_tx, completed_rx });
         let lifecycle = Arc::new(Lifecycle {
             registered: AtomicBool::new(true),
             drain_deadline: Mutex::new(None),
@@ -146,6 +150,7 @@ impl NodeClient {
                 node_id: node.id.clone(),
                 client: client.clone(),
                 queue: rx.clone(),
+                pipeline: pipeline.clone(),
                 counters: counters.clone(),
                 lifecycle: lifecycle.clone(),
                 settings: settings.clone(),
@@ -255,11 +260,59 @@ impl Drop for NodeClient {
     }
 }
 
+/// What a node's workers share to take turns building batches.
+struct Pipeline {
+    /// Held by the worker collecting the next batch; holds a message that did not fit the
+    /// previous batch (byte limit), which starts the next one.
+    collecting: Mutex<Option<SharedMessage>>,
+    /// RPCs to this node under way.
+    in_flight: AtomicUsize,
+    /// A token per finished RPC, to wake a collector waiting for one.
+    completed_tx: Sender<()>,
+    completed_rx: Receiver<()>,
+}
+
+/// Messages for one RPC, bounded in count and in encoded bytes.
+struct Batch {
+    messages: Vec<SharedMessage>,
+    bytes: usize,
+    max: usize,
+}
+
+impl Batch {
+    fn new(first: SharedMessage, max: usize) -> Batch {
+        Batch { bytes: first.encoded_len(), messages: vec![first], max }
+    }
+
+    fn is_full(&self) -> bool {
+        self.messages.len() >= self.max
+    }
+
+    /// Adds `m`, or leaves it in `carried` for the next batch if it would pass the byte limit.
+    fn push_or_carry(&mut self, m: SharedMessage, carried: &mut Option<SharedMessage>) {
+        if self.bytes + m.encoded_len() > BATCH_MAX_BYTES {
+            *carried = Some(m);
+        } else {
+            self.bytes += m.encoded_len();
+            self.messages.push(m);
+        }
+    }
+
+    /// Takes what is already queued, without waiting.
+    fn fill(&mut self, queue: &Receiver<SharedMessage>, carried: &mut Option<SharedMessage>) {
+        while !self.is_full() && carried.is_none() {
+            let Ok(m) = queue.try_recv() else { return };
+            self.push_or_carry(m, carried);
+        }
+    }
+}
+
 /// One `node-<id>-<n>` thread.
 struct Worker {
     node_id: String,
     client: Client,
     queue: Receiver<SharedMessage>,
+    pipeline: Arc<Pipeline>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
     settings: NodeSettings,
@@ -269,30 +322,45 @@ struct Worker {
 impl Worker {
     /// Ends when the queue is disconnected and empty: nothing queued is left behind uncounted.
     fn run(self) {
-        let mut batch = Vec::with_capacity(self.settings.batch_max);
-        let mut carried: Option<SharedMessage> = None;
         loop {
-            let first = match carried.take() {
-                Some(m) => m,
-                None => match self.queue.recv() {
-                    Ok(m) => m,
-                    Err(_) => return,
-                },
+            let batch = {
+                // One worker collects at a time; waiting for the queue under this lock is the
+                // point (the others wait their turn), and no RPC or send happens under it.
+                let mut carried = self.pipeline.collecting.lock();
+                let Some(batch) = self.collect(&mut carried) else { return };
+                // Counted before the next collector looks, so it sees this RPC as in flight.
+                self.pipeline.in_flight.fetch_add(1, Ordering::SeqCst);
+                batch
             };
-            let mut bytes = first.encoded_len();
-            batch.push(first);
-            while batch.len() < self.settings.batch_max {
-                let Ok(next) = self.queue.try_recv() else { break };
-                if bytes + next.encoded_len() > BATCH_MAX_BYTES {
-                    carried = Some(next);
-                    break;
-                }
-                bytes += next.encoded_len();
-                batch.push(next);
-            }
             self.deliver(&batch);
-            batch.clear();
+            self.pipeline.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = self.pipeline.completed_tx.try_send(());
         }
+    }
+
+    /// The next batch: the first message waiting (blocking until one comes), what else is
+    /// queued, and — only while another RPC to this node is in flight — what arrives until that
+    /// RPC completes or the batch is full. With nothing in flight a message goes at once, so
+    /// light traffic waits for nothing; under load, messages ride together instead of each
+    /// paying for an RPC (Nagle's algorithm, for RPCs). `None` once the queue is closed and empty.
+    fn collect(&self, carried: &mut Option<SharedMessage>) -> Option<Vec<SharedMessage>> {
+        let first = carried.take().or_else(|| self.queue.recv().ok())?;
+        let mut batch = Batch::new(first, self.settings.batch_max);
+        batch.fill(&self.queue, carried);
+        while self.pipeline.completed_rx.try_recv().is_ok() {}
+        while !batch.is_full() && carried.is_none() && self.pipeline.in_flight.load(Ordering::SeqCst) > 0 {
+            select! {
+                recv(self.queue) -> next => match next {
+                    Ok(m) => {
+                        batch.push_or_carry(m, carried);
+                        batch.fill(&self.queue, carried);
+                    }
+                    Err(_) => break,
+                },
+                recv(self.pipeline.completed_rx) -> _ => break,
+            }
+        }
+        Some(batch.messages)
     }
 
     fn deliver(&self, batch: &Vec<SharedMessage>) {
