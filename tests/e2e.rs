@@ -254,15 +254,39 @@ fn node_refuses_bad_flags_with_a_clear_message() {
 
 #[test]
 fn the_demo_runs_to_completion_and_shows_its_deliveries() {
-    let out = Command::new(BIN).arg("demo").output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = run_demo(None);
+    assert!(stdout.contains("etcd: a real etcd process"), "{stdout}");
+    assert_demo_deliveries(&stdout);
+}
+
+#[test]
+fn without_etcd_on_path_the_demo_runs_on_the_in_process_registry_and_says_so() {
+    let stdout = run_demo(Some("/nonexistent"));
+    assert!(stdout.contains("no etcd binary on PATH"), "{stdout}");
+    assert!(stdout.contains("using the in-process registry"), "{stdout}");
+    assert_demo_deliveries(&stdout);
+}
+
+fn run_demo(path: Option<&str>) -> String {
+    let mut demo = Command::new(BIN);
+    demo.arg("demo");
+    if let Some(p) = path {
+        demo.env("PATH", p);
+    }
+    let out = demo.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for line in [
+    stdout
+}
+
+#[track_caller]
+fn assert_demo_deliveries(stdout: &str) {    for line in [
         "alice  got it through node-1",
         "carol  got it through node-3",
         "bob    got it through node-2",
         "dave   got it through node-1",
         "push-manager: dropped node-3",
+        "carol  was closed by node-3: 1001",
         "targeted 2 node(s), accepted by 2",
         "demo complete",
     ] {

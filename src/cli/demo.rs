@@ -1,6 +1,7 @@
 //! `push-manager demo`: the whole path in one process, on loopback.
 //!
-//! A real etcd (spawned in a temp dir, when `etcd` is on PATH), push-manager, three connect-nodes
+//! A real etcd (spawned in a temp dir when `etcd` is on PATH, else an in-process stand-in that
+//! speaks the same gRPC API), push-manager, three connect-nodes
 //! registered under leases, and WebSocket subscribers on them. It sends a broadcast per topic and
 //! one to everyone, prints who got what through which node, stops one node and shows discovery
 //! dropping it, then shuts everything down and exits 0 — or 1, saying what went wrong.
@@ -18,7 +19,7 @@ use log::LevelFilter;
 use tungstenite::{Message, WebSocket};
 
 use super::subscribe::subscribe_url;
-use crate::etcd::{self, LocalEtcd};
+use crate::etcd::{self, InProcessEtcd, LocalEtcd};
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
 use crate::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
@@ -56,11 +57,8 @@ struct Delivery {
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     super::init_logging(args.log_level);
-    let etcd = LocalEtcd::start().map_err(|e| {
-        format!("the demo needs the etcd binary on PATH (`make demo` installs Debian's etcd-server): {e}")
-    })?;
-    println!("etcd: a real etcd process (pid {}) on {}, data in {}", etcd.pid().unwrap_or_default(), etcd.endpoint(), etcd.data_dir().display());
-    let etcd_config = etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(2) };
+    let registry = start_registry()?;
+    let etcd_config = etcd::Config { endpoints: vec![registry.endpoint()], timeout: Duration::from_secs(2) };
     let client = etcd::Client::connect(etcd_config.clone()).map_err(|e| e.to_string())?;
 
     let mut manager = Manager::start(manager::Config {
@@ -151,6 +149,46 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     println!("demo complete");
     Ok(())
+}
+
+/// Keeps whichever registry the demo runs on alive until dropped.
+enum Registry {
+    Etcd(LocalEtcd),
+    InProcess(InProcessEtcd),
+}
+
+impl Registry {
+    fn endpoint(&self) -> String {
+        match self {
+            Registry::Etcd(etcd) => etcd.endpoint(),
+            Registry::InProcess(registry) => registry.endpoint(),
+        }
+    }
+}
+
+/// A real etcd when the binary is on PATH, else the in-process stand-in; says which.
+fn start_registry() -> Result<Registry, Failure> {
+    match LocalEtcd::start() {
+        Ok(etcd) => {
+            println!(
+                "etcd: a real etcd process (pid {}) on {}, data in {}",
+                etcd.pid().unwrap_or_default(),
+                etcd.endpoint(),
+                etcd.data_dir().display()
+            );
+            Ok(Registry::Etcd(etcd))
+        }
+        Err(why) if why.starts_with("cannot run etcd") => {
+            let registry = InProcessEtcd::start()?;
+            println!(
+                "etcd: no etcd binary on PATH ({why}); using the in-process registry on {} \
+                 (the etcd v3 gRPC API, in memory; install etcd-server for the real thing)",
+                registry.endpoint()
+            );
+            Ok(Registry::InProcess(registry))
+        }
+        Err(why) => Err(why),
+    }
 }
 
 fn node_list(manager: &Manager) -> String {
