@@ -339,26 +339,26 @@ impl Worker {
     }
 
     /// The next batch: the first message waiting (blocking until one comes), what else is
-    /// queued, and — only while another RPC to this node is in flight — what arrives until that
-    /// RPC completes or the batch is full. With nothing in flight a message goes at once, so
+    /// queued, and — only while other RPCs to this node are in flight — what arrives until they
+    /// have completed or the batch is full. With nothing in flight a message goes at once, so
     /// light traffic waits for nothing; under load, messages ride together instead of each
-    /// paying for an RPC (Nagle's algorithm, for RPCs). `None` once the queue is closed and empty.
+    /// paying for an RPC (Nagle's algorithm, for RPCs: one partial batch in flight at a time,
+    /// full ones in parallel up to `routine_size`). The wait is for completions, not for each
+    /// arrival, so a busy node costs a wake-up per RPC rather than per message. `None` once the
+    /// queue is closed and empty.
     fn collect(&self, carried: &mut Option<SharedMessage>) -> Option<Vec<SharedMessage>> {
         let first = carried.take().or_else(|| self.queue.recv().ok())?;
         let mut batch = Batch::new(first, self.settings.batch_max);
         batch.fill(&self.queue, carried);
+        // Tokens of RPCs that ended before this batch began say nothing about the ones under way.
         while self.pipeline.completed_rx.try_recv().is_ok() {}
+        // Bounded by the RPC deadline in any case, so a lost token cannot stall the node.
+        let deadline = Instant::now() + self.settings.rpc_timeout;
         while !batch.is_full() && carried.is_none() && self.pipeline.in_flight.load(Ordering::SeqCst) > 0 {
-            select! {
-                recv(self.queue) -> next => match next {
-                    Ok(m) => {
-                        batch.push_or_carry(m, carried);
-                        batch.fill(&self.queue, carried);
-                    }
-                    Err(_) => break,
-                },
-                recv(self.pipeline.completed_rx) -> _ => break,
+            if self.pipeline.completed_rx.recv_deadline(deadline).is_err() {
+                break;
             }
+            batch.fill(&self.queue, carried);
         }
         Some(batch.messages)
     }
