@@ -35,9 +35,9 @@ use sink::Sink;
 use util::{wait_until, Etcd};
 
 const BODY_BYTES: usize = 256;
-const CLIENT_THREADS: usize = 2;
+const CLIENT_THREADS: usize = 1;
 /// Calls each client thread keeps in flight.
-const PIPELINE: usize = 16;
+const PIPELINE: usize = 32;
 const NODE_COUNTS: [usize; 3] = [1, 4, 16];
 const LATENCY_RATE: u64 = 1000;
 

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Attempts per RPC to a node (first included) on retryable errors.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// gRPC completion-queue threads for the server, and as many for the node clients.
+    #[arg(long, default_value_t = 1)]
+    pub grpc_threads: usize,
     /// Time a removed node, or every node at shutdown, has to deliver what it has queued.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -69,7 +72,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             retry: RetryPolicy { max_attempts: self.max_attempts, ..RetryPolicy::default() },
             drain_timeout: self.drain_timeout,
-            ..Config::default()
+            grpc_threads: self.grpc_threads,
         }
     }
 }

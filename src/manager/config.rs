@@ -33,7 +33,9 @@ pub struct Config {
     /// How long a removed node (or every node, at shutdown) may take to deliver what it has
     /// queued before the rest is counted as failed. Default 10 s.
     pub drain_timeout: Duration,
-    /// gRPC completion-queue threads (server and node clients each). Default 2.
+    /// gRPC completion-queue threads for the server, and as many again for the node clients.
+    /// Default 1: on a small machine more pollers contend more than they help (measured on 2
+    /// cores: 1 gives ~20% more deliveries/s than 2).
     pub grpc_threads: usize,
 }
 
@@ -83,7 +85,7 @@ impl Default for Config {
             max_message_bytes: 1 << 20,
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(10),
-            grpc_threads: 2,
+            grpc_threads: 1,
         }
     }
 }
@@ -116,7 +118,7 @@ impl Config {
             return bad("--max-message-bytes must be at least 1".into());
         }
         if self.grpc_threads == 0 {
-            return bad("grpc_threads must be at least 1".into());
+            return bad("--grpc-threads must be at least 1".into());
         }
         self.etcd.validate().map_err(|e| Error::InvalidConfig(format!("--etcd: {e}")))
     }
