@@ -5,6 +5,7 @@
 //! dedicated worker threads; the `gateway` role is a connect-node that registers itself in etcd
 //! and pushes what it receives to its WebSocket subscribers.
 
+pub mod addr;
 pub mod cli;
 pub mod discovery;
 pub mod etcd;

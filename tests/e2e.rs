@@ -13,11 +13,11 @@ use grpcio::{ChannelBuilder, EnvBuilder};
 use push_manager::etcd;
 use push_manager::gateway::{self, Gateway, Registration, RegistrationConfig};
 use push_manager::manager::{self, Manager};
-use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use push_manager::proto::protocol::BroadCastReply;
 use push_manager::proto::protocol_grpc::PushServerClient;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
-use util::{wait_until, Etcd};
+use util::{request, wait_until, Etcd};
 
 const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const PREFIX: &str = "/e2e/nodes/";
@@ -92,13 +92,7 @@ fn push_client(manager: &Manager) -> PushServerClient {
 }
 
 fn broadcast(client: &PushServerClient, topic: &str, body: &str) -> BroadCastReply {
-    let mut proto = Proto::new();
-    proto.set_op(1000);
-    proto.set_body(body.as_bytes().to_vec());
-    let mut req = BroadCastReq::new();
-    req.set_topic(topic.into());
-    req.set_proto(proto);
-    client.broadcast(&req).unwrap()
+    client.broadcast(&request(topic, body)).unwrap()
 }
 
 fn node_ids(manager: &Manager) -> Vec<String> {

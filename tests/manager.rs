@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use grpcio::{ChannelBuilder, EnvBuilder, RpcStatusCode};
 use push_manager::etcd;
 use push_manager::manager::{Config, Manager, NodeStats};
-use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use push_manager::proto::protocol::{BroadCastReply, BroadCastReq};
 use push_manager::proto::protocol_grpc::PushServerClient;
 use sink::Sink;
-use util::{wait_until, Etcd};
+use util::{request, wait_until, Etcd};
 
 const PREFIX: &str = "/test/nodes/";
 
@@ -43,16 +43,6 @@ fn unregister(etcd: &Etcd, id: &str) {
 fn client(manager: &Manager) -> PushServerClient {
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-test").build());
     PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())))
-}
-
-fn request(topic: &str, body: &str) -> BroadCastReq {
-    let mut proto = Proto::new();
-    proto.set_op(1000);
-    proto.set_body(body.as_bytes().to_vec());
-    let mut req = BroadCastReq::new();
-    req.set_topic(topic.into());
-    req.set_proto(proto);
-    req
 }
 
 fn broadcast(client: &PushServerClient, body: &str) -> BroadCastReply {

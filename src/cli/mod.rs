@@ -43,6 +43,26 @@ pub struct LogArgs {
     pub log_level: LevelFilter,
 }
 
+/// Where connect-nodes register: shared by every subcommand that talks to etcd.
+#[derive(Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated host:port.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    pub etcd: String,
+    /// Deadline of one etcd call.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub etcd_timeout: Duration,
+    /// etcd key prefix under which connect-nodes register.
+    #[arg(long, default_value = crate::manager::DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl EtcdArgs {
+    pub fn config(&self) -> crate::etcd::Config {
+        crate::etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout }
+    }
+}
+
 fn parse_level(s: &str) -> Result<LevelFilter, String> {
     s.parse().map_err(|_| format!("{s:?} is not a log level; use error, warn, info, debug or trace"))
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use log::{info, warn};
 
-use super::{parse_duration, parse_endpoints, wait_for_signal, LogArgs};
+use super::{parse_duration, wait_for_signal, EtcdArgs, LogArgs};
 use crate::etcd;
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 
@@ -20,15 +20,8 @@ pub struct NodeArgs {
     /// WebSocket address; users connect to ws://<this>/ws.
     #[arg(long, default_value = "0.0.0.0:8090")]
     pub ws_listen: String,
-    /// etcd endpoints, comma-separated host:port.
-    #[arg(long, default_value = "127.0.0.1:2379")]
-    pub etcd: String,
-    /// Deadline of one etcd call.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub etcd_timeout: Duration,
-    /// etcd key prefix to register under.
-    #[arg(long, default_value = crate::manager::DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub registry: EtcdArgs,
     /// This node's id [default: <hostname>-<grpc port>].
     #[arg(long)]
     pub node_id: Option<String>,
@@ -95,7 +88,7 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
     if args.lease_ttl < Duration::from_secs(1) {
         return Err(NodeError::InvalidArgument("--lease-ttl must be at least 1s (etcd counts whole seconds)".into()));
     }
-    let etcd_config = etcd::Config { endpoints: parse_endpoints(&args.etcd), timeout: args.etcd_timeout };
+    let etcd_config = args.registry.config();
     etcd_config.validate().map_err(|e| NodeError::InvalidArgument(format!("--etcd: {e}")))?;
     match gateway::raise_nofile_limit() {
         Ok(limit) => info!("open-file limit {limit}"),
@@ -111,7 +104,7 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
         ..gateway::Config::default()
     })?;
     let addr = args.advertise.clone().unwrap_or_else(|| advertised(gateway.grpc_addr()));
-    crate::discovery::validate_addr(&addr).map_err(|e| NodeError::InvalidArgument(format!("--advertise: {e}")))?;
+    crate::addr::validate_host_port(&addr).map_err(|e| NodeError::InvalidArgument(format!("--advertise: {e}")))?;
     let node_id = args.node_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), gateway.grpc_addr().port()));
     if node_id.is_empty() || node_id.contains('/') {
         return Err(NodeError::InvalidArgument(format!("--node-id {node_id:?} must be non-empty and contain no '/'")));
@@ -119,7 +112,7 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
     let client = etcd::Client::connect(etcd_config)?;
     let mut registration = Registration::start(
         client,
-        RegistrationConfig { key: format!("{}{node_id}", args.prefix), addr: addr.clone(), ttl: args.lease_ttl },
+        RegistrationConfig { key: format!("{}{node_id}", args.registry.prefix), addr: addr.clone(), ttl: args.lease_ttl },
     )?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());

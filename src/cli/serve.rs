@@ -5,24 +5,16 @@ use std::time::Duration;
 use clap::Args;
 use log::info;
 
-use super::{parse_duration, parse_endpoints, wait_for_signal, LogArgs};
+use super::{parse_duration, wait_for_signal, EtcdArgs, LogArgs};
 use crate::manager::{Config, Manager, RetryPolicy};
-use crate::etcd;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// gRPC address for protocol.PushServer.
     #[arg(long, default_value = "0.0.0.0:50053")]
     pub listen: String,
-    /// etcd endpoints, comma-separated host:port.
-    #[arg(long, default_value = "127.0.0.1:2379")]
-    pub etcd: String,
-    /// Deadline of one etcd call.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub etcd_timeout: Duration,
-    /// etcd key prefix under which connect-nodes register.
-    #[arg(long, default_value = crate::manager::DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub registry: EtcdArgs,
     /// Worker threads per connect-node.
     #[arg(long, default_value_t = 10)]
     pub routine_size: usize,
@@ -61,8 +53,8 @@ impl ServeArgs {
     pub fn config(&self) -> Config {
         Config {
             listen: self.listen.clone(),
-            etcd: etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout },
-            prefix: self.prefix.clone(),
+            etcd: self.registry.config(),
+            prefix: self.registry.prefix.clone(),
             routine_size: self.routine_size,
             queue_size: self.queue_size,
             poll_interval: self.poll_interval,

@@ -20,7 +20,7 @@ use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use log::{debug, info, warn};
 
 pub use diff::{diff, Diff, NodeAddrs};
-pub use record::{parse, validate_addr, BadRecord, NodeRecord};
+pub use record::{parse, BadRecord, NodeRecord};
 
 use crate::etcd::{self, WatchEvent, Watcher};
 

@@ -39,7 +39,7 @@ pub fn parse(prefix: &str, key: &str, value: &[u8]) -> Result<NodeRecord, BadRec
     } else {
         text.to_string()
     };
-    validate_addr(&addr).map_err(bad)?;
+    crate::addr::validate_host_port(&addr).map_err(bad)?;
     Ok(NodeRecord { id: id.to_string(), addr })
 }
 
@@ -49,23 +49,6 @@ fn address_from_json(text: &str) -> Result<String, String> {
         Some(serde_json::Value::String(addr)) => Ok(addr.trim().to_string()),
         Some(_) => Err("the JSON field \"addr\" is not a string".into()),
         None => Err("the JSON value has no \"addr\" field".into()),
-    }
-}
-
-/// `host:port` with a non-empty host (name, IPv4 or bracketed IPv6) and a port in 1..=65535.
-pub fn validate_addr(addr: &str) -> Result<(), String> {
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(format!("{addr:?} is not host:port"));
-    };
-    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
-        return Err(format!("{addr:?} has no valid host before the port"));
-    }
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(format!("{addr:?}: an IPv6 host must be in brackets, like [::1]:50061"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("{addr:?} has no valid port (1-65535)")),
     }
 }
 

@@ -72,24 +72,7 @@ impl Config {
 }
 
 fn validate_endpoint(endpoint: &str) -> Result<()> {
-    let invalid = |why: &str| {
-        Err(Error::InvalidConfig(format!(
-            "etcd endpoint {endpoint:?} {why}"
-        )))
-    };
-    if endpoint.contains("://") {
-        return invalid("must be host:port without a scheme");
-    }
-    let Some((host, port)) = endpoint.rsplit_once(':') else {
-        return invalid("is not host:port (no ':port')");
-    };
-    if host.is_empty() || host.chars().any(char::is_whitespace) {
-        return invalid("has an empty or malformed host (expected host:port)");
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(()),
-        _ => invalid("has no valid port (expected host:port, port 1-65535)"),
-    }
+    crate::addr::validate_host_port(endpoint).map_err(|why| Error::InvalidConfig(format!("etcd endpoint {why}")))
 }
 
 /// One key as etcd stores it.

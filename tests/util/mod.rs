@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub use push_manager::etcd::free_port;
 use push_manager::etcd::LocalEtcd;
+use push_manager::proto::protocol::{BroadCastReq, Proto};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -30,6 +31,17 @@ pub fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
         }
         thread::sleep(POLL_INTERVAL);
     }
+}
+
+/// A broadcast of `body` to `topic` ("" for everyone), op 1000.
+pub fn request(topic: &str, body: &str) -> BroadCastReq {
+    let mut proto = Proto::new();
+    proto.set_op(1000);
+    proto.set_body(body.as_bytes().to_vec());
+    let mut req = BroadCastReq::new();
+    req.set_topic(topic.into());
+    req.set_proto(proto);
+    req
 }
 
 /// A single-member etcd of the test's own, killed and deleted on drop.
