@@ -218,6 +218,22 @@ fn a_node_stopped_with_sigterm_is_dropped_at_once_and_closes_its_clients() {
 }
 
 #[test]
+fn a_second_node_on_a_taken_port_fails_to_start_instead_of_sharing_it() {
+    let etcd = Etcd::start();
+    let first = start_node(&etcd, "first");
+    let taken = first.gateway.grpc_addr().to_string();
+    let out = Command::new(BIN)
+        .args(["node", "--grpc-listen", &taken, "--ws-listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX])
+        .args(["--node-id", "second"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&taken), "{stderr}");
+    assert!(etcd.client().get(&format!("{PREFIX}second")).unwrap().is_none(), "it never registered");
+}
+
+#[test]
 fn node_refuses_bad_flags_with_a_clear_message() {
     let etcd = Etcd::start();
     let cases: &[(&[&str], &str)] = &[

@@ -299,10 +299,19 @@ fn spawn_loop(n: usize, config: &Config, counts: Arc<TopicCounts>, stats: Arc<St
     Ok((worker, LoopHandle { tx, waker, wake_pending }))
 }
 
+/// Largest ConnectNode request accepted.
+const GRPC_MAX_RECEIVE_BYTES: i32 = 64 << 20;
+
 fn start_grpc(config: &Config, hub: Arc<Hub>) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub));
-    let mut server = ServerBuilder::new(env).register_service(service).build()?;
+    // No SO_REUSEPORT (gRPC's default): a second node on the same port must fail, not share it.
+    // The receive limit leaves room for push-manager's batches (at most 2 MiB) and large bodies.
+    let args = grpcio::ChannelBuilder::new(env.clone())
+        .reuse_port(false)
+        .max_receive_message_len(GRPC_MAX_RECEIVE_BYTES)
+        .build_args();
+    let mut server = ServerBuilder::new(env).channel_args(args).register_service(service).build()?;
     let port = server
         .add_listening_port(config.grpc_listen.clone(), ServerCredentials::insecure())
         .map_err(|e| Error::Bind { what: "gRPC", addr: config.grpc_listen.clone(), reason: e.to_string() })?;
