@@ -303,3 +303,67 @@ fn assert_demo_deliveries(stdout: &str) {    for line in [
         assert!(stdout.contains(line), "demo output lacks {line:?}:\n{stdout}");
     }
 }
+
+#[test]
+fn subscribe_prints_each_delivery_as_it_arrives() {
+    let etcd = Etcd::start();
+    let node = start_node(&etcd, "sub");
+    let url = format!("ws://{}/ws", node.gateway.ws_addr());
+    let mut child = Command::new(BIN)
+        .args(["subscribe", "--url", &url, "--topic", "news", "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("connected to"), "{line:?}");
+    wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    node.gateway.hub().publish(&request("sports", "not for news readers"));
+    node.gateway.hub().publish(&request("news", "first"));
+    node.gateway.hub().publish(&request("", "second"));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deliveries: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["type"] == "message").collect();
+    let bodies: Vec<&str> = deliveries.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["first", "second"], "{stdout}");
+}
+
+#[test]
+fn subscribe_to_a_dead_url_exits_non_zero_with_the_reason() {
+    let out = Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", util::free_addr())]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"), "{out:?}");
+    for bad in ["nonsense", "wss://127.0.0.1:1/ws", "ws://"] {
+        let out = Command::new(BIN).args(["subscribe", "--url", bad]).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not a ws:// URL"), "{bad}: {out:?}");
+    }
+}
+
+#[test]
+fn nodes_lists_registered_nodes_with_their_lease_and_flags_bad_records() {
+    let etcd = Etcd::start();
+    let node = start_node(&etcd, "leased");
+    etcd.client().put(&format!("{PREFIX}static"), b"10.0.0.9:50061", None).unwrap();
+    etcd.client().put(&format!("{PREFIX}broken"), b"not an address", None).unwrap();
+    let out = Command::new(BIN).args(["nodes", "--etcd", &etcd.endpoint(), "--prefix", PREFIX]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = |id: &str| stdout.lines().find(|l| l.contains(id)).unwrap_or_else(|| panic!("no {id} in {stdout}")).to_string();
+    let leased = line("leased");
+    assert!(leased.contains(&node.gateway.grpc_addr().to_string()), "{leased}");
+    let ttl: u64 = leased.split_whitespace().last().unwrap().trim_end_matches('s').parse().expect("a TTL in seconds");
+    assert!((1..=5).contains(&ttl), "{leased}");
+    assert!(line("static").contains("no lease"));
+    assert!(line("broken").contains("not host:port"));
+}
+
+#[test]
+fn nodes_with_etcd_down_fails_with_a_clear_error() {
+    let out = Command::new(BIN).args(["nodes", "--etcd", &util::free_addr(), "--etcd-timeout", "300ms"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"), "{out:?}");
+}

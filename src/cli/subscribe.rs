@@ -1,9 +1,11 @@
 //! `push-manager subscribe`: a WebSocket user on the command line, printing each delivery.
 
 use std::io::Write;
+use std::net::TcpStream;
 
 use clap::Args;
-use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
 
 #[derive(Args, Debug)]
 pub struct SubscribeArgs {
@@ -20,6 +22,9 @@ pub struct SubscribeArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
+    /// The URL is not a plain `ws://host:port/path` one.
+    #[error("{0:?} is not a ws:// URL (like ws://127.0.0.1:8090/ws; wss:// is not supported)")]
+    InvalidUrl(String),
     /// The connection could not be opened or broke.
     #[error("{url}: {source}")]
     WebSocket { url: String, source: Box<tungstenite::Error> },
@@ -52,10 +57,28 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// Opens the TCP connection ourselves so a refused or unreachable node is reported with the OS
+/// error (tungstenite's `connect` only says it was "unable to connect").
+fn connect(url: &str) -> Result<WebSocket<TcpStream>, tungstenite::Error> {
+    let request = url.into_client_request()?;
+    let uri = request.uri();
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host.as_str(), port))?;
+    let (socket, _) = tungstenite::client(request, stream).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => unreachable!("a blocking stream never interrupts a handshake"),
+    })?;
+    Ok(socket)
+}
+
 pub fn run(args: SubscribeArgs) -> Result<(), SubscribeError> {
+    if !args.url.starts_with("ws://") || args.url.len() == "ws://".len() {
+        return Err(SubscribeError::InvalidUrl(args.url));
+    }
     let url = subscribe_url(&args.url, &args.topics);
     let ws_error = |e: tungstenite::Error| SubscribeError::WebSocket { url: args.url.clone(), source: Box::new(e) };
-    let (mut socket, _) = tungstenite::connect(url.as_str()).map_err(ws_error)?;
+    let mut socket = connect(&url).map_err(ws_error)?;
     eprintln!("connected to {url}");
     let mut stdout = std::io::stdout().lock();
     let mut delivered = 0;
