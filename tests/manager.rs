@@ -186,6 +186,22 @@ fn ten_thousand_broadcasts_reach_three_nodes_with_matching_counters() {
 }
 
 #[test]
+fn the_benchmarks_counting_sink_counts_batched_messages_exactly() {
+    let etcd = Etcd::start();
+    let sink = Sink::counting();
+    register(&etcd, "counted", &sink.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    let client = client(&manager);
+    for i in 0..2_000 {
+        broadcast(&client, &"x".repeat(i % 300));
+    }
+    wait_until("all counted", Duration::from_secs(20), || stats(&manager, "counted").settled());
+    assert_eq!(sink.count(), 2_000);
+    assert_eq!(stats(&manager, "counted").sent, 2_000);
+}
+
+#[test]
 fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything() {
     let etcd = Etcd::start();
     let (slow, fast) = (Sink::start(), Sink::start());

@@ -1,14 +1,19 @@
 //! An in-process connect-node stand-in for manager tests: a real grpcio server implementing
-//! `protocol.ConnectNode` that records what it receives, and can be told to stall (hold every
-//! call unanswered) or to answer each call only after a delay, on a thread of its own.
+//! `protocol.ConnectNode` that records what it receives (or, for benchmarks, only counts it),
+//! and can be told to stall (hold every call unanswered) or to answer each call only after a
+//! delay, on a thread of its own.
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::{ChannelBuilder, EnvBuilder, RpcContext, ServerBuilder, ServerCredentials, UnarySink};
+use grpcio::{
+    ChannelBuilder, EnvBuilder, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder, ServerCredentials,
+    ServiceBuilder, UnarySink,
+};
 use parking_lot::Mutex;
 use push_manager::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use push_manager::proto::protocol_grpc::{create_connect_node, ConnectNode};
@@ -82,6 +87,65 @@ impl ConnectNode for Service {
     }
 }
 
+fn read_raw(mut reader: MessageReader) -> grpcio::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).map_err(|e| grpcio::Error::Codec(e.into()))?;
+    Ok(bytes)
+}
+
+fn unused_ser(_: &Vec<u8>, _: &mut grpcio::GrpcSlice) -> grpcio::Result<()> {
+    unreachable!("a sink never sends requests")
+}
+
+const RAW_BROADCAST: Method<Vec<u8>, NodeReply> = Method {
+    ty: MethodType::Unary,
+    name: "/protocol.ConnectNode/Broadcast",
+    req_mar: Marshaller { ser: unused_ser, de: read_raw },
+    resp_mar: Marshaller { ser: grpcio::pb_ser, de: grpcio::pb_de },
+};
+
+const RAW_BATCH: Method<Vec<u8>, NodeReply> = Method { name: "/protocol.ConnectNode/BroadcastBatch", ..RAW_BROADCAST };
+
+/// Messages in an encoded `BroadcastBatch`: its field-1 (length-delimited) entries.
+fn count_batch(mut bytes: &[u8]) -> u32 {
+    fn varint(bytes: &mut &[u8]) -> u64 {
+        let mut v = 0;
+        for shift in (0..64).step_by(7) {
+            let Some((&b, rest)) = bytes.split_first() else { return v };
+            *bytes = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                break;
+            }
+        }
+        v
+    }
+    let mut n = 0;
+    while !bytes.is_empty() {
+        let tag = varint(&mut bytes);
+        assert_eq!(tag & 7, 2, "BroadcastBatch holds only length-delimited fields");
+        let len = varint(&mut bytes) as usize;
+        bytes = &bytes[len.min(bytes.len())..];
+        n += u32::from(tag >> 3 == 1);
+    }
+    n
+}
+
+fn counting_service(state: Arc<State>) -> grpcio::Service {
+    let answer_counted = |state: Arc<State>, count: fn(&[u8]) -> u32| {
+        move |ctx: RpcContext, req: Vec<u8>, sink: UnarySink<NodeReply>| {
+            let n = count(&req);
+            state.count.fetch_add(u64::from(n), Ordering::SeqCst);
+            state.rpcs.fetch_add(1, Ordering::SeqCst);
+            ctx.spawn(answer(sink, n));
+        }
+    };
+    ServiceBuilder::new()
+        .add_unary_handler(&RAW_BROADCAST, answer_counted(state.clone(), |_| 1))
+        .add_unary_handler(&RAW_BATCH, answer_counted(state, count_batch))
+        .build()
+}
+
 pub struct Sink {
     server: Option<grpcio::Server>,
     pub addr: String,
@@ -98,18 +162,24 @@ impl Sink {
         Sink::with_state(addr, State::default())
     }
 
-    /// A sink that only counts what it receives (for load: keeps no copies).
+    /// A sink that only counts the messages it receives, without decoding them: a cheap
+    /// instrument for load benchmarks, so the CPU they share goes to what is measured.
     pub fn counting() -> Sink {
-        Sink::with_state("127.0.0.1:0", State { counting_only: true, ..State::default() })
+        let state = Arc::new(State { counting_only: true, ..State::default() });
+        Sink::serve("127.0.0.1:0", counting_service(state.clone()), state)
     }
 
     fn with_state(addr: &str, state: State) -> Sink {
-        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
         let state = Arc::new(state);
+        Sink::serve(addr, create_connect_node(Service(state.clone())), state)
+    }
+
+    fn serve(addr: &str, service: grpcio::Service, state: Arc<State>) -> Sink {
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
         let args = ChannelBuilder::new(env.clone()).reuse_port(false).build_args();
         let mut server = ServerBuilder::new(env)
             .channel_args(args)
-            .register_service(create_connect_node(Service(state.clone())))
+            .register_service(service)
             .build()
             .expect("sink server builds");
         let port = server.add_listening_port(addr, ServerCredentials::insecure()).expect("sink binds");
