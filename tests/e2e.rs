@@ -367,3 +367,34 @@ fn nodes_with_etcd_down_fails_with_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"), "{out:?}");
 }
+
+#[test]
+fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
+    let mut etcd = Etcd::start();
+    let gateway = Gateway::start(gateway::Config {
+        grpc_listen: "127.0.0.1:0".into(),
+        ws_listen: "127.0.0.1:0".into(),
+        ..gateway::Config::default()
+    })
+    .unwrap();
+    let key = format!("{PREFIX}survivor");
+    let ttl = Duration::from_secs(2);
+    let _registration = Registration::start(
+        etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) }).unwrap(),
+        RegistrationConfig { key: key.clone(), addr: gateway.grpc_addr().to_string(), ttl },
+    )
+    .unwrap();
+    let first = etcd.client().get(&key).unwrap().expect("registered").lease;
+
+    etcd.kill();
+    // The scenario is an outage longer than the TTL, so this sleep is the outage itself, not a
+    // wait for readiness: past the TTL the keep-alive gives the lease up, and registering again
+    // fails and is retried with backoff until etcd is back.
+    std::thread::sleep(ttl * 2);
+    etcd.restart();
+    wait_until("registered under a new lease", Duration::from_secs(15), || {
+        matches!(etcd.client().get(&key), Ok(Some(kv)) if kv.lease != first && kv.lease != 0)
+    });
+    let manager = start_manager(&etcd);
+    wait_until("push-manager finds it", Duration::from_secs(5), || node_ids(&manager) == ["survivor"]);
+}
