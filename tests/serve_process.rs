@@ -80,6 +80,25 @@ fn send_reports_an_error_status_and_exits_non_zero() {
 }
 
 #[test]
+fn with_etcd_unreachable_send_is_told_so() {
+    let dead = util::free_addr();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &dead, "--etcd-timeout", "200ms", "--log-level", "error"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr = format!("127.0.0.1:{}", line.trim().rsplit(':').next().unwrap());
+    wait_until("the first listing has failed", Duration::from_secs(10), || {
+        let out = send(&addr, "anyone?");
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&format!("etcd ({dead}) is unreachable"))
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}
+
+#[test]
 fn bad_flags_exit_non_zero_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--routine-size", "0"], "--routine-size"),

@@ -63,11 +63,23 @@ pub struct Discovery {
     status: Arc<Status>,
 }
 
-/// What the thread reports about itself.
+/// What the thread reports about itself; shared with whoever wants to read it.
 #[derive(Debug)]
-struct Status {
+pub struct Status {
     etcd_reachable: AtomicBool,
     listings: AtomicU64,
+}
+
+impl Status {
+    /// Whether the last listing attempt reached etcd.
+    pub fn etcd_reachable(&self) -> bool {
+        self.etcd_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Successful listings so far (each one applied through the callback).
+    pub fn listings(&self) -> u64 {
+        self.listings.load(Ordering::Relaxed)
+    }
 }
 
 impl Discovery {
@@ -91,14 +103,9 @@ impl Discovery {
         Ok(Discovery { shutdown: Some(shutdown_tx), thread: Some(thread), status })
     }
 
-    /// Whether the last listing attempt reached etcd.
-    pub fn etcd_reachable(&self) -> bool {
-        self.status.etcd_reachable.load(Ordering::Relaxed)
-    }
-
-    /// Successful listings so far (each one applied through the callback).
-    pub fn listings(&self) -> u64 {
-        self.status.listings.load(Ordering::Relaxed)
+    /// The thread's status, readable from anywhere while it runs.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
     }
 
     /// Idempotent: stops the thread (and its watcher) and joins it.

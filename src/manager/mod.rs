@@ -55,11 +55,25 @@ impl Manager {
         };
         let fanout = Arc::new(Fanout::new(client_env, settings, config.drain_timeout));
 
+        // Discovery first, so the service can tell callers whether etcd is reachable. Until the
+        // server starts, the nodes it finds just wait for traffic; if binding fails, dropping it
+        // stops it.
+        let client = etcd::Client::connect(config.etcd.clone())?;
+        let reconciled = fanout.clone();
+        let discovery = Discovery::start(
+            client,
+            discovery::Config { prefix: config.prefix.clone(), poll_interval: config.poll_interval, watch: config.watch },
+            move |nodes| reconciled.reconcile(nodes),
+        )
+        .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
+
         let server_env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-server").build());
         let service = PushService {
             fanout: fanout.clone(),
+            discovery: discovery.status(),
             max_message_bytes: config.max_message_bytes,
             prefix: config.prefix.clone(),
+            etcd_endpoints: config.etcd.endpoints.join(","),
         };
         // gRPC sets SO_REUSEPORT by default, which would let two servers share a port silently.
         let args = ChannelBuilder::new(server_env.clone())
@@ -74,16 +88,6 @@ impl Manager {
             .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
             .map_err(|e| Error::Bind { addr: config.listen.clone(), reason: e.to_string() })?;
         let addr = bound_addr(&config.listen, port)?;
-
-        let client = etcd::Client::connect(config.etcd.clone())?;
-        let reconciled = fanout.clone();
-        let discovery = Discovery::start(
-            client,
-            discovery::Config { prefix: config.prefix.clone(), poll_interval: config.poll_interval, watch: config.watch },
-            move |nodes| reconciled.reconcile(nodes),
-        )
-        .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
-
         server.start();
         info!("push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}", config.etcd.endpoints, config.prefix);
         Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr })
@@ -106,12 +110,12 @@ impl Manager {
 
     /// Whether the last attempt to list the node set reached etcd.
     pub fn etcd_reachable(&self) -> bool {
-        self.discovery.as_ref().is_some_and(|d| d.etcd_reachable())
+        self.discovery.as_ref().is_some_and(|d| d.status().etcd_reachable())
     }
 
     /// Successful listings of the node set so far.
     pub fn listings(&self) -> u64 {
-        self.discovery.as_ref().map_or(0, |d| d.listings())
+        self.discovery.as_ref().map_or(0, |d| d.status().listings())
     }
 
     /// Idempotent: stops accepting RPCs, stops discovery, drains every queue within the drain

@@ -10,6 +10,7 @@ use log::debug;
 
 use super::fanout::Fanout;
 use super::message::Outgoing;
+use crate::discovery;
 use crate::proto::protocol::{BroadCastReply, BroadCastReq};
 use crate::proto::protocol_grpc::PushServer;
 
@@ -19,8 +20,10 @@ pub const MAX_TOPIC_BYTES: usize = 128;
 #[derive(Clone)]
 pub struct PushService {
     pub fanout: Arc<Fanout>,
+    pub discovery: Arc<discovery::Status>,
     pub max_message_bytes: usize,
     pub prefix: String,
+    pub etcd_endpoints: String,
 }
 
 /// Why a request is refused, as the caller will read it.
@@ -54,7 +57,11 @@ impl PushServer for PushService {
             return;
         }
         if self.fanout.node_count() == 0 {
-            let msg = format!("no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast", self.prefix);
+            let msg = if self.discovery.etcd_reachable() {
+                format!("no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast", self.prefix)
+            } else {
+                format!("no connect-node known and etcd ({}) is unreachable; nothing can deliver this broadcast", self.etcd_endpoints)
+            };
             ctx.spawn(reply_error(sink, RpcStatusCode::UNAVAILABLE, msg));
             return;
         }
