@@ -12,3 +12,4 @@ pub mod etcd;
 pub mod gateway;
 pub mod manager;
 pub mod proto;
+pub mod topic;

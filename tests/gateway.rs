@@ -247,6 +247,11 @@ fn empty_topic_closes_with_1008() {
 }
 
 #[test]
+fn topic_with_whitespace_closes_with_1008_as_push_manager_could_never_target_it() {
+    assert_closed_for_bad_input(|_| {}, |c| c.send_text(r#"{"action":"subscribe","topics":["breaking news"]}"#), 1008, "topic contains ' '");
+}
+
+#[test]
 fn over_long_topic_closes_with_1008() {
     let topic = "t".repeat(17);
     let command = json!({"action":"subscribe","topics":[topic]}).to_string();

@@ -77,7 +77,7 @@ impl Default for Config {
             max_frame_bytes: 64 << 10,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
-            max_topic_len: 128,
+            max_topic_len: crate::topic::MAX_TOPIC_BYTES,
             max_topics_per_connection: 64,
             grpc_threads: 2,
         }

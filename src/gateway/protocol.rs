@@ -115,7 +115,7 @@ pub(crate) fn parse_command(text: &str, limits: TopicLimits) -> Result<Command, 
         return Err(too_many_topics(raw.topics.len(), limits));
     }
     for topic in &raw.topics {
-        validate_topic(topic, limits.max_len).map_err(Reject::policy)?;
+        crate::topic::validate(topic, limits.max_len).map_err(Reject::policy)?;
     }
     match action.as_str() {
         "subscribe" => Ok(Command::Subscribe(raw.topics)),
@@ -128,19 +128,6 @@ pub(crate) fn too_many_topics(count: usize, limits: TopicLimits) -> Reject {
     Reject::policy(format!("too many topics: {count} > {} per connection", limits.max_per_connection))
 }
 
-/// Checks one topic name: non-empty, at most `max_len` bytes, no control characters.
-pub(crate) fn validate_topic(topic: &str, max_len: usize) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("empty topic".into());
-    }
-    if topic.len() > max_len {
-        return Err(format!("topic longer than {max_len} bytes ({} bytes)", topic.len()));
-    }
-    if topic.chars().any(char::is_control) {
-        return Err("topic contains a control character".into());
-    }
-    Ok(())
-}
 
 /// Reads `topic=` parameters from a query string (other parameters are ignored).
 pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<String>, String> {
@@ -151,7 +138,7 @@ pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<
             continue;
         }
         let topic = percent_decode(value).ok_or_else(|| "topic is not valid percent-encoded UTF-8".to_string())?;
-        validate_topic(&topic, limits.max_len)?;
+        crate::topic::validate(&topic, limits.max_len)?;
         if !topics.contains(&topic) {
             topics.push(topic);
         }
@@ -279,7 +266,7 @@ mod tests {
         assert_eq!(reject(r#"{"topics":["a"]}"#).reason, r#"missing "action""#);
         assert_eq!(reject(r#"{"action":"subscribe","topics":[]}"#).reason, "no topics given");
         assert_eq!(reject(r#"{"action":"subscribe","topics":[""]}"#).reason, "empty topic");
-        assert_eq!(reject(r#"{"action":"subscribe","topics":["a\u0001"]}"#).reason, "topic contains a control character");
+        assert_eq!(reject(r#"{"action":"subscribe","topics":["a\u0001"]}"#).reason, "topic contains '\\u{1}': whitespace and control characters are not allowed");
         assert!(reject(r#"{"action":"subscribe","topics":["123456789"]}"#).reason.starts_with("topic longer than 8 bytes"));
         assert!(reject(r#"{"action":"subscribe","topics":["a","b","c","d"]}"#).reason.starts_with("too many topics"));
         let wrong_type = reject(r#"{"action":"subscribe","topics":"a"}"#);
@@ -296,7 +283,8 @@ mod tests {
 
     #[test]
     fn query_topics_are_decoded_validated_and_deduplicated() {
-        assert_eq!(topics_from_query("topic=a&x=1&topic=b%20c&topic=a", LIMITS), Ok(vec!["a".into(), "b c".into()]));
+        assert_eq!(topics_from_query("topic=a&x=1&topic=b%2Fc&topic=a", LIMITS), Ok(vec!["a".into(), "b/c".into()]));
+        assert!(topics_from_query("topic=b%20c", LIMITS).unwrap_err().contains("whitespace"));
         assert_eq!(topics_from_query("", LIMITS), Ok(vec![]));
         assert_eq!(topics_from_query("topic=", LIMITS), Err("empty topic".into()));
         assert!(topics_from_query("topic=%zz", LIMITS).is_err());

@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use fanout::FanoutReport;
 pub use message::{encode_batch, Outgoing, SharedMessage};
 pub use node::{NodeStats, Refused};
-pub use server::{validate, validate_topic, MAX_TOPIC_BYTES};
+pub use server::{validate, validate_topic};
 
 use crate::discovery::{self, Discovery};
 use crate::etcd;

@@ -11,11 +11,10 @@ use log::debug;
 use super::fanout::Fanout;
 use super::message::Outgoing;
 use crate::discovery;
+use crate::topic::{self, MAX_TOPIC_BYTES};
 use crate::proto::protocol::{BroadCastReply, BroadCastReq};
 use crate::proto::protocol_grpc::PushServer;
 
-/// Longest topic accepted, in bytes.
-pub const MAX_TOPIC_BYTES: usize = 128;
 
 #[derive(Clone)]
 pub struct PushService {
@@ -38,15 +37,12 @@ pub fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), Stri
     validate_topic(req.get_topic())
 }
 
-/// Empty (everyone) or at most 128 bytes with no whitespace or control characters.
+/// Empty (everyone), or a topic as `crate::topic` defines it.
 pub fn validate_topic(topic: &str) -> Result<(), String> {
-    if topic.len() > MAX_TOPIC_BYTES {
-        return Err(format!("topic is {} bytes; the limit is {MAX_TOPIC_BYTES}", topic.len()));
+    if topic.is_empty() {
+        return Ok(());
     }
-    if let Some(c) = topic.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("topic {topic:?} contains {c:?}; whitespace and control characters are not allowed"));
-    }
-    Ok(())
+    topic::validate(topic, MAX_TOPIC_BYTES)
 }
 
 impl PushServer for PushService {
@@ -106,7 +102,7 @@ mod tests {
     fn refuses_with_a_reason() {
         assert!(validate(&BroadCastReq::new(), 10).unwrap_err().contains("proto is required"));
         assert!(validate(&req("", 11), 10).unwrap_err().contains("--max-message-bytes"));
-        assert!(validate(&req(&"t".repeat(MAX_TOPIC_BYTES + 1), 0), 10).unwrap_err().contains("limit is 128"));
+        assert!(validate(&req(&"t".repeat(MAX_TOPIC_BYTES + 1), 0), 10).unwrap_err().contains("longer than 128 bytes"));
         assert!(validate(&req("a b", 0), 10).unwrap_err().contains("whitespace"));
         assert!(validate(&req("a\u{7}", 0), 10).unwrap_err().contains("control"));
     }
