@@ -99,6 +99,41 @@ fn with_etcd_unreachable_send_is_told_so() {
 }
 
 #[test]
+fn node_counters_are_logged_every_stats_interval_when_they_change() {
+    let etcd = Etcd::start();
+    let sink = Sink::start();
+    etcd.client().put(&format!("{PREFIX}counted"), sink.addr.as_bytes(), None).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX])
+        .args(["--stats-interval", "100ms", "--log-level", "info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr = format!("127.0.0.1:{}", line.trim().rsplit(':').next().unwrap());
+    let (lines_tx, lines) = crossbeam_channel::unbounded();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));
+
+    wait_until("delivered", Duration::from_secs(10), || send(&addr, "count me").status.success() && sink.count() > 0);
+    let sent = sink.count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = format!("sent {sent} ");
+    let logged = loop {
+        let l = lines.recv_deadline(deadline).expect("a counters line before the deadline");
+        if l.contains("node counted 127.0.0.1:") && l.contains(&wanted) {
+            break l;
+        }
+    };
+    assert!(logged.contains("failed 0"), "{logged}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    reader.join().unwrap();
+}
+
+#[test]
 fn bad_flags_exit_non_zero_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--routine-size", "0"], "--routine-size"),

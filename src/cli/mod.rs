@@ -106,9 +106,22 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-/// Blocks until SIGINT or SIGTERM.
-pub fn wait_for_signal() -> std::io::Result<i32> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    Ok(signals.forever().next().unwrap_or(SIGTERM))
+/// Blocks until SIGINT or SIGTERM, calling `on_tick` every `tick` meanwhile (never if `None`).
+/// The signal handlers only write to a socket pair, which this thread reads with a timeout.
+pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut()) -> std::io::Result<()> {
+    use std::io::{ErrorKind, Read};
+    use std::os::unix::net::UnixStream;
+    let (mut wake, on_signal) = UnixStream::pair()?;
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(signal, on_signal.try_clone()?)?;
+    }
+    wake.set_read_timeout(tick)?;
+    loop {
+        match wake.read(&mut [0u8]) {
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => on_tick(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use log::{info, warn};
 
-use super::{parse_duration, wait_for_signal, EtcdArgs, LogArgs};
+use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
 use crate::etcd;
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 
@@ -118,8 +118,8 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} registered as {addr}");
 
-    let signal = wait_for_signal()?;
-    info!("signal {signal} received: deregistering, then closing connections");
+    run_until_signal(None, || {})?;
+    info!("shutdown signal received: deregistering, then closing connections");
     registration.deregister();
     gateway.shutdown();
     let stats = gateway.stats();

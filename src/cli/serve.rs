@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Args;
 use log::info;
 
-use super::{parse_duration, wait_for_signal, EtcdArgs, LogArgs};
-use crate::manager::{Config, Manager, RetryPolicy};
+use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
+use crate::manager::{Config, Manager, NodeStats, RetryPolicy};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Attempts per RPC to a node (first included) on retryable errors.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Log each node's counters this often when they changed (0 = never).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
     /// gRPC completion-queue threads for the server, and as many for the node clients.
     #[arg(long, default_value_t = 1)]
     pub grpc_threads: usize,
@@ -74,8 +77,23 @@ pub fn run(args: ServeArgs) -> crate::manager::Result<()> {
     let mut manager = Manager::start(args.config())?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
-    let signal = wait_for_signal().map_err(|source| crate::manager::Error::Spawn { name: "signal handler".into(), source })?;
-    info!("signal {signal} received");
+    let tick = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
+    let mut last = Vec::new();
+    run_until_signal(tick, || log_changed_counters(&manager, &mut last))
+        .map_err(|source| crate::manager::Error::Spawn { name: "signal handler".into(), source })?;
+    info!("shutdown signal received");
     manager.shutdown();
     Ok(())
+}
+
+/// One line per node whose counters moved since the last call.
+fn log_changed_counters(manager: &Manager, last: &mut Vec<NodeStats>) {
+    let now = manager.nodes();
+    for n in now.iter().filter(|n| !last.contains(n)) {
+        info!(
+            "node {} {}: enqueued {} sent {} rpcs {} failed {} abandoned {} dropped {} retried {} queued {}",
+            n.id, n.addr, n.enqueued, n.sent, n.rpcs, n.failed, n.abandoned, n.dropped_full, n.retried, n.queue_depth
+        );
+    }
+    *last = now;
 }
