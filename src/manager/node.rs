@@ -145,6 +145,8 @@ impl NodeClient {
             workers: Mutex::new(Vec::with_capacity(settings.routine_size)),
             full_warnings: Throttle::new(Duration::from_secs(1)),
         };
+        // One per node, not per worker: a dead node is one warning a second, not routine_size.
+        let failures = Arc::new(Throttle::new(Duration::from_secs(1)));
         for n in 0..settings.routine_size {
             let worker = Worker {
                 node_id: node.id.clone(),
@@ -154,7 +156,7 @@ impl NodeClient {
                 counters: counters.clone(),
                 lifecycle: lifecycle.clone(),
                 settings: settings.clone(),
-                failures: Throttle::new(Duration::from_secs(1)),
+                failures: failures.clone(),
             };
             let spawned = thread::Builder::new().name(format!("node-{id}-{n}")).spawn(move || worker.run());
             match spawned {
@@ -316,7 +318,7 @@ struct Worker {
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
     settings: NodeSettings,
-    failures: Throttle,
+    failures: Arc<Throttle>,
 }
 
 impl Worker {
