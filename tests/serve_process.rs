@@ -13,12 +13,20 @@ use util::{wait_until, Etcd};
 const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const PREFIX: &str = "/proc-test/nodes/";
 
-/// Starts `serve` and returns it with the address it printed.
+/// Starts `serve` (logging warnings) and returns it with the address it printed.
 fn serve(etcd: &Etcd, extra: &[&str]) -> (Child, String) {
+    let mut args = vec!["--log-level", "warn"];
+    args.extend(extra);
+    serve_with(&etcd.endpoint(), &args, Stdio::inherit())
+}
+
+/// Starts `serve` with etcd at `endpoint` and `extra` flags, standard error going to `stderr`.
+fn serve_with(endpoint: &str, extra: &[&str], stderr: Stdio) -> (Child, String) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX, "--log-level", "warn"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", endpoint, "--prefix", PREFIX])
         .args(extra)
         .stdout(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("binary starts");
     let mut line = String::new();
@@ -82,14 +90,7 @@ fn send_reports_an_error_status_and_exits_non_zero() {
 #[test]
 fn with_etcd_unreachable_send_is_told_so() {
     let dead = util::free_addr();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &dead, "--etcd-timeout", "200ms", "--log-level", "error"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr = format!("127.0.0.1:{}", line.trim().rsplit(':').next().unwrap());
+    let (mut child, addr) = serve_with(&dead, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
     wait_until("the first listing has failed", Duration::from_secs(10), || {
         let out = send(&addr, "anyone?");
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&format!("etcd ({dead}) is unreachable"))
@@ -103,16 +104,7 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
     let etcd = Etcd::start();
     let sink = Sink::start();
     etcd.client().put(&format!("{PREFIX}counted"), sink.addr.as_bytes(), None).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX])
-        .args(["--stats-interval", "100ms", "--log-level", "info"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr = format!("127.0.0.1:{}", line.trim().rsplit(':').next().unwrap());
+    let (mut child, addr) = serve_with(&etcd.endpoint(), &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
     let (lines_tx, lines) = crossbeam_channel::unbounded();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));
