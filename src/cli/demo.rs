@@ -22,7 +22,8 @@ use super::subscribe::subscribe_url;
 use crate::etcd::{self, InProcessEtcd, LocalEtcd};
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
-use crate::proto::protocol::{BroadCastReply, BroadCastReq, Proto};
+use super::send::broadcast_request;
+use crate::proto::protocol::BroadCastReply;
 use crate::proto::protocol_grpc::PushServerClient;
 
 #[derive(Args, Debug)]
@@ -244,15 +245,7 @@ fn send_and_show(
 }
 
 fn broadcast(push: &PushServerClient, topic: &str, seq: i32, body: &str) -> Result<BroadCastReply, Failure> {
-    let mut proto = Proto::new();
-    proto.set_ver(1);
-    proto.set_op(1000);
-    proto.set_seq(seq);
-    proto.set_body(body.as_bytes().to_vec());
-    let mut req = BroadCastReq::new();
-    req.set_protoOp(1000);
-    req.set_topic(topic.into());
-    req.set_proto(proto);
+    let req = broadcast_request(topic, 1000, seq, body.as_bytes().to_vec());
     push.broadcast(&req).map_err(|e| format!("Broadcast #{seq} failed: {e}"))
 }
 

@@ -51,15 +51,7 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
             buf
         }
     };
-    let mut proto = Proto::new();
-    proto.set_ver(1);
-    proto.set_op(args.op);
-    proto.set_seq(args.seq);
-    proto.set_body(body);
-    let mut req = BroadCastReq::new();
-    req.set_protoOp(args.op);
-    req.set_topic(args.topic.clone());
-    req.set_proto(proto);
+    let req = broadcast_request(&args.topic, args.op, args.seq, body);
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
     let client = PushServerClient::new(ChannelBuilder::new(env).connect(&args.server));
@@ -75,6 +67,21 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
         if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
     );
     Ok(())
+}
+
+/// A broadcast as business servers send it: frame version 1, `op` both in the frame and as
+/// `protoOp` (goim's clients read either).
+pub fn broadcast_request(topic: &str, op: i32, seq: i32, body: Vec<u8>) -> BroadCastReq {
+    let mut proto = Proto::new();
+    proto.set_ver(1);
+    proto.set_op(op);
+    proto.set_seq(seq);
+    proto.set_body(body);
+    let mut req = BroadCastReq::new();
+    req.set_protoOp(op);
+    req.set_topic(topic.into());
+    req.set_proto(proto);
+    req
 }
 
 fn describe(server: &str, e: grpcio::Error) -> String {
