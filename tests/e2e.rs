@@ -44,13 +44,18 @@ struct Node {
     _registration: Registration,
 }
 
-fn start_node(etcd: &Etcd, id: &str) -> Node {
-    let gateway = Gateway::start(gateway::Config {
+/// A connect-node on free loopback ports, not registered anywhere.
+fn start_gateway() -> Gateway {
+    Gateway::start(gateway::Config {
         grpc_listen: "127.0.0.1:0".into(),
         ws_listen: "127.0.0.1:0".into(),
         ..gateway::Config::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+fn start_node(etcd: &Etcd, id: &str) -> Node {
+    let gateway = start_gateway();
     let registration = Registration::start(
         etcd.client(),
         RegistrationConfig { key: format!("{PREFIX}{id}"), addr: gateway.grpc_addr().to_string(), ttl: Duration::from_secs(5) },
@@ -159,24 +164,8 @@ fn registration_comes_back_after_its_lease_is_revoked_behind_its_back() {
     drop(node);
 }
 
-/// `push-manager node` as a child process, with the ids and addresses it printed.
-struct NodeProcess {
-    child: Child,
-    ws_url: String,
-}
-
-fn spawn_node(etcd: &Etcd, id: &str, lease_ttl: &str) -> NodeProcess {
-    let mut child = Command::new(BIN)
-        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", &etcd.endpoint()])
-        .args(["--prefix", PREFIX, "--node-id", id, "--lease-ttl", lease_ttl, "--log-level", "warn"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    // "node <id> grpc <addr> ws <url>"
-    let ws_url = line.split_whitespace().nth(5).unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-    NodeProcess { child, ws_url }
+fn spawn_node(etcd: &Etcd, id: &str, lease_ttl: &str) -> util::NodeProcess {
+    util::spawn_node(&etcd.endpoint(), PREFIX, id, &["--lease-ttl", lease_ttl])
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -371,12 +360,7 @@ fn nodes_with_etcd_down_fails_with_a_clear_error() {
 #[test]
 fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
     let mut etcd = Etcd::start();
-    let gateway = Gateway::start(gateway::Config {
-        grpc_listen: "127.0.0.1:0".into(),
-        ws_listen: "127.0.0.1:0".into(),
-        ..gateway::Config::default()
-    })
-    .unwrap();
+    let gateway = start_gateway();
     let key = format!("{PREFIX}survivor");
     let ttl = Duration::from_secs(2);
     let _registration = Registration::start(

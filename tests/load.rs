@@ -5,9 +5,7 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +16,6 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 use util::{wait_until, Etcd};
 
-const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const CONNECTIONS: usize = 10_000;
 
 fn connect(url: &str, addr: &str) -> WebSocket<TcpStream> {
@@ -43,17 +40,7 @@ fn broadcast(seq: i32) -> BroadCastReq {
 fn ten_thousand_idle_connections_stay_connected_and_all_receive_a_broadcast() {
     push_manager::gateway::raise_nofile_limit().unwrap();
     let etcd = Etcd::start();
-    let mut node = Command::new(BIN)
-        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", &etcd.endpoint()])
-        .args(["--prefix", "/load/", "--node-id", "load", "--log-level", "warn"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(node.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    // "node <id> grpc <addr> ws ws://<addr>/ws"
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (grpc, ws_url) = (words[3].to_string(), words[5].to_string());
+    let util::NodeProcess { child: mut node, grpc, ws_url } = util::spawn_node(&etcd.endpoint(), "/load/", "load", &[]);
     let ws_addr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws").to_string();
     let url = format!("{ws_url}?topic=load");
 

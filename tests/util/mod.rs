@@ -3,7 +3,9 @@
 //! not on sleeps.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::ops::{Deref, DerefMut};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,30 @@ pub fn request(topic: &str, body: &str) -> BroadCastReq {
     req.set_topic(topic.into());
     req.set_proto(proto);
     req
+}
+
+/// `push-manager node` as a child process, with the addresses it printed.
+pub struct NodeProcess {
+    pub child: Child,
+    pub grpc: String,
+    pub ws_url: String,
+}
+
+/// Starts `push-manager node` on free loopback ports, registering as `id` under `prefix`.
+pub fn spawn_node(etcd_endpoint: &str, prefix: &str, id: &str, extra: &[&str]) -> NodeProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_push-manager"))
+        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
+        .args(["--prefix", prefix, "--node-id", id, "--log-level", "warn"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    // "node <id> grpc <addr> ws ws://<addr>/ws"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, _, _, grpc, _, ws_url] = words[..] else { panic!("unexpected first line {line:?}") };
+    NodeProcess { grpc: grpc.to_string(), ws_url: ws_url.to_string(), child }
 }
 
 /// A single-member etcd of the test's own, killed and deleted on drop.
