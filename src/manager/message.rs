@@ -7,18 +7,16 @@
 //! So a message costs one allocation however many nodes and batches carry it.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use grpcio::{GrpcSlice, Marshaller, MessageReader, Method, MethodType};
 use protobuf::Message as _;
 
 use crate::proto::protocol::{BroadCastReq, NodeReply};
 
-/// One broadcast, encoded, with the moment it was accepted (for latency and drain accounting).
+/// One broadcast, encoded.
 #[derive(Debug)]
 pub struct Outgoing {
     encoded: Vec<u8>,
-    pub accepted_at: Instant,
 }
 
 pub type SharedMessage = Arc<Outgoing>;
@@ -26,7 +24,7 @@ pub type SharedMessage = Arc<Outgoing>;
 impl Outgoing {
     pub fn new(req: &BroadCastReq) -> SharedMessage {
         let encoded = req.write_to_bytes().expect("encoding a BroadCastReq into a Vec cannot fail");
-        Arc::new(Outgoing { encoded, accepted_at: Instant::now() })
+        Arc::new(Outgoing { encoded })
     }
 
     pub fn encoded_len(&self) -> usize {

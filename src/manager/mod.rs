@@ -21,10 +21,7 @@ use log::{info, warn};
 
 pub use config::{Config, RetryPolicy, DEFAULT_PREFIX};
 pub use error::{Error, Result};
-pub use fanout::FanoutReport;
-pub use message::{encode_batch, Outgoing, SharedMessage};
-pub use node::{NodeStats, Refused};
-pub use server::{validate, validate_topic};
+pub use node::NodeStats;
 
 use crate::discovery::{self, Discovery};
 use crate::etcd;
