@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// Log each node's counters this often when they changed (0 = never).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stats_interval: Duration,
-    /// gRPC completion-queue threads for the server, and as many for the node clients.
+    /// gRPC completion-queue threads, shared by the server and the node clients.
     #[arg(long, default_value_t = 1)]
     pub grpc_threads: usize,
     /// Time a removed node, or every node at shutdown, has to deliver what it has queued.

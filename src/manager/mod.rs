@@ -1,8 +1,9 @@
 //! The push-manager role: the `protocol.PushServer` service, the discovery of connect-nodes,
 //! and the fan-out of every broadcast to each node through its own queue and workers.
 //!
-//! Threads: gRPC completion-queue threads (`grpc-server-*`, `grpc-node-*`), `discovery` (and the
-//! etcd client's `etcd-watch`), and `node-<id>-<n>` per node. All are joined by `shutdown`.
+//! Threads: gRPC completion-queue threads (`grpc-<n>`, shared by the server and the node
+//! clients), `discovery` (and the etcd client's `etcd-watch`), and `node-<id>-<n>` per node. All
+//! are joined by `shutdown`.
 
 mod config;
 mod error;
@@ -42,7 +43,7 @@ impl Manager {
     /// Binds the gRPC server, starts discovery, and serves. etcd need not be up yet.
     pub fn start(config: Config) -> Result<Manager> {
         config.validate()?;
-        let client_env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-node").build());
+        let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc").build());
         let settings = NodeSettings {
             routine_size: config.routine_size,
             queue_size: config.queue_size,
@@ -50,7 +51,7 @@ impl Manager {
             rpc_timeout: config.rpc_timeout,
             retry: config.retry,
         };
-        let fanout = Arc::new(Fanout::new(client_env, settings, config.drain_timeout));
+        let fanout = Arc::new(Fanout::new(env.clone(), settings, config.drain_timeout));
 
         // Discovery first, so the service can tell callers whether etcd is reachable. Until the
         // server starts, the nodes it finds just wait for traffic; if binding fails, dropping it
@@ -64,7 +65,6 @@ impl Manager {
         )
         .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
 
-        let server_env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-server").build());
         let service = PushService {
             fanout: fanout.clone(),
             discovery: discovery.status(),
@@ -73,11 +73,11 @@ impl Manager {
             etcd_endpoints: config.etcd.endpoints.join(","),
         };
         // gRPC sets SO_REUSEPORT by default, which would let two servers share a port silently.
-        let args = ChannelBuilder::new(server_env.clone())
+        let args = ChannelBuilder::new(env.clone())
             .reuse_port(false)
             .max_receive_message_len(receive_limit(config.max_message_bytes))
             .build_args();
-        let mut server = ServerBuilder::new(server_env)
+        let mut server = ServerBuilder::new(env)
             .channel_args(args)
             .register_service(create_push_server(service))
             .build()?;
