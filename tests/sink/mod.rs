@@ -7,11 +7,11 @@
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use grpcio::{
-    ChannelBuilder, EnvBuilder, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder, ServerCredentials,
+    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder, ServerCredentials,
     ServiceBuilder, UnarySink,
 };
 use parking_lot::Mutex;
@@ -165,17 +165,21 @@ impl Sink {
     /// A sink that only counts the messages it receives, without decoding them: a cheap
     /// instrument for load benchmarks, so the CPU they share goes to what is measured.
     pub fn counting() -> Sink {
+        // One completion-queue thread for every counting sink: in a benchmark they stand for
+        // remote nodes, so the fewer threads they add to the measured process, the better.
+        static ENV: OnceLock<Arc<Environment>> = OnceLock::new();
+        let env = ENV.get_or_init(|| Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build()));
         let state = Arc::new(State { counting_only: true, ..State::default() });
-        Sink::serve("127.0.0.1:0", counting_service(state.clone()), state)
+        Sink::serve(env.clone(), "127.0.0.1:0", counting_service(state.clone()), state)
     }
 
     fn with_state(addr: &str, state: State) -> Sink {
         let state = Arc::new(state);
-        Sink::serve(addr, create_connect_node(Service(state.clone())), state)
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
+        Sink::serve(env, addr, create_connect_node(Service(state.clone())), state)
     }
 
-    fn serve(addr: &str, service: grpcio::Service, state: Arc<State>) -> Sink {
-        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
+    fn serve(env: Arc<Environment>, addr: &str, service: grpcio::Service, state: Arc<State>) -> Sink {
         let args = ChannelBuilder::new(env.clone()).reuse_port(false).build_args();
         let mut server = ServerBuilder::new(env)
             .channel_args(args)
