@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sink::Sink;
-use util::{wait_until, Etcd};
+use util::{spawn_serve, wait_until, Etcd};
 
 const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const PREFIX: &str = "/proc-test/nodes/";
@@ -17,23 +17,7 @@ const PREFIX: &str = "/proc-test/nodes/";
 fn serve(etcd: &Etcd, extra: &[&str]) -> (Child, String) {
     let mut args = vec!["--log-level", "warn"];
     args.extend(extra);
-    serve_with(&etcd.endpoint(), &args, Stdio::inherit())
-}
-
-/// Starts `serve` with etcd at `endpoint` and `extra` flags, standard error going to `stderr`.
-fn serve_with(endpoint: &str, extra: &[&str], stderr: Stdio) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", endpoint, "--prefix", PREFIX])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("binary starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-    let port = addr.rsplit(':').next().unwrap();
-    (child, format!("127.0.0.1:{port}"))
+    spawn_serve(&etcd.endpoint(), PREFIX, &args, Stdio::inherit())
 }
 
 fn send(server: &str, body: &str) -> Output {
@@ -90,7 +74,7 @@ fn send_reports_an_error_status_and_exits_non_zero() {
 #[test]
 fn with_etcd_unreachable_send_is_told_so() {
     let dead = util::free_addr();
-    let (mut child, addr) = serve_with(&dead, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
+    let (mut child, addr) = spawn_serve(&dead, PREFIX, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
     wait_until("the first listing has failed", Duration::from_secs(10), || {
         let out = send(&addr, "anyone?");
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&format!("etcd ({dead}) is unreachable"))
@@ -104,7 +88,7 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
     let etcd = Etcd::start();
     let sink = Sink::start();
     etcd.client().put(&format!("{PREFIX}counted"), sink.addr.as_bytes(), None).unwrap();
-    let (mut child, addr) = serve_with(&etcd.endpoint(), &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
+    let (mut child, addr) = spawn_serve(&etcd.endpoint(), PREFIX, &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
     let (lines_tx, lines) = crossbeam_channel::unbounded();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));

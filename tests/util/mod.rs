@@ -53,6 +53,24 @@ pub struct NodeProcess {
     pub ws_url: String,
 }
 
+/// Starts `push-manager serve` on a free loopback port with etcd at `etcd_endpoint`, watching
+/// `prefix`, plus `extra` flags and standard error going to `stderr`; returns it with the address
+/// it printed.
+pub fn spawn_serve(etcd_endpoint: &str, prefix: &str, extra: &[&str], stderr: Stdio) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_push-manager"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", etcd_endpoint, "--prefix", prefix])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let port = addr.rsplit(':').next().unwrap();
+    (child, format!("127.0.0.1:{port}"))
+}
+
 /// Starts `push-manager node` on free loopback ports, registering as `id` under `prefix`.
 pub fn spawn_node(etcd_endpoint: &str, prefix: &str, id: &str, extra: &[&str]) -> NodeProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_push-manager"))
