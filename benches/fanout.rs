@@ -87,7 +87,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 struct Run {
     broadcasts_per_s: f64,
-    deliveries_per_s: f64,
     dropped: u64,
     /// Messages delivered, and the time from the first call until the last of them arrived.
     delivered: u64,
@@ -97,6 +96,12 @@ struct Run {
     /// Messages the sinks received over the run, and the RPCs that carried them.
     received: u64,
     rpcs: u64,
+}
+
+impl Run {
+    fn deliveries_per_s(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
 }
 
 /// One path at one offered load: medians of the runs, sums where the name says so.
@@ -119,7 +124,7 @@ impl Point {
         Point {
             in_flight,
             broadcasts_per_s: median(runs.iter().map(|r| r.broadcasts_per_s).collect()),
-            deliveries_per_s: median(runs.iter().map(|r| r.deliveries_per_s).collect()),
+            deliveries_per_s: median(runs.iter().map(Run::deliveries_per_s).collect()),
             dropped: runs.iter().map(|r| r.dropped).sum(),
             msgs_per_rpc: received as f64 / rpcs.max(1) as f64,
             cores: medians(&|r| r.cpu.map(|cpu| cpu.as_secs_f64() / r.elapsed.as_secs_f64())),
@@ -247,7 +252,6 @@ fn through_serve(load: Load, env: &Arc<Environment>, serve: &Serve, sinks: &[Sin
     let elapsed = start.elapsed();
     Run {
         broadcasts_per_s: broadcasts as f64 / secs.as_secs_f64(),
-        deliveries_per_s: accepted as f64 / elapsed.as_secs_f64(),
         dropped: dropped.load(Ordering::Relaxed),
         delivered: accepted,
         elapsed,
@@ -272,10 +276,8 @@ fn direct(load: Load, env: &Arc<Environment>, sinks: &[Sink], secs: Duration) ->
             })
         })
     });
-    let per_s = calls as f64 / secs.as_secs_f64();
     Run {
-        broadcasts_per_s: per_s / sinks.len() as f64,
-        deliveries_per_s: per_s,
+        broadcasts_per_s: calls as f64 / secs.as_secs_f64() / sinks.len() as f64,
         dropped: 0,
         delivered: calls,
         elapsed: secs,
