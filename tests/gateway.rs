@@ -6,6 +6,8 @@ mod gateway_util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_util::*;
@@ -159,6 +161,63 @@ fn slow_consumer_is_closed_while_a_fast_one_gets_everything() {
     assert_eq!((code, reason.as_str()), (4000, "slow consumer: outgoing buffer overflow"));
     assert_still_served(&gw, &mut fast);
     assert_eq!(gw.stats().closed_slow, 1);
+}
+
+/// `bytes` worth of empty pong frames as a client sends them (masked), encoded once.
+fn masked_pongs(bytes: usize) -> Vec<u8> {
+    // FIN + pong, masked with a zero-length payload, then the 4-byte mask key.
+    const PONG: [u8; 6] = [0x8A, 0x80, 1, 2, 3, 4];
+    PONG.repeat(bytes / PONG.len())
+}
+
+#[test]
+fn clients_flooding_frames_do_not_hold_up_the_others_on_their_loop() {
+    let gw = start(|c| c.event_loops = 1);
+    let mut quiet = Client::subscribed(&gw, &["news"]);
+    let mut flooders = [Client::connect(&gw, "/ws"), Client::connect(&gw, "/ws")];
+    wait_connections(&gw, 3);
+
+    // Frames encoded once and written in large chunks cost a flooder next to nothing and the
+    // loop a parse each, so with two of them the loop always has more to read.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let floods: Vec<_> = flooders
+        .iter()
+        .map(|flooder| {
+            let mut socket = flooder.ws.get_ref().try_clone().unwrap();
+            let (stop, written) = (stop.clone(), written.clone());
+            std::thread::spawn(move || {
+                let chunk = masked_pongs(64 << 10);
+                while !stop.load(Ordering::SeqCst) {
+                    socket.write_all(&chunk).expect("the gateway keeps reading the flood");
+                    written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    wait_for("the flood to fill the socket buffers", || written.load(Ordering::SeqCst) >= 2 << 20);
+    let node = node_client(&gw);
+    assert_eq!(broadcast(&node, "news", 1, b"meanwhile").get_delivered(), 1);
+    let flooded_before = written.load(Ordering::SeqCst);
+    let delivered = quiet.next_json();
+    let flooded_meanwhile = written.load(Ordering::SeqCst) - flooded_before;
+    stop.store(true, Ordering::SeqCst);
+    floods.into_iter().for_each(|flood| flood.join().unwrap());
+    assert_delivery(&delivered, "news", 1, "meanwhile");
+    // A loop that reads a connection until it pauses took in 80-220 MiB of this flood before
+    // serving anyone else (measured); a turn-taking loop serves the quiet client first, and
+    // took in less than one 64 KiB chunk meanwhile.
+    assert!(flooded_meanwhile < 8 << 20, "the loop read {flooded_meanwhile} bytes of flood before serving anyone else");
+
+    // Flooding with valid frames is not misbehaviour: the flooders are still served.
+    for flooder in &mut flooders {
+        let ack = flooder.command("subscribe", &["news"]);
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    broadcast(&node, "news", 2, b"all");
+    for client in std::iter::once(&mut quiet).chain(&mut flooders) {
+        assert_delivery(&client.next_json(), "news", 2, "all");
+    }
 }
 
 /// Performs the upgrade by hand and then says nothing, not even pongs.

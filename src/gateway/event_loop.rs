@@ -5,8 +5,10 @@
 //! tungstenite read buffer and a queue of `Arc`'d frames shared with every other connection that
 //! got the same broadcast, so 10,000 idle connections fit in a few KiB each. Sockets are
 //! registered edge-triggered for reading and writing once: a connection reads until `WouldBlock`
-//! and writes only while the socket takes bytes; a connection whose unsent bytes would pass
-//! `max_out_buffer` is closed rather than allowed to stall the loop or grow without bound.
+//! (or its `READ_BUDGET` for this turn, then it waits its next turn on `unread`, so one client
+//! sending without pause cannot hold up the others) and writes only while the socket takes
+//! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
+//! allowed to stall the loop or grow without bound.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -46,6 +48,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const WRITE_BATCH: usize = 4096;
 /// Deliveries taken from the inbox between two write passes over the connections.
 const PUBLISH_BATCH: usize = 64;
+/// Frames (or, from a closing peer, 4 KiB reads) taken from one connection in one turn of the
+/// loop; one with more waits for the next turn, after the other connections and the inbox.
+const READ_BUDGET: usize = 64;
 
 /// What an event loop needs from the gateway config.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +99,7 @@ pub(crate) fn run(parts: LoopParts) {
         stats: parts.stats,
         config: parts.config,
         dirty: Vec::new(),
+        unread: Vec::new(),
     };
     event_loop.run();
 }
@@ -113,6 +119,9 @@ struct EventLoop {
     config: LoopConfig,
     /// Connections with something to write; each is listed once (`Open::dirty`).
     dirty: Vec<usize>,
+    /// Connections that used up their `READ_BUDGET` with more to read. Edge-triggered polling
+    /// will not report them again until new bytes arrive, so the loop must remember them.
+    unread: Vec<usize>,
 }
 
 enum Conn {
@@ -218,6 +227,9 @@ impl EventLoop {
             if let Some(deadline) = stop_deadline {
                 wait = wait.min(deadline.saturating_duration_since(now));
             }
+            if !self.unread.is_empty() {
+                wait = Duration::ZERO;
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -232,6 +244,11 @@ impl EventLoop {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 self.on_event(event.token().0, readable, writable);
+            }
+            // A key may have been closed (or even reused) since it was listed; reading a
+            // connection with nothing to read only costs a WouldBlock.
+            for key in std::mem::take(&mut self.unread) {
+                self.read(key);
             }
             self.drain_inbox();
             if stop_deadline.is_none() && matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected)) {
@@ -398,7 +415,9 @@ impl EventLoop {
 
     // ---- reading ---------------------------------------------------------------------------
 
+    /// Reads until `WouldBlock`, or lists the connection in `unread` after `READ_BUDGET` frames.
     fn read(&mut self, key: usize) {
+        let mut budget = READ_BUDGET;
         loop {
             let Some(Conn::Open(open)) = self.conns.get_mut(key) else { return };
             match open.phase {
@@ -406,6 +425,11 @@ impl EventLoop {
                 Phase::Closing { .. } => return,
                 Phase::Draining { .. } => return self.drain(key),
             }
+            if budget == 0 {
+                self.unread.push(key);
+                break;
+            }
+            budget -= 1;
             match open.ws.read() {
                 Ok(message) => {
                     open.last_seen = Instant::now();
@@ -458,7 +482,7 @@ impl EventLoop {
     fn drain(&mut self, key: usize) {
         let Some(Conn::Open(open)) = self.conns.get_mut(key) else { return };
         let mut scratch = [0u8; 4096];
-        loop {
+        for _ in 0..READ_BUDGET {
             match open.ws.get_mut().read(&mut scratch) {
                 Ok(0) => return self.drop_conn(key),
                 Ok(_) => {}
@@ -467,6 +491,7 @@ impl EventLoop {
                 Err(_) => return self.drop_conn(key),
             }
         }
+        self.unread.push(key);
     }
 
     // ---- subscriptions ---------------------------------------------------------------------
