@@ -380,6 +380,48 @@ fn http_without_upgrade_wrong_path_bad_query_and_garbage_are_refused() {
 }
 
 #[test]
+fn a_backlogged_event_loop_makes_the_node_refuse_broadcasts_until_it_catches_up() {
+    let gw = start(|c| {
+        c.event_loops = 1;
+        c.max_loop_backlog = 8;
+    });
+    // With this many subscribers each delivery costs the loop a write per connection, so a
+    // batch of 64 keeps it busy long enough for the next RPC to find most of it still queued.
+    const SUBSCRIBERS: usize = 400;
+    let mut clients: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(&gw, "/ws?topic=busy")).collect();
+    wait_connections(&gw, SUBSCRIBERS);
+    let node = node_client(&gw);
+    let batch_from = |first: i32| batch((first..first + 64).map(|seq| message("busy", seq, b"x")).collect());
+
+    let mut admitted = 0;
+    let status = loop {
+        match node.broadcast_batch(&batch_from(admitted)) {
+            Ok(reply) => {
+                assert_eq!(reply.get_received(), 64);
+                admitted += 64;
+                assert!(admitted < 64 * 20, "twenty batches in a row were admitted: the backlog is not bounded");
+            }
+            Err(grpcio::Error::RpcFailure(status)) => break status,
+            Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
+        }
+    };
+    assert_eq!(status.code(), grpcio::RpcStatusCode::RESOURCE_EXHAUSTED);
+    assert!(status.message().contains("--max-loop-backlog"), "{}", status.message());
+    assert!(gw.stats().refused_busy >= 1);
+
+    // Once the loop has caught up the node admits broadcasts again; the refused batch was
+    // delivered to no one, so every client sees the admitted messages, then this one.
+    let last = admitted + 1000;
+    wait_for("the node to admit broadcasts again", || node.broadcast(&message("busy", last, b"x")).is_ok());
+    let expected: Vec<i64> = (0..admitted).chain([last]).map(i64::from).collect();
+    for i in [0, SUBSCRIBERS - 1] {
+        let client = &mut clients[i];
+        let seqs: Vec<i64> = (0..expected.len()).map(|_| client.next_json()["seq"].as_i64().unwrap()).collect();
+        assert_eq!(seqs, expected);
+    }
+}
+
+#[test]
 fn broadcast_without_proto_is_invalid_argument() {
     let gw = start(|_| {});
     let node = node_client(&gw);

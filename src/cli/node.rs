@@ -37,6 +37,10 @@ pub struct NodeArgs {
     /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_out_buffer: usize,
+    /// Deliveries that may wait in one event loop before broadcasts are refused as busy
+    /// (RESOURCE_EXHAUSTED, which push-manager retries).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_loop_backlog: usize,
     /// How often idle connections are pinged.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -99,6 +103,7 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
         ws_listen: args.ws_listen.clone(),
         event_loops: args.event_loops,
         max_out_buffer: args.max_out_buffer,
+        max_loop_backlog: args.max_loop_backlog,
         ping_interval: args.ping_interval,
         pong_timeout: args.pong_timeout,
         ..gateway::Config::default()

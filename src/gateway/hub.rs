@@ -88,14 +88,32 @@ pub struct Hub {
     loops: Vec<LoopHandle>,
     counts: Arc<TopicCounts>,
     stats: Arc<Stats>,
+    /// `Config::max_loop_backlog`.
+    max_backlog: usize,
     /// Held while a delivery is handed to every loop, so that two concurrent publishers cannot
     /// interleave differently on different loops: all connections see one order.
     order: Mutex<()>,
 }
 
 impl Hub {
-    pub(crate) fn new(loops: Vec<LoopHandle>, counts: Arc<TopicCounts>, stats: Arc<Stats>) -> Hub {
-        Hub { loops, counts, stats, order: Mutex::new(()) }
+    pub(crate) fn new(loops: Vec<LoopHandle>, counts: Arc<TopicCounts>, stats: Arc<Stats>, max_backlog: usize) -> Hub {
+        Hub { loops, counts, stats, max_backlog, order: Mutex::new(()) }
+    }
+
+    /// Admits a broadcast unless an event loop has `max_backlog` or more deliveries waiting;
+    /// a refusal is counted and says why. Called before publishing, so a refused batch delivers
+    /// nothing; the queues can still pass the limit by what broadcasts admitted meanwhile carry.
+    pub(crate) fn admit(&self) -> Result<(), String> {
+        let backlog = self.loops.iter().map(|l| l.tx.len()).max().unwrap_or(0);
+        if backlog < self.max_backlog {
+            return Ok(());
+        }
+        Stats::inc(&self.stats.refused_busy);
+        Err(format!(
+            "connect-node busy: {backlog} deliveries wait in one of its event loops (limit {}, --max-loop-backlog); \
+             retry later",
+            self.max_backlog
+        ))
     }
 
     /// Delivers `msg` to every connection subscribed to its topic (every connection for an

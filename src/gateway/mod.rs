@@ -65,6 +65,10 @@ pub struct Config {
     pub max_topics_per_connection: usize,
     /// gRPC completion-queue threads. Default 2.
     pub grpc_threads: usize,
+    /// Deliveries that may wait in one event loop's queue. While any loop has this many, the
+    /// node refuses broadcasts with RESOURCE_EXHAUSTED (push-manager retries them with backoff)
+    /// rather than let its queues grow without bound. Default 10,000.
+    pub max_loop_backlog: usize,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for Config {
             max_topic_len: crate::topic::MAX_TOPIC_BYTES,
             max_topics_per_connection: 64,
             grpc_threads: 2,
+            max_loop_backlog: 10_000,
         }
     }
 }
@@ -119,6 +124,9 @@ impl Config {
         }
         if self.max_topics_per_connection == 0 {
             return bad("max_topics_per_connection must be at least 1".into());
+        }
+        if self.max_loop_backlog == 0 {
+            return bad("max_loop_backlog must be at least 1".into());
         }
         Ok(())
     }
@@ -190,7 +198,7 @@ impl Gateway {
             loops.push(worker);
             handles.push(handle);
         }
-        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone()));
+        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), config.max_loop_backlog));
         // From here on, an error drops `gateway`, which stops what was started.
         let mut gateway = Gateway {
             grpc: None,
@@ -282,6 +290,8 @@ impl std::fmt::Debug for Gateway {
 fn spawn_loop(n: usize, config: &Config, counts: Arc<TopicCounts>, stats: Arc<Stats>) -> Result<(Worker, LoopHandle)> {
     let poll = mio::Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(usize::MAX))?);
+    // Bounded by admission (`Hub::admit` refuses broadcasts while it is long), not by the
+    // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
     let (stop, stop_rx) = crossbeam_channel::bounded(0);
     let wake_pending = Arc::new(AtomicBool::new(false));
@@ -361,6 +371,7 @@ mod tests {
         check(Config { pong_timeout: Duration::from_secs(1), ..Config::default() }, "pong_timeout");
         check(Config { max_topic_len: 0, ..Config::default() }, "max_topic_len");
         check(Config { max_topics_per_connection: 0, ..Config::default() }, "max_topics_per_connection");
+        check(Config { max_loop_backlog: 0, ..Config::default() }, "max_loop_backlog");
     }
 
     #[test]

@@ -27,7 +27,10 @@ impl ConnectNodeService {
 impl ConnectNode for ConnectNodeService {
     fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<NodeReply>) {
         if !req.has_proto() {
-            return fail(&ctx, sink, "BroadCastReq.proto is required".into());
+            return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, "BroadCastReq.proto is required".into());
+        }
+        if let Err(busy) = self.hub.admit() {
+            return fail(&ctx, sink, RpcStatusCode::RESOURCE_EXHAUSTED, busy);
         }
         let delivered = self.hub.publish(&req);
         succeed(&ctx, sink, 1, delivered);
@@ -36,7 +39,10 @@ impl ConnectNode for ConnectNodeService {
     fn broadcast_batch(&mut self, ctx: RpcContext, batch: BroadcastBatch, sink: UnarySink<NodeReply>) {
         // All or nothing: a bad message refuses the batch before any of it is delivered.
         if let Some(i) = batch.get_messages().iter().position(|m| !m.has_proto()) {
-            return fail(&ctx, sink, format!("BroadcastBatch.messages[{i}].proto is required"));
+            return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, format!("BroadcastBatch.messages[{i}].proto is required"));
+        }
+        if let Err(busy) = self.hub.admit() {
+            return fail(&ctx, sink, RpcStatusCode::RESOURCE_EXHAUSTED, busy);
         }
         let delivered = batch.get_messages().iter().map(|m| self.hub.publish(m)).sum();
         succeed(&ctx, sink, batch.get_messages().len() as u32, delivered);
@@ -54,9 +60,9 @@ fn succeed(ctx: &RpcContext, sink: UnarySink<NodeReply>, received: u32, delivere
     }));
 }
 
-fn fail(ctx: &RpcContext, sink: UnarySink<NodeReply>, message: String) {
+fn fail(ctx: &RpcContext, sink: UnarySink<NodeReply>, code: RpcStatusCode, message: String) {
     debug!("refusing a broadcast: {message}");
-    let status = RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, message);
+    let status = RpcStatus::with_message(code, message);
     ctx.spawn(sink.fail(status).map(|sent| {
         if let Err(e) = sent {
             debug!("could not send an error status: {e}");

@@ -14,6 +14,7 @@ pub(crate) struct Stats {
     pub(crate) http_rejected: AtomicU64,
     pub(crate) messages_received: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
+    pub(crate) refused_busy: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -37,6 +38,9 @@ pub struct StatsSnapshot {
     /// Text frames handed to connections: one per delivery per matching connection, plus the
     /// acks of subscribe/unsubscribe commands.
     pub frames_sent: u64,
+    /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
+    /// `max_loop_backlog`.
+    pub refused_busy: u64,
 }
 
 impl Stats {
@@ -58,6 +62,7 @@ impl Stats {
             http_rejected: self.http_rejected.load(Relaxed),
             messages_received: self.messages_received.load(Relaxed),
             frames_sent: self.frames_sent.load(Relaxed),
+            refused_busy: self.refused_busy.load(Relaxed),
         }
     }
 }
