@@ -36,7 +36,8 @@ fn main() {
         write_if_changed(&path, &file.content);
         let module = file.name.trim_end_matches(".rs");
         // Generated code trips lints of newer compilers; it is not ours to fix.
-        mod_rs.push_str(&format!("#[allow(warnings)]\n#[path = {:?}]\npub mod {module};\n", path.display().to_string()));
+        mod_rs
+            .push_str(&format!("#[allow(warnings)]\n#[path = {:?}]\npub mod {module};\n", path.display().to_string()));
     }
     write_if_changed(&out_dir.join("mod.rs"), mod_rs.as_bytes());
 }

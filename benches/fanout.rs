@@ -119,7 +119,9 @@ struct Point {
 
 impl Point {
     fn of(in_flight: usize, runs: Vec<Run>) -> Point {
-        let medians = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<f64> { runs.iter().map(f).collect::<Option<Vec<f64>>>().map(median) };
+        let medians = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<f64> {
+            runs.iter().map(f).collect::<Option<Vec<f64>>>().map(median)
+        };
         let (received, rpcs) = runs.iter().fold((0, 0), |(m, r), run| (m + run.received, r + run.rpcs));
         Point {
             in_flight,
@@ -264,7 +266,8 @@ fn through_serve(load: Load, env: &Arc<Environment>, serve: &Serve, sinks: &[Sin
 fn direct(load: Load, env: &Arc<Environment>, sinks: &[Sink], secs: Duration) -> Run {
     let addrs: Vec<String> = sinks.iter().map(|s| s.addr.clone()).collect();
     let (calls, _) = hammer(load, secs, || {
-        let clients: Vec<_> = addrs.iter().map(|a| ConnectNodeClient::new(ChannelBuilder::new(env.clone()).connect(a))).collect();
+        let clients: Vec<_> =
+            addrs.iter().map(|a| ConnectNodeClient::new(ChannelBuilder::new(env.clone()).connect(a))).collect();
         let req = request(vec![b'x'; BODY_BYTES]);
         let mut next = 0;
         Box::new(move || {
@@ -311,7 +314,8 @@ impl Serve {
     fn cpu(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc/<pid>/stat");
         // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let fields: Vec<u64> = stat.rsplit_once(')').expect("stat format").1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        let fields: Vec<u64> =
+            stat.rsplit_once(')').expect("stat format").1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
         let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Duration::from_secs_f64((fields[11] + fields[12]) as f64 / ticks_per_s)
     }
@@ -324,8 +328,18 @@ impl Drop for Serve {
     }
 }
 
-const HEADER: [&str; 10] =
-    ["nodes", "path", "in flight", "broadcasts/s", "deliveries/s", "vs direct", "dropped", "msgs/RPC", "pm cores", "per pm CPU-s"];
+const HEADER: [&str; 10] = [
+    "nodes",
+    "path",
+    "in flight",
+    "broadcasts/s",
+    "deliveries/s",
+    "vs direct",
+    "dropped",
+    "msgs/RPC",
+    "pm cores",
+    "per pm CPU-s",
+];
 
 fn print_point(nodes: usize, path: &str, p: &Point, direct: &Point) {
     let or_dash = |v: Option<f64>, precision: usize| v.map_or("-".to_string(), |v| format!("{v:.precision$}"));
@@ -382,7 +396,8 @@ fn main() {
     let secs = Duration::from_secs(env_or("FANOUT_SECS", 2));
     let reps = env_or("FANOUT_REPS", 3) as usize;
     let threads = env_or("FANOUT_CLIENTS", 1) as usize;
-    let loads: Vec<Load> = env_list("FANOUT_IN_FLIGHT", &IN_FLIGHT).into_iter().map(|in_flight| Load { threads, in_flight }).collect();
+    let loads: Vec<Load> =
+        env_list("FANOUT_IN_FLIGHT", &IN_FLIGHT).into_iter().map(|in_flight| Load { threads, in_flight }).collect();
     let node_counts = env_list("FANOUT_NODES", &NODE_COUNTS);
     let etcd = Etcd::start();
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build());
@@ -393,7 +408,8 @@ fn main() {
     );
     let [n, path, in_flight, broadcasts, deliveries, vs, dropped, per_rpc, cores, per_cpu] = HEADER;
     println!("{n:>5}  {path:<13} {in_flight:>9} {broadcasts:>13} {deliveries:>13} {vs:>10} {dropped:>9} {per_rpc:>9} {cores:>9} {per_cpu:>13}");
-    let results: Vec<(usize, Paths)> = node_counts.iter().map(|&n| (n, measure(n, &loads, secs, reps, &etcd, &env))).collect();
+    let results: Vec<(usize, Paths)> =
+        node_counts.iter().map(|&n| (n, measure(n, &loads, secs, reps, &etcd, &env))).collect();
     summarize(&results);
     latency(&etcd, &env, reps);
 }
@@ -403,19 +419,26 @@ fn main() {
 fn summarize(results: &[(usize, Paths)]) {
     let Some((_, first)) = results.first() else { return };
     let peak = |c: &Curve| format!("{:.0} ({})", c.peak().deliveries_per_s, c.peak().in_flight);
-    let efficient = |c: &Curve| format!("{:.0} ({})", c.most_efficient().per_cpu_s.unwrap_or(0.0), c.most_efficient().in_flight);
+    let efficient =
+        |c: &Curve| format!("{:.0} ({})", c.most_efficient().per_cpu_s.unwrap_or(0.0), c.most_efficient().in_flight);
     println!("\nbest of each path (calls in flight there): deliveries/s; deliveries per push-manager CPU-second");
-    println!("{:>5}  {:>14} {:>14} {:>14}   {:>14} {:>14}", "nodes", "direct", "batch-max 1", "batch-max 64", "batch-max 1", "batch-max 64");
+    println!(
+        "{:>5}  {:>14} {:>14} {:>14}   {:>14} {:>14}",
+        "nodes", "direct", "batch-max 1", "batch-max 64", "batch-max 1", "batch-max 64"
+    );
     for (nodes, paths) in results {
         let (direct, one, batched) = (peak(&paths.direct), peak(&paths.one_per_message), peak(&paths.batched));
         let (one_cpu, batched_cpu) = (efficient(&paths.one_per_message), efficient(&paths.batched));
         println!("{nodes:>5}  {direct:>14} {one:>14} {batched:>14}   {one_cpu:>14} {batched_cpu:>14}");
     }
-    println!("\ndefault batching / --batch-max 1: deliveries/s at the same calls in flight; peak to peak; per CPU-second");
+    println!(
+        "\ndefault batching / --batch-max 1: deliveries/s at the same calls in flight; peak to peak; per CPU-second"
+    );
     let loads: String = first.batched.points.iter().map(|p| format!("{:>7}", p.in_flight)).collect();
     println!("{:>5}{loads} {:>9} {:>9}", "nodes", "peaks", "per CPU");
     for (nodes, paths) in results {
-        let ratios: String = paths.batched.points.iter().map(|p| format!("{:>6.1}x", paths.same_load_ratio(p.in_flight))).collect();
+        let ratios: String =
+            paths.batched.points.iter().map(|p| format!("{:>6.1}x", paths.same_load_ratio(p.in_flight))).collect();
         println!("{nodes:>5}{ratios} {:>8.1}x {:>8.1}x", paths.peak_ratio(), paths.efficiency_ratio());
     }
     if let Some((_, paths)) = results.iter().find(|(nodes, _)| *nodes == 4) {

@@ -58,7 +58,11 @@ fn start_node(etcd: &Etcd, id: &str) -> Node {
     let gateway = start_gateway();
     let registration = Registration::start(
         etcd.client(),
-        RegistrationConfig { key: format!("{PREFIX}{id}"), addr: gateway.grpc_addr().to_string(), ttl: Duration::from_secs(5) },
+        RegistrationConfig {
+            key: format!("{PREFIX}{id}"),
+            addr: gateway.grpc_addr().to_string(),
+            ttl: Duration::from_secs(5),
+        },
     )
     .unwrap();
     Node { gateway, _registration: registration }
@@ -66,7 +70,8 @@ fn start_node(etcd: &Etcd, id: &str) -> Node {
 
 fn connect(ws_addr: &str, topics: &[&str]) -> Ws {
     let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
-    let url = if query.is_empty() { format!("ws://{ws_addr}/ws") } else { format!("ws://{ws_addr}/ws?{}", query.join("&")) };
+    let url =
+        if query.is_empty() { format!("ws://{ws_addr}/ws") } else { format!("ws://{ws_addr}/ws?{}", query.join("&")) };
     let (ws, _) = tungstenite::connect(url.as_str()).unwrap();
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -158,9 +163,11 @@ fn registration_comes_back_after_its_lease_is_revoked_behind_its_back() {
     let key = format!("{PREFIX}phoenix");
     let first = etcd.client().get(&key).unwrap().expect("registered").lease;
     etcd.client().revoke(first).unwrap();
-    wait_until("registered again under a new lease", Duration::from_secs(10), || {
-        matches!(etcd.client().get(&key).unwrap(), Some(kv) if kv.lease != 0 && kv.lease != first)
-    });
+    wait_until(
+        "registered again under a new lease",
+        Duration::from_secs(10),
+        || matches!(etcd.client().get(&key).unwrap(), Some(kv) if kv.lease != 0 && kv.lease != first),
+    );
     drop(node);
 }
 
@@ -212,7 +219,17 @@ fn a_second_node_on_a_taken_port_fails_to_start_instead_of_sharing_it() {
     let first = start_node(&etcd, "first");
     let taken = first.gateway.grpc_addr().to_string();
     let out = Command::new(BIN)
-        .args(["node", "--grpc-listen", &taken, "--ws-listen", "127.0.0.1:0", "--etcd", &etcd.endpoint(), "--prefix", PREFIX])
+        .args([
+            "node",
+            "--grpc-listen",
+            &taken,
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.endpoint(),
+            "--prefix",
+            PREFIX,
+        ])
         .args(["--node-id", "second"])
         .output()
         .unwrap();
@@ -233,10 +250,11 @@ fn node_refuses_bad_flags_with_a_clear_message() {
         (&["--max-loop-backlog", "0"], "max_loop_backlog"),
     ];
     for (args, needle) in cases {
-        let mut argv: Vec<String> = ["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--prefix", PREFIX]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut argv: Vec<String> =
+            ["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--prefix", PREFIX]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         argv.extend(["--etcd".to_string(), etcd.endpoint()]);
         // A flag under test replaces its default above.
         if let Some(i) = argv.iter().position(|a| a == args[0]) {
@@ -280,7 +298,8 @@ fn run_demo(path: Option<&str>) -> String {
 }
 
 #[track_caller]
-fn assert_demo_deliveries(stdout: &str) {    for line in [
+fn assert_demo_deliveries(stdout: &str) {
+    for line in [
         "alice  got it through node-1",
         "carol  got it through node-3",
         "bob    got it through node-2",
@@ -315,15 +334,19 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let deliveries: Vec<serde_json::Value> =
-        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["type"] == "message").collect();
+    let deliveries: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["type"] == "message")
+        .collect();
     let bodies: Vec<&str> = deliveries.iter().map(|v| v["body"].as_str().unwrap()).collect();
     assert_eq!(bodies, ["first", "second"], "{stdout}");
 }
 
 #[test]
 fn subscribe_to_a_dead_url_exits_non_zero_with_the_reason() {
-    let out = Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", util::free_addr())]).output().unwrap();
+    let out =
+        Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", util::free_addr())]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"), "{out:?}");
     for bad in ["nonsense", "wss://127.0.0.1:1/ws", "ws://"] {
@@ -342,7 +365,8 @@ fn nodes_lists_registered_nodes_with_their_lease_and_flags_bad_records() {
     let out = Command::new(BIN).args(["nodes", "--etcd", &etcd.endpoint(), "--prefix", PREFIX]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = |id: &str| stdout.lines().find(|l| l.contains(id)).unwrap_or_else(|| panic!("no {id} in {stdout}")).to_string();
+    let line =
+        |id: &str| stdout.lines().find(|l| l.contains(id)).unwrap_or_else(|| panic!("no {id} in {stdout}")).to_string();
     let leased = line("leased");
     assert!(leased.contains(&node.gateway.grpc_addr().to_string()), "{leased}");
     let ttl: u64 = leased.split_whitespace().last().unwrap().trim_end_matches('s').parse().expect("a TTL in seconds");
@@ -353,7 +377,8 @@ fn nodes_lists_registered_nodes_with_their_lease_and_flags_bad_records() {
 
 #[test]
 fn nodes_with_etcd_down_fails_with_a_clear_error() {
-    let out = Command::new(BIN).args(["nodes", "--etcd", &util::free_addr(), "--etcd-timeout", "300ms"]).output().unwrap();
+    let out =
+        Command::new(BIN).args(["nodes", "--etcd", &util::free_addr(), "--etcd-timeout", "300ms"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"), "{out:?}");
 }
@@ -365,7 +390,8 @@ fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
     let key = format!("{PREFIX}survivor");
     let ttl = Duration::from_secs(2);
     let _registration = Registration::start(
-        etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) }).unwrap(),
+        etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) })
+            .unwrap(),
         RegistrationConfig { key: key.clone(), addr: gateway.grpc_addr().to_string(), ttl },
     )
     .unwrap();
@@ -377,9 +403,11 @@ fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
     // fails and is retried with backoff until etcd is back.
     std::thread::sleep(ttl * 2);
     etcd.restart();
-    wait_until("registered under a new lease", Duration::from_secs(15), || {
-        matches!(etcd.client().get(&key), Ok(Some(kv)) if kv.lease != first && kv.lease != 0)
-    });
+    wait_until(
+        "registered under a new lease",
+        Duration::from_secs(15),
+        || matches!(etcd.client().get(&key), Ok(Some(kv)) if kv.lease != first && kv.lease != 0),
+    );
     let manager = start_manager(&etcd);
     wait_until("push-manager finds it", Duration::from_secs(5), || node_ids(&manager) == ["survivor"]);
 }

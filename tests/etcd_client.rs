@@ -12,10 +12,7 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[track_caller]
 fn next_event(watcher: &Watcher) -> WatchEvent {
-    watcher
-        .events()
-        .recv_timeout(EVENT_TIMEOUT)
-        .expect("a watch event within 5 s")
+    watcher.events().recv_timeout(EVENT_TIMEOUT).expect("a watch event within 5 s")
 }
 
 #[track_caller]
@@ -30,10 +27,7 @@ fn expect_connected(watcher: &Watcher) {
 fn expect_put(watcher: &Watcher, key: &str, value: &[u8], revision: i64) {
     match next_event(watcher) {
         WatchEvent::Put(kv) => {
-            assert_eq!(
-                (kv.key.as_str(), kv.value.as_slice(), kv.mod_revision),
-                (key, value, revision)
-            );
+            assert_eq!((kv.key.as_str(), kv.value.as_slice(), kv.mod_revision), (key, value, revision));
         }
         other => panic!("expected Put({key}), got {other:?}"),
     }
@@ -42,10 +36,7 @@ fn expect_put(watcher: &Watcher, key: &str, value: &[u8], revision: i64) {
 #[track_caller]
 fn expect_delete(watcher: &Watcher, key: &str, revision: i64) {
     match next_event(watcher) {
-        WatchEvent::Delete {
-            key: k,
-            mod_revision,
-        } => assert_eq!((k.as_str(), mod_revision), (key, revision)),
+        WatchEvent::Delete { key: k, mod_revision } => assert_eq!((k.as_str(), mod_revision), (key, revision)),
         other => panic!("expected Delete({key}), got {other:?}"),
     }
 }
@@ -65,24 +56,14 @@ fn get_prefix_lists_exactly_the_prefix_with_revisions() {
     assert_eq!(keys, ["/a/1", "/a/2"]);
     assert_eq!(listing.revision, r_last);
     assert_eq!(listing.kvs[0].value, b"one");
-    assert_eq!(
-        (listing.kvs[0].create_revision, listing.kvs[0].mod_revision),
-        (r1, r1)
-    );
+    assert_eq!((listing.kvs[0].create_revision, listing.kvs[0].mod_revision), (r1, r1));
     assert_eq!(listing.kvs[0].lease, 0);
 
     let r3 = client.put("/a/1", b"uno", None).unwrap();
     let kv = client.get("/a/1").unwrap().expect("/a/1 exists");
-    assert_eq!(
-        (kv.value.as_slice(), kv.create_revision, kv.mod_revision),
-        (&b"uno"[..], r1, r3)
-    );
+    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision), (&b"uno"[..], r1, r3));
     assert_eq!(client.get("/a/missing").unwrap(), None);
-    assert_eq!(
-        client.get_prefix("").unwrap().kvs.len(),
-        4,
-        "empty prefix lists every key"
-    );
+    assert_eq!(client.get_prefix("").unwrap().kvs.len(), 4, "empty prefix lists every key");
 }
 
 #[test]
@@ -96,13 +77,7 @@ fn delete_and_delete_prefix_count_what_they_removed() {
     assert_eq!(client.delete("/d/1").unwrap(), 0);
     assert_eq!(client.delete_prefix("/d/").unwrap(), 2);
     assert!(client.get_prefix("/d/").unwrap().kvs.is_empty());
-    let left: Vec<String> = client
-        .get_prefix("/d")
-        .unwrap()
-        .kvs
-        .into_iter()
-        .map(|kv| kv.key)
-        .collect();
+    let left: Vec<String> = client.get_prefix("/d").unwrap().kvs.into_iter().map(|kv| kv.key).collect();
     assert_eq!(left, ["/d", "/d0"]);
 }
 
@@ -111,24 +86,12 @@ fn lease_key_disappears_after_ttl_without_keep_alive() {
     let etcd = Etcd::start();
     let client = etcd.client();
     let lease = client.grant(Duration::from_millis(1)).unwrap();
-    assert!(
-        lease.ttl >= Duration::from_secs(1),
-        "ttl rounded up to at least 1 s: {lease:?}"
-    );
+    assert!(lease.ttl >= Duration::from_secs(1), "ttl rounded up to at least 1 s: {lease:?}");
     client.put("/lease/k", b"v", Some(lease.id)).unwrap();
-    assert_eq!(
-        client
-            .get("/lease/k")
-            .unwrap()
-            .expect("key under lease")
-            .lease,
-        lease.id
-    );
+    assert_eq!(client.get("/lease/k").unwrap().expect("key under lease").lease, lease.id);
     assert!(client.time_to_live(lease.id).unwrap().is_some());
 
-    wait_until("the leased key expires", Duration::from_secs(10), || {
-        client.get("/lease/k").unwrap().is_none()
-    });
+    wait_until("the leased key expires", Duration::from_secs(10), || client.get("/lease/k").unwrap().is_none());
     assert_eq!(client.time_to_live(lease.id).unwrap(), None);
 }
 
@@ -144,34 +107,19 @@ fn kept_alive_lease_outlives_its_ttl_and_expires_after_drop() {
     let until = Instant::now() + lease.ttl * 2 + Duration::from_secs(1);
     while Instant::now() < until {
         let left = client.time_to_live(lease.id).unwrap();
-        assert!(
-            matches!(left, Some(s) if s > 0),
-            "lease kept alive, has {left:?} s left"
-        );
+        assert!(matches!(left, Some(s) if s > 0), "lease kept alive, has {left:?} s left");
         assert!(client.get("/kept/k").unwrap().is_some(), "key kept alive");
-        assert!(
-            keep_alive.lost().try_recv().is_err(),
-            "lease not reported lost"
-        );
+        assert!(keep_alive.lost().try_recv().is_err(), "lease not reported lost");
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let dropped = Instant::now();
     drop(keep_alive);
-    assert!(
-        dropped.elapsed() < Duration::from_secs(1),
-        "drop stops the thread promptly: {:?}",
-        dropped.elapsed()
-    );
-    assert!(
-        client.get("/kept/k").unwrap().is_some(),
-        "dropping the handle does not revoke"
-    );
-    wait_until(
-        "the no longer renewed key expires",
-        Duration::from_secs(10),
-        || client.get("/kept/k").unwrap().is_none(),
-    );
+    assert!(dropped.elapsed() < Duration::from_secs(1), "drop stops the thread promptly: {:?}", dropped.elapsed());
+    assert!(client.get("/kept/k").unwrap().is_some(), "dropping the handle does not revoke");
+    wait_until("the no longer renewed key expires", Duration::from_secs(10), || {
+        client.get("/kept/k").unwrap().is_none()
+    });
 }
 
 #[test]
@@ -184,10 +132,7 @@ fn revoke_removes_keys_at_once() {
     assert_eq!(client.get("/revoke/k").unwrap(), None);
     assert_eq!(client.time_to_live(lease.id).unwrap(), None);
     assert!(matches!(client.revoke(lease.id), Err(Error::LeaseNotFound(id)) if id == lease.id));
-    assert!(matches!(
-        client.put("/revoke/k", b"v", Some(lease.id)),
-        Err(Error::LeaseNotFound(_))
-    ));
+    assert!(matches!(client.put("/revoke/k", b"v", Some(lease.id)), Err(Error::LeaseNotFound(_))));
 }
 
 #[test]
@@ -197,10 +142,7 @@ fn keep_alive_reports_expired_when_lease_is_revoked_behind_its_back() {
     let lease = client.grant(Duration::from_secs(3)).unwrap();
     let keep_alive = client.keep_alive(lease).unwrap();
     client.revoke(lease.id).unwrap();
-    match keep_alive
-        .lost()
-        .recv_timeout(lease.ttl + Duration::from_secs(2))
-    {
+    match keep_alive.lost().recv_timeout(lease.ttl + Duration::from_secs(2)) {
         Ok(LeaseLost::Expired) => {}
         other => panic!("expected LeaseLost::Expired, got {other:?}"),
     }
@@ -213,10 +155,7 @@ fn keep_alive_reports_unreachable_when_etcd_stays_down() {
     let lease = client.grant(Duration::from_secs(2)).unwrap();
     let keep_alive = client.keep_alive(lease).unwrap();
     etcd.kill();
-    match keep_alive
-        .lost()
-        .recv_timeout(lease.ttl + Duration::from_secs(3))
-    {
+    match keep_alive.lost().recv_timeout(lease.ttl + Duration::from_secs(3)) {
         Ok(LeaseLost::Unreachable { for_ }) => {
             assert!(for_ >= lease.ttl, "reported after a whole TTL: {for_:?}")
         }
@@ -240,19 +179,12 @@ fn watch_sees_puts_and_deletes_in_order() {
     expect_put(&watcher, "/w/a", b"1", r1);
     expect_put(&watcher, "/w/b", b"2", r2);
     expect_delete(&watcher, "/w/a", r3);
-    assert!(
-        watcher.events().try_recv().is_err(),
-        "keys outside the prefix are not reported"
-    );
+    assert!(watcher.events().try_recv().is_err(), "keys outside the prefix are not reported");
 
     let stopping = Instant::now();
     watcher.shutdown();
     watcher.shutdown();
-    assert!(
-        stopping.elapsed() < Duration::from_secs(1),
-        "shutdown is prompt: {:?}",
-        stopping.elapsed()
-    );
+    assert!(stopping.elapsed() < Duration::from_secs(1), "shutdown is prompt: {:?}", stopping.elapsed());
 }
 
 #[test]
@@ -282,20 +214,14 @@ fn watch_from_a_compacted_revision_reports_compacted_and_stops() {
     let last = client.put("/c/k", b"2", None).unwrap();
     let status = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.endpoint(),
-            "compact",
-            &last.to_string(),
-        ])
+        .args(["--endpoints", &etcd.endpoint(), "compact", &last.to_string()])
         .output()
         .expect("run etcdctl");
     assert!(status.status.success(), "etcdctl compact: {status:?}");
 
     let watcher = client.watch_prefix("/c/", first).unwrap();
-    let compacted = std::iter::from_fn(|| Some(next_event(&watcher)))
-        .find(|e| !matches!(e, WatchEvent::Connected))
-        .unwrap();
+    let compacted =
+        std::iter::from_fn(|| Some(next_event(&watcher))).find(|e| !matches!(e, WatchEvent::Connected)).unwrap();
     match compacted {
         WatchEvent::Compacted { compact_revision } => assert_eq!(compact_revision, last),
         other => panic!("expected Compacted, got {other:?}"),
@@ -305,44 +231,25 @@ fn watch_from_a_compacted_revision_reports_compacted_and_stops() {
 #[test]
 fn fails_over_from_a_dead_endpoint() {
     let etcd = Etcd::start();
-    let config = Config {
-        endpoints: vec![free_addr(), etcd.endpoint()],
-        timeout: Duration::from_secs(2),
-    };
+    let config = Config { endpoints: vec![free_addr(), etcd.endpoint()], timeout: Duration::from_secs(2) };
     let client = Client::connect(config).unwrap();
     let revision = client.put("/f/k", b"v", None).unwrap();
-    assert_eq!(
-        client.get("/f/k").unwrap().expect("key").mod_revision,
-        revision
-    );
+    assert_eq!(client.get("/f/k").unwrap().expect("key").mod_revision, revision);
     let watcher = client.watch_prefix("/f/", revision).unwrap();
     let events: Vec<WatchEvent> = (0..2).map(|_| next_event(&watcher)).collect();
-    assert!(
-        matches!(events.last(), Some(WatchEvent::Put(kv)) if kv.key == "/f/k"),
-        "got {events:?}"
-    );
+    assert!(matches!(events.last(), Some(WatchEvent::Put(kv)) if kv.key == "/f/k"), "got {events:?}");
 }
 
 #[test]
 fn all_endpoints_dead_fails_with_a_typed_error_within_the_deadline() {
     let timeout = Duration::from_secs(1);
-    let client = Client::connect(Config {
-        endpoints: vec![free_addr(), free_addr()],
-        timeout,
-    })
-    .unwrap();
+    let client = Client::connect(Config { endpoints: vec![free_addr(), free_addr()], timeout }).unwrap();
     for _ in 0..2 {
         let started = Instant::now();
         let err = client.get("/k").expect_err("no etcd is listening");
         let elapsed = started.elapsed();
-        assert!(
-            elapsed < timeout + Duration::from_millis(500),
-            "failed after {elapsed:?}"
-        );
-        assert!(
-            matches!(err, Error::Unavailable { .. } | Error::Timeout(_)),
-            "got {err:?}"
-        );
+        assert!(elapsed < timeout + Duration::from_millis(500), "failed after {elapsed:?}");
+        assert!(matches!(err, Error::Unavailable { .. } | Error::Timeout(_)), "got {err:?}");
         assert!(err.is_retryable());
     }
 }
@@ -357,19 +264,10 @@ fn client_and_watcher_recover_after_etcd_restarts() {
 
     etcd.kill();
     let err = client.get("/r/before").expect_err("etcd is down");
-    assert!(
-        err.is_retryable(),
-        "down etcd gives a retryable error, got {err:?}"
-    );
-    assert!(matches!(
-        next_event(&watcher),
-        WatchEvent::Disconnected { .. }
-    ));
+    assert!(err.is_retryable(), "down etcd gives a retryable error, got {err:?}");
+    assert!(matches!(next_event(&watcher), WatchEvent::Disconnected { .. }));
     let mut started_while_down = client.watch_prefix("/r/", 0).unwrap();
-    assert!(matches!(
-        next_event(&started_while_down),
-        WatchEvent::Disconnected { .. }
-    ));
+    assert!(matches!(next_event(&started_while_down), WatchEvent::Disconnected { .. }));
     let stopping = Instant::now();
     started_while_down.shutdown();
     assert!(
@@ -379,19 +277,8 @@ fn client_and_watcher_recover_after_etcd_restarts() {
     );
 
     etcd.restart();
-    wait_until(
-        "the client reads again after the restart",
-        Duration::from_secs(10),
-        || client.get("/r/before").is_ok(),
-    );
-    assert_eq!(
-        client
-            .get("/r/before")
-            .unwrap()
-            .expect("data survives the restart")
-            .value,
-        b"kept"
-    );
+    wait_until("the client reads again after the restart", Duration::from_secs(10), || client.get("/r/before").is_ok());
+    assert_eq!(client.get("/r/before").unwrap().expect("data survives the restart").value, b"kept");
     expect_connected(&watcher);
     let revision = client.put("/r/after", b"new", None).unwrap();
     expect_put(&watcher, "/r/after", b"new", revision);
@@ -400,10 +287,7 @@ fn client_and_watcher_recover_after_etcd_restarts() {
 #[test]
 fn invalid_config_is_rejected_with_a_clear_message() {
     let invalid = |endpoints: Vec<&str>| {
-        let config = Config {
-            endpoints: endpoints.into_iter().map(String::from).collect(),
-            ..Config::default()
-        };
+        let config = Config { endpoints: endpoints.into_iter().map(String::from).collect(), ..Config::default() };
         match Client::connect(config) {
             Err(Error::InvalidConfig(message)) => message,
             Err(other) => panic!("expected InvalidConfig, got {other:?}"),
@@ -415,21 +299,10 @@ fn invalid_config_is_rejected_with_a_clear_message() {
     assert!(invalid(vec!["127.0.0.1:2379", "host:port"]).contains("\"host:port\""));
     assert!(invalid(vec!["http://127.0.0.1:2379"]).contains("without a scheme"));
     assert!(invalid(vec![":2379"]).contains("host"));
-    let zero = Config {
-        timeout: Duration::ZERO,
-        ..Config::default()
-    };
+    let zero = Config { timeout: Duration::ZERO, ..Config::default() };
     assert!(matches!(zero.validate(), Err(Error::InvalidConfig(_))));
 
     Config::default().validate().unwrap();
-    let lazy = Client::connect(Config {
-        endpoints: vec![free_addr()],
-        ..Config::default()
-    });
-    assert_eq!(
-        lazy.expect("connect does not need etcd up")
-            .endpoints()
-            .len(),
-        1
-    );
+    let lazy = Client::connect(Config { endpoints: vec![free_addr()], ..Config::default() });
+    assert_eq!(lazy.expect("connect does not need etcd up").endpoints().len(), 1);
 }

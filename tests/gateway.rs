@@ -277,7 +277,12 @@ fn client_silent_past_pong_timeout_is_dropped() {
 /// Opens a bystander, lets `misbehave` run on a fresh connection, expects the gateway to close
 /// it with `code` and a reason starting with `reason`, and the bystander to be unaffected.
 #[track_caller]
-fn assert_closed_for_bad_input(config: impl FnOnce(&mut push_manager::gateway::Config), misbehave: impl FnOnce(&mut Client), code: u16, reason: &str) {
+fn assert_closed_for_bad_input(
+    config: impl FnOnce(&mut push_manager::gateway::Config),
+    misbehave: impl FnOnce(&mut Client),
+    code: u16,
+    reason: &str,
+) {
     let gw = start(config);
     let mut bystander = Client::subscribed(&gw, &["a"]);
     let mut culprit = Client::subscribed(&gw, &["a"]);
@@ -297,24 +302,44 @@ fn invalid_json_closes_with_1007() {
 
 #[test]
 fn unknown_action_closes_with_1008() {
-    assert_closed_for_bad_input(|_| {}, |c| c.send_text(r#"{"action":"dance","topics":["a"]}"#), 1008, r#"unknown action "dance""#);
+    assert_closed_for_bad_input(
+        |_| {},
+        |c| c.send_text(r#"{"action":"dance","topics":["a"]}"#),
+        1008,
+        r#"unknown action "dance""#,
+    );
 }
 
 #[test]
 fn empty_topic_closes_with_1008() {
-    assert_closed_for_bad_input(|_| {}, |c| c.send_text(r#"{"action":"subscribe","topics":[""]}"#), 1008, "empty topic");
+    assert_closed_for_bad_input(
+        |_| {},
+        |c| c.send_text(r#"{"action":"subscribe","topics":[""]}"#),
+        1008,
+        "empty topic",
+    );
 }
 
 #[test]
 fn topic_with_whitespace_closes_with_1008_as_push_manager_could_never_target_it() {
-    assert_closed_for_bad_input(|_| {}, |c| c.send_text(r#"{"action":"subscribe","topics":["breaking news"]}"#), 1008, "topic contains ' '");
+    assert_closed_for_bad_input(
+        |_| {},
+        |c| c.send_text(r#"{"action":"subscribe","topics":["breaking news"]}"#),
+        1008,
+        "topic contains ' '",
+    );
 }
 
 #[test]
 fn over_long_topic_closes_with_1008() {
     let topic = "t".repeat(17);
     let command = json!({"action":"subscribe","topics":[topic]}).to_string();
-    assert_closed_for_bad_input(|c| c.max_topic_len = 16, |c| c.send_text(&command), 1008, "topic longer than 16 bytes");
+    assert_closed_for_bad_input(
+        |c| c.max_topic_len = 16,
+        |c| c.send_text(&command),
+        1008,
+        "topic longer than 16 bytes",
+    );
 }
 
 #[test]

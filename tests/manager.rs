@@ -88,7 +88,9 @@ fn finds_registered_nodes_and_delivers_one_broadcast_to_each_exactly_once() {
         wait_until("the broadcast arrives", Duration::from_secs(5), || sink.count() == 1);
         assert_eq!(sink.bodies(), vec![b"hello".to_vec()]);
     }
-    wait_until("counters settle", Duration::from_secs(5), || manager.nodes().iter().all(|n| n.sent == 1 && n.settled()));
+    wait_until("counters settle", Duration::from_secs(5), || {
+        manager.nodes().iter().all(|n| n.sent == 1 && n.settled())
+    });
 }
 
 #[test]
@@ -113,7 +115,9 @@ fn without_the_watch_a_node_is_found_within_one_poll_interval() {
     wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
     let sink = Sink::start();
     register(&etcd, "polled", &sink.addr);
-    wait_until("found by the next poll", poll * 2 + Duration::from_millis(500), || node_ids(&manager) == ids(&["polled"]));
+    wait_until("found by the next poll", poll * 2 + Duration::from_millis(500), || {
+        node_ids(&manager) == ids(&["polled"])
+    });
 }
 
 #[test]

@@ -74,7 +74,8 @@ fn send_reports_an_error_status_and_exits_non_zero() {
 #[test]
 fn with_etcd_unreachable_send_is_told_so() {
     let dead = util::free_addr();
-    let (mut child, addr) = spawn_serve(&dead, PREFIX, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
+    let (mut child, addr) =
+        spawn_serve(&dead, PREFIX, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
     wait_until("the first listing has failed", Duration::from_secs(10), || {
         let out = send(&addr, "anyone?");
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&format!("etcd ({dead}) is unreachable"))
@@ -88,7 +89,8 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
     let etcd = Etcd::start();
     let sink = Sink::start();
     etcd.client().put(&format!("{PREFIX}counted"), sink.addr.as_bytes(), None).unwrap();
-    let (mut child, addr) = spawn_serve(&etcd.endpoint(), PREFIX, &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
+    let (mut child, addr) =
+        spawn_serve(&etcd.endpoint(), PREFIX, &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
     let (lines_tx, lines) = crossbeam_channel::unbounded();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));

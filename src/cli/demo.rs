@@ -18,11 +18,11 @@ use grpcio::{ChannelBuilder, EnvBuilder};
 use log::LevelFilter;
 use tungstenite::{Message, WebSocket};
 
+use super::send::broadcast_request;
 use super::subscribe::subscribe_url;
 use crate::etcd::{self, InProcessEtcd, LocalEtcd};
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
-use super::send::broadcast_request;
 use crate::proto::protocol::BroadCastReply;
 use crate::proto::protocol_grpc::PushServerClient;
 
@@ -82,10 +82,18 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         let id = format!("node-{i}");
         let registration = Registration::start(
             client.clone(),
-            RegistrationConfig { key: format!("{PREFIX}{id}"), addr: gateway.grpc_addr().to_string(), ttl: Duration::from_secs(5) },
+            RegistrationConfig {
+                key: format!("{PREFIX}{id}"),
+                addr: gateway.grpc_addr().to_string(),
+                ttl: Duration::from_secs(5),
+            },
         )
         .map_err(|e| e.to_string())?;
-        println!("connect-node {id}: gRPC {} WebSocket ws://{}/ws, registered with a 5 s lease", gateway.grpc_addr(), gateway.ws_addr());
+        println!(
+            "connect-node {id}: gRPC {} WebSocket ws://{}/ws, registered with a 5 s lease",
+            gateway.grpc_addr(),
+            gateway.ws_addr()
+        );
         nodes.push((id, gateway, Some(registration)));
     }
     wait_for("push-manager to discover 3 nodes", || manager.nodes().len() == 3)?;
@@ -96,13 +104,19 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     println!();
     for (name, node, topics) in SUBSCRIBERS {
         let (id, gateway, _) = &nodes[*node];
-        let url = subscribe_url(&format!("ws://{}/ws", gateway.ws_addr()), &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        let url = subscribe_url(
+            &format!("ws://{}/ws", gateway.ws_addr()),
+            &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        );
         readers.push(subscribe(name, id.clone(), &url, deliveries_tx.clone())?);
-        let shown = if topics.is_empty() { "no topic (broadcasts to everyone only)".to_string() } else { topics.join(", ") };
+        let shown =
+            if topics.is_empty() { "no topic (broadcasts to everyone only)".to_string() } else { topics.join(", ") };
         println!("subscriber {name:<6} on {id}: {shown}");
     }
     drop(deliveries_tx);
-    wait_for("every subscriber to be connected", || nodes.iter().map(|(_, g, _)| g.hub().connections()).sum::<usize>() == SUBSCRIBERS.len())?;
+    wait_for("every subscriber to be connected", || {
+        nodes.iter().map(|(_, g, _)| g.hub().connections()).sum::<usize>() == SUBSCRIBERS.len()
+    })?;
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-demo").build());
     let push = PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())));
@@ -137,7 +151,10 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     wait_for("node counters to settle", || manager.nodes().iter().all(|n| n.settled()))?;
     println!();
     for n in manager.nodes() {
-        println!("push-manager counters for {}: enqueued {} sent {} in {} RPC(s), failed {}, dropped {}", n.id, n.enqueued, n.sent, n.rpcs, n.failed, n.dropped_full);
+        println!(
+            "push-manager counters for {}: enqueued {} sent {} in {} RPC(s), failed {}, dropped {}",
+            n.id, n.enqueued, n.sent, n.rpcs, n.failed, n.dropped_full
+        );
     }
     println!("\nshutting down");
     manager.shutdown();
@@ -223,9 +240,9 @@ fn send_and_show(
     let mut got: BTreeMap<&str, String> = BTreeMap::new();
     let deadline = Instant::now() + WAIT;
     while got.len() < expected.len() {
-        let d = deliveries
-            .recv_deadline(deadline)
-            .map_err(|_| format!("broadcast #{seq}: only {:?} of {expected:?} received it", got.keys().collect::<Vec<_>>()))?;
+        let d = deliveries.recv_deadline(deadline).map_err(|_| {
+            format!("broadcast #{seq}: only {:?} of {expected:?} received it", got.keys().collect::<Vec<_>>())
+        })?;
         if d.frame["seq"] != seq {
             return Err(format!("{} received an unexpected frame {}", d.subscriber, d.frame));
         }
@@ -237,7 +254,8 @@ fn send_and_show(
         }
         println!("  {:<6} got it through {}: {}", d.subscriber, d.node, d.text);
     }
-    let missed: Vec<&str> = SUBSCRIBERS.iter().map(|s| s.0).filter(|n| !expected.contains(n) && !gone.contains(n)).collect();
+    let missed: Vec<&str> =
+        SUBSCRIBERS.iter().map(|s| s.0).filter(|n| !expected.contains(n) && !gone.contains(n)).collect();
     if !missed.is_empty() {
         println!("  not subscribed, not sent: {}", missed.join(", "));
     }
@@ -259,7 +277,12 @@ fn subscribe(name: &'static str, node: String, url: &str, out: Sender<Delivery>)
         .map_err(|e| e.to_string())
 }
 
-fn read_deliveries(name: &'static str, node: String, mut socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>, out: Sender<Delivery>) {
+fn read_deliveries(
+    name: &'static str,
+    node: String,
+    mut socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
+    out: Sender<Delivery>,
+) {
     while let Ok(msg) = socket.read() {
         let (frame, text) = match msg {
             Message::Text(text) => match serde_json::from_str::<serde_json::Value>(text.as_str()) {

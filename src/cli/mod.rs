@@ -13,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "push-manager", version, about = "Fan-out service for real-time push: business servers -> push-manager -> connect-nodes -> WebSocket users")]
+#[command(
+    name = "push-manager",
+    version,
+    about = "Fan-out service for real-time push: business servers -> push-manager -> connect-nodes -> WebSocket users"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

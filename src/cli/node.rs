@@ -117,7 +117,11 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
     let client = etcd::Client::connect(etcd_config)?;
     let mut registration = Registration::start(
         client,
-        RegistrationConfig { key: format!("{}{node_id}", args.registry.prefix), addr: addr.clone(), ttl: args.lease_ttl },
+        RegistrationConfig {
+            key: format!("{}{node_id}", args.registry.prefix),
+            addr: addr.clone(),
+            ttl: args.lease_ttl,
+        },
     )?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());

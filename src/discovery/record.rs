@@ -34,11 +34,7 @@ pub fn parse(prefix: &str, key: &str, value: &[u8]) -> Result<NodeRecord, BadRec
         return Err(bad("the key has no node id after the prefix".into()));
     }
     let text = std::str::from_utf8(value).map_err(|_| bad("the value is not UTF-8".into()))?.trim();
-    let addr = if text.starts_with('{') {
-        address_from_json(text).map_err(bad)?
-    } else {
-        text.to_string()
-    };
+    let addr = if text.starts_with('{') { address_from_json(text).map_err(bad)? } else { text.to_string() };
     crate::addr::validate_host_port(&addr).map_err(bad)?;
     Ok(NodeRecord { id: id.to_string(), addr })
 }
@@ -68,7 +64,10 @@ mod tests {
 
     #[test]
     fn plain_address() {
-        assert_eq!(ok("/services/connect-node/n1", "127.0.0.1:50061"), NodeRecord { id: "n1".into(), addr: "127.0.0.1:50061".into() });
+        assert_eq!(
+            ok("/services/connect-node/n1", "127.0.0.1:50061"),
+            NodeRecord { id: "n1".into(), addr: "127.0.0.1:50061".into() }
+        );
         assert_eq!(ok("/services/connect-node/n1", " host.example:1 \n").addr, "host.example:1");
         assert_eq!(ok("/services/connect-node/n1", "[::1]:9000").addr, "[::1]:9000");
     }

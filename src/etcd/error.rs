@@ -16,19 +16,13 @@ pub enum Error {
     InvalidConfig(String),
     /// No endpoint answered: each refused, broke the call or ran out of its share of the deadline.
     #[error("no etcd endpoint of {endpoints:?} is available (last error: {last_error})")]
-    Unavailable {
-        endpoints: Vec<String>,
-        last_error: String,
-    },
+    Unavailable { endpoints: Vec<String>, last_error: String },
     /// The call's overall deadline (`Config::timeout`) passed before any endpoint answered.
     #[error("etcd call timed out after {0:?}")]
     Timeout(Duration),
     /// etcd answered with a non-OK gRPC status.
     #[error("etcd returned {code:?}: {message}")]
-    Rpc {
-        code: RpcStatusCode,
-        message: String,
-    },
+    Rpc { code: RpcStatusCode, message: String },
     /// The lease does not exist (never granted, revoked or expired).
     #[error("etcd lease {0:#x} not found")]
     LeaseNotFound(i64),
@@ -49,10 +43,7 @@ impl Error {
         match self {
             Error::Unavailable { .. } | Error::Timeout(_) | Error::Transport(_) => true,
             Error::Rpc { code, .. } => is_retryable_code(*code),
-            Error::InvalidConfig(_)
-            | Error::LeaseNotFound(_)
-            | Error::Compacted { .. }
-            | Error::Spawn(_) => false,
+            Error::InvalidConfig(_) | Error::LeaseNotFound(_) | Error::Compacted { .. } | Error::Spawn(_) => false,
         }
     }
 }
@@ -70,15 +61,11 @@ fn is_retryable_code(code: RpcStatusCode) -> bool {
 impl From<grpcio::Error> for Error {
     fn from(e: grpcio::Error) -> Error {
         match e {
-            grpcio::Error::RpcFailure(status) => Error::Rpc {
-                code: status.code(),
-                message: status.message().to_owned(),
-            },
+            grpcio::Error::RpcFailure(status) => {
+                Error::Rpc { code: status.code(), message: status.message().to_owned() }
+            }
             grpcio::Error::RpcFinished(Some(status)) if status.code() != RpcStatusCode::OK => {
-                Error::Rpc {
-                    code: status.code(),
-                    message: status.message().to_owned(),
-                }
+                Error::Rpc { code: status.code(), message: status.message().to_owned() }
             }
             other => Error::Transport(other.to_string()),
         }
@@ -90,10 +77,7 @@ mod tests {
     use super::*;
 
     fn rpc(code: RpcStatusCode) -> Error {
-        Error::Rpc {
-            code,
-            message: String::new(),
-        }
+        Error::Rpc { code, message: String::new() }
     }
 
     #[test]
@@ -101,11 +85,7 @@ mod tests {
         assert!(rpc(RpcStatusCode::UNAVAILABLE).is_retryable());
         assert!(rpc(RpcStatusCode::DEADLINE_EXCEEDED).is_retryable());
         assert!(Error::Timeout(Duration::from_secs(2)).is_retryable());
-        assert!(Error::Unavailable {
-            endpoints: vec![],
-            last_error: String::new()
-        }
-        .is_retryable());
+        assert!(Error::Unavailable { endpoints: vec![], last_error: String::new() }.is_retryable());
         assert!(Error::Transport("stream ended".into()).is_retryable());
     }
 
@@ -116,10 +96,7 @@ mod tests {
         assert!(!rpc(RpcStatusCode::PERMISSION_DENIED).is_retryable());
         assert!(!Error::InvalidConfig("no endpoints".into()).is_retryable());
         assert!(!Error::LeaseNotFound(7).is_retryable());
-        assert!(!Error::Compacted {
-            compact_revision: 3
-        }
-        .is_retryable());
+        assert!(!Error::Compacted { compact_revision: 3 }.is_retryable());
         assert!(!Error::Spawn("etcd-watch: out of threads".into()).is_retryable());
     }
 

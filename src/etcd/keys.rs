@@ -18,11 +18,7 @@ fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
 /// The `(key, range_end)` pair selecting every key that starts with `prefix`. etcd refuses an
 /// empty key, so the empty prefix (every key) is spelled `("\0", "\0")` as etcd's clients do.
 pub(crate) fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let key = if prefix.is_empty() {
-        vec![0]
-    } else {
-        prefix.to_vec()
-    };
+    let key = if prefix.is_empty() { vec![0] } else { prefix.to_vec() };
     (key, prefix_range_end(prefix))
 }
 
@@ -46,10 +42,7 @@ mod tests {
     #[test]
     fn drops_trailing_ff_bytes() {
         assert_eq!(prefix_range_end(&[b'a', 0xff]), b"b".to_vec());
-        assert_eq!(
-            prefix_range_end(&[b'a', 0xfe, 0xff, 0xff]),
-            vec![b'a', 0xff]
-        );
+        assert_eq!(prefix_range_end(&[b'a', 0xfe, 0xff, 0xff]), vec![b'a', 0xff]);
     }
 
     #[test]

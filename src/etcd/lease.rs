@@ -40,22 +40,12 @@ impl KeepAlive {
     pub(super) fn spawn(client: Client, lease: Lease) -> Result<KeepAlive> {
         let (stop_tx, stop_rx) = bounded(0);
         let (lost_tx, lost_rx) = bounded(1);
-        let renewer = Renewer {
-            client,
-            lease,
-            stop: stop_rx,
-            lost: lost_tx,
-        };
+        let renewer = Renewer { client, lease, stop: stop_rx, lost: lost_tx };
         let thread = thread::Builder::new()
             .name("etcd-keepalive".into())
             .spawn(move || renewer.run())
             .map_err(|e| Error::Spawn(format!("etcd-keepalive: {e}")))?;
-        Ok(KeepAlive {
-            lease,
-            lost: lost_rx,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        Ok(KeepAlive { lease, lost: lost_rx, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     pub fn lease(&self) -> Lease {
@@ -73,10 +63,7 @@ impl KeepAlive {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                log::error!(
-                    "etcd-keepalive thread of lease {:#x} panicked",
-                    self.lease.id
-                );
+                log::error!("etcd-keepalive thread of lease {:#x} panicked", self.lease.id);
             }
         }
     }

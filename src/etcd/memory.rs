@@ -160,8 +160,12 @@ impl Kv for Service {
         let store = self.0.lock();
         let mut resp = RangeResponse::new();
         resp.set_header(store.header());
-        let kvs: Vec<KeyValue> =
-            store.kvs.values().filter(|kv| in_range(kv.get_key(), req.get_key(), req.get_range_end())).cloned().collect();
+        let kvs: Vec<KeyValue> = store
+            .kvs
+            .values()
+            .filter(|kv| in_range(kv.get_key(), req.get_key(), req.get_range_end()))
+            .cloned()
+            .collect();
         resp.set_count(kvs.len() as i64);
         resp.set_kvs(kvs.into());
         drop(store);
@@ -252,7 +256,12 @@ impl Lease for Service {
         });
     }
 
-    fn lease_time_to_live(&mut self, ctx: RpcContext, req: LeaseTimeToLiveRequest, sink: UnarySink<LeaseTimeToLiveResponse>) {
+    fn lease_time_to_live(
+        &mut self,
+        ctx: RpcContext,
+        req: LeaseTimeToLiveRequest,
+        sink: UnarySink<LeaseTimeToLiveResponse>,
+    ) {
         let store = self.0.lock();
         let mut resp = LeaseTimeToLiveResponse::new();
         resp.set_ID(req.get_ID());
@@ -268,7 +277,12 @@ impl Lease for Service {
 }
 
 impl Watch for Service {
-    fn watch(&mut self, ctx: RpcContext, mut requests: RequestStream<WatchRequest>, mut sink: DuplexSink<WatchResponse>) {
+    fn watch(
+        &mut self,
+        ctx: RpcContext,
+        mut requests: RequestStream<WatchRequest>,
+        mut sink: DuplexSink<WatchResponse>,
+    ) {
         let store = self.0.clone();
         ctx.spawn(async move {
             let Some(Ok(req)) = requests.next().await else { return };

@@ -22,8 +22,7 @@ use grpcio::{CallOption, Channel, ChannelBuilder, EnvBuilder, Environment, RpcSt
 
 use crate::proto::kv as mvccpb;
 use crate::proto::rpc::{
-    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest,
-    RangeRequest,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
 };
 use crate::proto::rpc_grpc::{KvClient, LeaseClient};
 
@@ -44,10 +43,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Config {
-        Config {
-            endpoints: vec!["127.0.0.1:2379".to_owned()],
-            timeout: Duration::from_secs(2),
-        }
+        Config { endpoints: vec!["127.0.0.1:2379".to_owned()], timeout: Duration::from_secs(2) }
     }
 }
 
@@ -55,17 +51,13 @@ impl Config {
     /// Checks that every endpoint is `host:port` and the timeout is not zero.
     pub fn validate(&self) -> Result<()> {
         if self.endpoints.is_empty() {
-            return Err(Error::InvalidConfig(
-                "no etcd endpoints given (expected at least one host:port)".into(),
-            ));
+            return Err(Error::InvalidConfig("no etcd endpoints given (expected at least one host:port)".into()));
         }
         for endpoint in &self.endpoints {
             validate_endpoint(endpoint)?;
         }
         if self.timeout.is_zero() {
-            return Err(Error::InvalidConfig(
-                "etcd timeout must be greater than zero".into(),
-            ));
+            return Err(Error::InvalidConfig("etcd timeout must be greater than zero".into()));
         }
         Ok(())
     }
@@ -136,12 +128,7 @@ impl Client {
     /// Validates `config` and sets up one channel per endpoint; etcd need not be up yet.
     pub fn connect(config: Config) -> Result<Client> {
         config.validate()?;
-        let env = Arc::new(
-            EnvBuilder::new()
-                .cq_count(1)
-                .name_prefix("etcd-grpc")
-                .build(),
-        );
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("etcd-grpc").build());
         let channels = config.endpoints.iter().map(|e| channel(&env, e)).collect();
         Ok(Client {
             inner: Arc::new(Inner {
@@ -163,8 +150,7 @@ impl Client {
         let mut req = RangeRequest::default();
         req.set_key(key);
         req.set_range_end(range_end);
-        let mut resp =
-            self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
+        let mut resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
         Ok(Listing {
             revision: resp.get_header().get_revision(),
             kvs: resp.take_kvs().into_iter().map(KeyValue::from).collect(),
@@ -174,8 +160,7 @@ impl Client {
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let mut req = RangeRequest::default();
         req.set_key(key.as_bytes().to_vec());
-        let mut resp =
-            self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
+        let mut resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
         Ok(resp.take_kvs().into_iter().next().map(KeyValue::from))
     }
 
@@ -187,9 +172,8 @@ impl Client {
         req.set_key(key.as_bytes().to_vec());
         req.set_value(value.to_vec());
         req.set_lease(lease.unwrap_or(0));
-        let resp = self
-            .with_failover(|ch, opt| KvClient::new(ch.clone()).put_opt(&req, opt))
-            .map_err(|e| match lease {
+        let resp =
+            self.with_failover(|ch, opt| KvClient::new(ch.clone()).put_opt(&req, opt)).map_err(|e| match lease {
                 Some(id) => lease_error(e, id),
                 None => e,
             })?;
@@ -211,8 +195,7 @@ impl Client {
         let mut req = DeleteRangeRequest::default();
         req.set_key(key);
         req.set_range_end(range_end);
-        let resp =
-            self.with_failover(|ch, opt| KvClient::new(ch.clone()).delete_range_opt(&req, opt))?;
+        let resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).delete_range_opt(&req, opt))?;
         Ok(resp.get_deleted())
     }
 
@@ -220,18 +203,11 @@ impl Client {
     pub fn grant(&self, ttl: Duration) -> Result<Lease> {
         let mut req = LeaseGrantRequest::default();
         req.set_TTL(ttl_seconds(ttl));
-        let resp =
-            self.with_failover(|ch, opt| LeaseClient::new(ch.clone()).lease_grant_opt(&req, opt))?;
+        let resp = self.with_failover(|ch, opt| LeaseClient::new(ch.clone()).lease_grant_opt(&req, opt))?;
         if !resp.get_error().is_empty() {
-            return Err(Error::Rpc {
-                code: RpcStatusCode::UNKNOWN,
-                message: resp.get_error().to_owned(),
-            });
+            return Err(Error::Rpc { code: RpcStatusCode::UNKNOWN, message: resp.get_error().to_owned() });
         }
-        Ok(Lease {
-            id: resp.get_ID(),
-            ttl: Duration::from_secs(resp.get_TTL().max(0) as u64),
-        })
+        Ok(Lease { id: resp.get_ID(), ttl: Duration::from_secs(resp.get_TTL().max(0) as u64) })
     }
 
     /// Revokes the lease, deleting its keys at once; `LeaseNotFound` if it is already gone.
@@ -247,9 +223,7 @@ impl Client {
     pub fn time_to_live(&self, lease_id: i64) -> Result<Option<i64>> {
         let mut req = LeaseTimeToLiveRequest::default();
         req.set_ID(lease_id);
-        let resp = self.with_failover(|ch, opt| {
-            LeaseClient::new(ch.clone()).lease_time_to_live_opt(&req, opt)
-        });
+        let resp = self.with_failover(|ch, opt| LeaseClient::new(ch.clone()).lease_time_to_live_opt(&req, opt));
         match resp.map_err(|e| lease_error(e, lease_id)) {
             Ok(resp) if resp.get_TTL() >= 0 => Ok(Some(resp.get_TTL())),
             Ok(_) | Err(Error::LeaseNotFound(_)) => Ok(None),
@@ -290,10 +264,7 @@ impl Client {
     /// Runs `attempt` on the preferred endpoint, then on the others while failures are
     /// retryable, all within one `Config::timeout`. Each attempt gets an equal share of the time
     /// left, so one black-holed endpoint cannot eat the whole deadline.
-    fn with_failover<T>(
-        &self,
-        mut attempt: impl FnMut(&Channel, CallOption) -> grpcio::Result<T>,
-    ) -> Result<T> {
+    fn with_failover<T>(&self, mut attempt: impl FnMut(&Channel, CallOption) -> grpcio::Result<T>) -> Result<T> {
         let deadline = Instant::now() + self.timeout();
         let n = self.inner.channels.len();
         let mut last_error = String::new();
@@ -322,10 +293,7 @@ impl Client {
         if Instant::now() >= deadline {
             return Err(Error::Timeout(self.timeout()));
         }
-        Err(Error::Unavailable {
-            endpoints: self.inner.endpoints.clone(),
-            last_error,
-        })
+        Err(Error::Unavailable { endpoints: self.inner.endpoints.clone(), last_error })
     }
 }
 
@@ -338,9 +306,7 @@ fn ttl_seconds(ttl: Duration) -> i64 {
 /// etcd reports a missing lease as NOT_FOUND with this message; give it its own variant.
 fn lease_error(e: Error, lease_id: i64) -> Error {
     match e {
-        Error::Rpc { code, ref message }
-            if code == RpcStatusCode::NOT_FOUND && message.contains("lease not found") =>
-        {
+        Error::Rpc { code, ref message } if code == RpcStatusCode::NOT_FOUND && message.contains("lease not found") => {
             Error::LeaseNotFound(lease_id)
         }
         e => e,

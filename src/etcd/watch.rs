@@ -72,12 +72,7 @@ impl Watcher {
             .name("etcd-watch".into())
             .spawn(move || worker.run(stop_stream_rx))
             .map_err(|e| Error::Spawn(format!("etcd-watch: {e}")))?;
-        Ok(Watcher {
-            events: events_rx,
-            stop: Some(stop_tx),
-            stop_stream: Some(stop_stream_tx),
-            thread: Some(thread),
-        })
+        Ok(Watcher { events: events_rx, stop: Some(stop_tx), stop_stream: Some(stop_stream_tx), thread: Some(thread) })
     }
 
     pub fn events(&self) -> &Receiver<WatchEvent> {
@@ -125,11 +120,7 @@ struct WatchLoop {
 impl WatchLoop {
     fn run(mut self, mut stop_stream: oneshot::Receiver<()>) {
         let mut backoff = INITIAL_BACKOFF;
-        let endpoints: Vec<(usize, Channel)> = self
-            .client
-            .channels_in_order()
-            .map(|(i, ch)| (i, ch.clone()))
-            .collect();
+        let endpoints: Vec<(usize, Channel)> = self.client.channels_in_order().map(|(i, ch)| (i, ch.clone())).collect();
         for (idx, channel) in endpoints.iter().cycle() {
             let error = match self.stream(channel, &mut stop_stream) {
                 End::Stop => return,
@@ -163,11 +154,10 @@ impl WatchLoop {
             }
             Either::Right(_) => return End::Stop,
         }
-        let (mut tx, mut rx) =
-            match WatchClient::new(channel.clone()).watch_opt(CallOption::default()) {
-                Ok(pair) => pair,
-                Err(e) => return End::Broken(Error::from(e).to_string()),
-            };
+        let (mut tx, mut rx) = match WatchClient::new(channel.clone()).watch_opt(CallOption::default()) {
+            Ok(pair) => pair,
+            Err(e) => return End::Broken(Error::from(e).to_string()),
+        };
         let create = self.create_request();
         // tx stays alive until this returns: dropping it would cancel the stream.
         block_on(async {
@@ -179,12 +169,8 @@ impl WatchLoop {
             loop {
                 let resp = match either(rx.next(), &mut *stop).await {
                     Either::Left((Some(Ok(resp)), _)) => resp,
-                    Either::Left((Some(Err(e)), _)) => {
-                        return End::Broken(Error::from(e).to_string())
-                    }
-                    Either::Left((None, _)) => {
-                        return End::Broken("etcd closed the watch stream".into())
-                    }
+                    Either::Left((Some(Err(e)), _)) => return End::Broken(Error::from(e).to_string()),
+                    Either::Left((None, _)) => return End::Broken("etcd closed the watch stream".into()),
                     Either::Right(_) => return End::Stop,
                 };
                 if let Some(end) = self.handle(resp) {
@@ -206,15 +192,11 @@ impl WatchLoop {
 
     fn handle(&mut self, mut resp: WatchResponse) -> Option<End> {
         if resp.get_compact_revision() != 0 {
-            self.emit(WatchEvent::Compacted {
-                compact_revision: resp.get_compact_revision(),
-            });
+            self.emit(WatchEvent::Compacted { compact_revision: resp.get_compact_revision() });
             return Some(End::Stop);
         }
         if resp.get_canceled() {
-            self.emit(WatchEvent::Canceled {
-                reason: resp.take_cancel_reason(),
-            });
+            self.emit(WatchEvent::Canceled { reason: resp.take_cancel_reason() });
             return Some(End::Stop);
         }
         if resp.get_created() {
@@ -230,10 +212,7 @@ impl WatchLoop {
             self.next_revision = kv.mod_revision + 1;
             self.emit(match event.get_field_type() {
                 Event_EventType::PUT => WatchEvent::Put(kv),
-                Event_EventType::DELETE => WatchEvent::Delete {
-                    key: kv.key,
-                    mod_revision: kv.mod_revision,
-                },
+                Event_EventType::DELETE => WatchEvent::Delete { key: kv.key, mod_revision: kv.mod_revision },
             });
         }
         None

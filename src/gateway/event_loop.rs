@@ -325,7 +325,8 @@ impl EventLoop {
         let mut stream = TcpStream::from_std(std_stream);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+        {
             warn!("dropping a new connection: cannot register it: {e}");
             return;
         }
@@ -370,7 +371,8 @@ impl EventLoop {
                 | ProtocolError::MissingSecWebSocketKey,
             ) => {
                 debug!("plain HTTP request refused: {e}");
-                let body = format!("this endpoint only speaks WebSocket: send GET {WS_PATH} with a WebSocket upgrade ({e})\n");
+                let body =
+                    format!("this endpoint only speaks WebSocket: send GET {WS_PATH} with a WebSocket upgrade ({e})\n");
                 answer_http(&hs.answer, "426 Upgrade Required", &body);
                 true
             }

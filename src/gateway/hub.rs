@@ -125,10 +125,8 @@ impl Hub {
         Stats::inc(&self.stats.messages_received);
         let topic = msg.get_topic();
         let delivered = if topic.is_empty() { self.connections() as u64 } else { self.counts.get(topic) };
-        let delivery = Arc::new(Delivery {
-            topic: topic.into(),
-            frame: Utf8Bytes::from(protocol::encode_delivery(msg)),
-        });
+        let delivery =
+            Arc::new(Delivery { topic: topic.into(), frame: Utf8Bytes::from(protocol::encode_delivery(msg)) });
         let _order = self.order.lock();
         for handle in &self.loops {
             // A loop that is gone (gateway shutting down) has no connections left to reach.

@@ -105,7 +105,10 @@ impl Config {
             return bad(format!("grpc_threads must be 1..=64, got {}", self.grpc_threads));
         }
         if self.max_frame_bytes < 256 {
-            return bad(format!("max_frame_bytes must be at least 256 (a subscribe command), got {}", self.max_frame_bytes));
+            return bad(format!(
+                "max_frame_bytes must be at least 256 (a subscribe command), got {}",
+                self.max_frame_bytes
+            ));
         }
         if self.max_out_buffer < 1024 {
             return bad(format!("max_out_buffer must be at least 1024 bytes, got {}", self.max_out_buffer));
@@ -187,8 +190,11 @@ impl Gateway {
         let counts = Arc::new(TopicCounts::default());
 
         let ws_addr: SocketAddr = config.ws_listen.parse().expect("validated");
-        let listener = mio::net::TcpListener::bind(ws_addr)
-            .map_err(|e| Error::Bind { what: "WebSocket", addr: config.ws_listen.clone(), reason: e.to_string() })?;
+        let listener = mio::net::TcpListener::bind(ws_addr).map_err(|e| Error::Bind {
+            what: "WebSocket",
+            addr: config.ws_listen.clone(),
+            reason: e.to_string(),
+        })?;
         let ws_addr = listener.local_addr()?;
 
         let mut loops = Vec::with_capacity(config.event_loops);

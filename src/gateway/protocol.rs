@@ -128,7 +128,6 @@ pub(crate) fn too_many_topics(count: usize, limits: TopicLimits) -> Reject {
     Reject::policy(format!("too many topics: {count} > {} per connection", limits.max_per_connection))
 }
 
-
 /// Reads `topic=` parameters from a query string (other parameters are ignored).
 pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<String>, String> {
     let mut topics: Vec<String> = Vec::new();
@@ -266,8 +265,13 @@ mod tests {
         assert_eq!(reject(r#"{"topics":["a"]}"#).reason, r#"missing "action""#);
         assert_eq!(reject(r#"{"action":"subscribe","topics":[]}"#).reason, "no topics given");
         assert_eq!(reject(r#"{"action":"subscribe","topics":[""]}"#).reason, "empty topic");
-        assert_eq!(reject(r#"{"action":"subscribe","topics":["a\u0001"]}"#).reason, "topic contains '\\u{1}': whitespace and control characters are not allowed");
-        assert!(reject(r#"{"action":"subscribe","topics":["123456789"]}"#).reason.starts_with("topic longer than 8 bytes"));
+        assert_eq!(
+            reject(r#"{"action":"subscribe","topics":["a\u0001"]}"#).reason,
+            "topic contains '\\u{1}': whitespace and control characters are not allowed"
+        );
+        assert!(reject(r#"{"action":"subscribe","topics":["123456789"]}"#)
+            .reason
+            .starts_with("topic longer than 8 bytes"));
         assert!(reject(r#"{"action":"subscribe","topics":["a","b","c","d"]}"#).reason.starts_with("too many topics"));
         let wrong_type = reject(r#"{"action":"subscribe","topics":"a"}"#);
         assert_eq!(wrong_type.code, CLOSE_POLICY);
@@ -289,7 +293,9 @@ mod tests {
         assert_eq!(topics_from_query("topic=", LIMITS), Err("empty topic".into()));
         assert!(topics_from_query("topic=%zz", LIMITS).is_err());
         assert!(topics_from_query("topic=%ff", LIMITS).is_err());
-        assert!(topics_from_query("topic=a&topic=b&topic=c&topic=d", LIMITS).unwrap_err().starts_with("too many topics"));
+        assert!(topics_from_query("topic=a&topic=b&topic=c&topic=d", LIMITS)
+            .unwrap_err()
+            .starts_with("too many topics"));
     }
 
     fn broadcast(topic: &str, proto_op: i32, op: i32, body: &[u8]) -> BroadCastReq {

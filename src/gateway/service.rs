@@ -39,7 +39,12 @@ impl ConnectNode for ConnectNodeService {
     fn broadcast_batch(&mut self, ctx: RpcContext, batch: BroadcastBatch, sink: UnarySink<NodeReply>) {
         // All or nothing: a bad message refuses the batch before any of it is delivered.
         if let Some(i) = batch.get_messages().iter().position(|m| !m.has_proto()) {
-            return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, format!("BroadcastBatch.messages[{i}].proto is required"));
+            return fail(
+                &ctx,
+                sink,
+                RpcStatusCode::INVALID_ARGUMENT,
+                format!("BroadcastBatch.messages[{i}].proto is required"),
+            );
         }
         if let Err(busy) = self.hub.admit() {
             return fail(&ctx, sink, RpcStatusCode::RESOURCE_EXHAUSTED, busy);

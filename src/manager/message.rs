@@ -54,10 +54,7 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
 
 /// The encoded `BroadcastBatch` carrying `messages` in order.
 pub fn encode_batch(messages: &[SharedMessage]) -> Vec<u8> {
-    let total: usize = messages
-        .iter()
-        .map(|m| 1 + varint_len(m.encoded.len() as u64) + m.encoded.len())
-        .sum();
+    let total: usize = messages.iter().map(|m| 1 + varint_len(m.encoded.len() as u64) + m.encoded.len()).sum();
     // Exact capacity lets grpcio take the Vec without copying it.
     let mut out = Vec::with_capacity(total);
     for m in messages {

@@ -60,7 +60,11 @@ impl Manager {
         let reconciled = fanout.clone();
         let discovery = Discovery::start(
             client,
-            discovery::Config { prefix: config.prefix.clone(), poll_interval: config.poll_interval, watch: config.watch },
+            discovery::Config {
+                prefix: config.prefix.clone(),
+                poll_interval: config.poll_interval,
+                watch: config.watch,
+            },
             move |nodes| reconciled.reconcile(nodes),
         )
         .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
@@ -77,16 +81,17 @@ impl Manager {
             .reuse_port(false)
             .max_receive_message_len(receive_limit(config.max_message_bytes))
             .build_args();
-        let mut server = ServerBuilder::new(env)
-            .channel_args(args)
-            .register_service(create_push_server(service))
-            .build()?;
+        let mut server =
+            ServerBuilder::new(env).channel_args(args).register_service(create_push_server(service)).build()?;
         let port = server
             .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
             .map_err(|e| Error::Bind { addr: config.listen.clone(), reason: e.to_string() })?;
         let addr = bound_addr(&config.listen, port)?;
         server.start();
-        info!("push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}", config.etcd.endpoints, config.prefix);
+        info!(
+            "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}",
+            config.etcd.endpoints, config.prefix
+        );
         Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr })
     }
 

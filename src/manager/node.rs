@@ -129,7 +129,12 @@ impl NodeClient {
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
         let (completed_tx, completed_rx) = bounded(settings.routine_size);
-        let pipeline = Arc::new(Pipeline { collecting: Mutex::new(None), in_flight: AtomicUsize::new(0), completed_tx, completed_rx });
+        let pipeline = Arc::new(Pipeline {
+            collecting: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            completed_tx,
+            completed_rx,
+        });
         let lifecycle = Arc::new(Lifecycle {
             registered: AtomicBool::new(true),
             drain_deadline: Mutex::new(None),
@@ -421,7 +426,10 @@ fn is_retryable(error: &grpcio::Error) -> bool {
     match error {
         grpcio::Error::RpcFailure(status) => matches!(
             status.code(),
-            RpcStatusCode::UNAVAILABLE | RpcStatusCode::DEADLINE_EXCEEDED | RpcStatusCode::RESOURCE_EXHAUSTED | RpcStatusCode::ABORTED
+            RpcStatusCode::UNAVAILABLE
+                | RpcStatusCode::DEADLINE_EXCEEDED
+                | RpcStatusCode::RESOURCE_EXHAUSTED
+                | RpcStatusCode::ABORTED
         ),
         grpcio::Error::RemoteStopped => true,
         _ => false,

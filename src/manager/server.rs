@@ -11,10 +11,9 @@ use log::debug;
 use super::fanout::Fanout;
 use super::message::Outgoing;
 use crate::discovery;
-use crate::topic::{self, MAX_TOPIC_BYTES};
 use crate::proto::protocol::{BroadCastReply, BroadCastReq};
 use crate::proto::protocol_grpc::PushServer;
-
+use crate::topic::{self, MAX_TOPIC_BYTES};
 
 #[derive(Clone)]
 pub struct PushService {
@@ -54,9 +53,15 @@ impl PushServer for PushService {
         }
         if self.fanout.node_count() == 0 {
             let msg = if self.discovery.etcd_reachable() {
-                format!("no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast", self.prefix)
+                format!(
+                    "no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast",
+                    self.prefix
+                )
             } else {
-                format!("no connect-node known and etcd ({}) is unreachable; nothing can deliver this broadcast", self.etcd_endpoints)
+                format!(
+                    "no connect-node known and etcd ({}) is unreachable; nothing can deliver this broadcast",
+                    self.etcd_endpoints
+                )
             };
             ctx.spawn(reply_error(sink, RpcStatusCode::UNAVAILABLE, msg));
             return;

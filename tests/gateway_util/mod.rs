@@ -22,11 +22,7 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Starts a gateway on loopback with free ports, after letting `tweak` change the config.
 pub fn start(tweak: impl FnOnce(&mut Config)) -> Gateway {
-    let mut config = Config {
-        grpc_listen: "127.0.0.1:0".into(),
-        ws_listen: "127.0.0.1:0".into(),
-        ..Config::default()
-    };
+    let mut config = Config { grpc_listen: "127.0.0.1:0".into(), ws_listen: "127.0.0.1:0".into(), ..Config::default() };
     tweak(&mut config);
     Gateway::start(config).expect("gateway starts")
 }

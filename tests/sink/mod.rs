@@ -11,8 +11,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use grpcio::{
-    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder, ServerCredentials,
-    ServiceBuilder, UnarySink,
+    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder,
+    ServerCredentials, ServiceBuilder, UnarySink,
 };
 use parking_lot::Mutex;
 use push_manager::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
@@ -181,11 +181,8 @@ impl Sink {
 
     fn serve(env: Arc<Environment>, addr: &str, service: grpcio::Service, state: Arc<State>) -> Sink {
         let args = ChannelBuilder::new(env.clone()).reuse_port(false).build_args();
-        let mut server = ServerBuilder::new(env)
-            .channel_args(args)
-            .register_service(service)
-            .build()
-            .expect("sink server builds");
+        let mut server =
+            ServerBuilder::new(env).channel_args(args).register_service(service).build().expect("sink server builds");
         let port = server.add_listening_port(addr, ServerCredentials::insecure()).expect("sink binds");
         server.start();
         Sink { server: Some(server), addr: format!("127.0.0.1:{port}"), state }

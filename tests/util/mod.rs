@@ -66,7 +66,8 @@ pub fn spawn_serve(etcd_endpoint: &str, prefix: &str, extra: &[&str], stderr: St
         .expect("binary starts");
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let addr =
+        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
     let port = addr.rsplit(':').next().unwrap();
     (child, format!("127.0.0.1:{port}"))
 }
