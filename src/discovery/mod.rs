@@ -13,20 +13,20 @@ mod record;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use crossbeam_channel::{after, never, select, Receiver};
 use log::{debug, info, warn};
 
 pub use diff::{diff, Diff, NodeAddrs};
 pub use record::{parse, BadRecord, NodeRecord};
 
 use crate::etcd::{self, WatchEvent, Watcher};
+use crate::thread::{SpawnError, StoppableThread};
 
 /// One read of the prefix.
 #[derive(Debug, Default)]
-pub struct Listing {
+pub struct NodeListing {
     pub nodes: NodeAddrs,
     /// Keys under the prefix that are not node records.
     pub bad: Vec<BadRecord>,
@@ -35,9 +35,9 @@ pub struct Listing {
 }
 
 /// Lists and parses every node record under `prefix`.
-pub fn list(client: &etcd::Client, prefix: &str) -> etcd::Result<Listing> {
+pub fn list(client: &etcd::Client, prefix: &str) -> etcd::Result<NodeListing> {
     let raw = client.get_prefix(prefix)?;
-    let mut listing = Listing { revision: raw.revision, ..Listing::default() };
+    let mut listing = NodeListing { revision: raw.revision, ..NodeListing::default() };
     for kv in raw.kvs {
         match parse(prefix, &kv.key, &kv.value) {
             Ok(r) => {
@@ -58,8 +58,7 @@ pub struct Config {
 
 /// The `discovery` thread's handle; dropping it stops and joins the thread.
 pub struct Discovery {
-    shutdown: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
     status: Arc<Status>,
 }
 
@@ -84,23 +83,25 @@ impl Status {
 
 impl Discovery {
     /// Starts the thread; `on_list` is called on it with every successful listing's node set.
-    pub fn start<F>(client: etcd::Client, config: Config, on_list: F) -> std::io::Result<Discovery>
+    pub fn start<F>(client: etcd::Client, config: Config, on_list: F) -> Result<Discovery, SpawnError>
     where
         F: FnMut(&NodeAddrs) + Send + 'static,
     {
-        let (shutdown_tx, shutdown_rx) = bounded(0);
         let status = Arc::new(Status { etcd_reachable: AtomicBool::new(true), listings: AtomicU64::new(0) });
-        let poller = Poller {
-            client,
-            config,
-            on_list: Box::new(on_list),
-            shutdown: shutdown_rx,
-            status: status.clone(),
-            warned: HashMap::new(),
-            watcher: None,
-        };
-        let thread = thread::Builder::new().name("discovery".into()).spawn(move || poller.run())?;
-        Ok(Discovery { shutdown: Some(shutdown_tx), thread: Some(thread), status })
+        let shared = status.clone();
+        let thread = StoppableThread::spawn("discovery", move |shutdown| {
+            let poller = Poller {
+                client,
+                config,
+                on_list: Box::new(on_list),
+                shutdown,
+                status: shared,
+                warned: HashMap::new(),
+                watcher: None,
+            };
+            poller.run()
+        })?;
+        Ok(Discovery { thread, status })
     }
 
     /// The thread's status, readable from anywhere while it runs.
@@ -108,20 +109,10 @@ impl Discovery {
         self.status.clone()
     }
 
-    /// Idempotent: stops the thread (and its watcher) and joins it.
+    /// Idempotent: stops the thread (and its watcher) and joins it; dropping the handle does
+    /// the same.
     pub fn shutdown(&mut self) {
-        self.shutdown.take();
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                warn!("the discovery thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for Discovery {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.thread.shutdown();
     }
 }
 

@@ -33,8 +33,8 @@ pub enum Error {
     #[error("gRPC transport error: {0}")]
     Transport(String),
     /// The OS refused to start a keep-alive or watch thread.
-    #[error("cannot start thread: {0}")]
-    Spawn(String),
+    #[error(transparent)]
+    Spawn(#[from] crate::thread::SpawnError),
 }
 
 impl Error {
@@ -42,20 +42,12 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Unavailable { .. } | Error::Timeout(_) | Error::Transport(_) => true,
-            Error::Rpc { code, .. } => is_retryable_code(*code),
+            // etcd uses UNAVAILABLE for leader changes and stopping servers as gRPC does for refused
+            // connections; DEADLINE_EXCEEDED is most often a connect that never completed.
+            Error::Rpc { code, .. } => crate::grpc::is_retryable_code(*code),
             Error::InvalidConfig(_) | Error::LeaseNotFound(_) | Error::Compacted { .. } | Error::Spawn(_) => false,
         }
     }
-}
-
-/// Codes meaning "this endpoint could not serve the call now", not "the request is wrong".
-/// etcd uses UNAVAILABLE for leader changes and stopping servers as well as gRPC does for
-/// refused connections; DEADLINE_EXCEEDED is most often a connect that never completed.
-fn is_retryable_code(code: RpcStatusCode) -> bool {
-    code == RpcStatusCode::UNAVAILABLE
-        || code == RpcStatusCode::DEADLINE_EXCEEDED
-        || code == RpcStatusCode::RESOURCE_EXHAUSTED
-        || code == RpcStatusCode::ABORTED
 }
 
 impl From<grpcio::Error> for Error {
@@ -97,7 +89,11 @@ mod tests {
         assert!(!Error::InvalidConfig("no endpoints".into()).is_retryable());
         assert!(!Error::LeaseNotFound(7).is_retryable());
         assert!(!Error::Compacted { compact_revision: 3 }.is_retryable());
-        assert!(!Error::Spawn("etcd-watch: out of threads".into()).is_retryable());
+        let spawn = crate::thread::SpawnError {
+            name: "etcd-watch".into(),
+            source: std::sync::Arc::new(std::io::Error::other("out of threads")),
+        };
+        assert!(!Error::Spawn(spawn).is_retryable());
     }
 
     #[test]

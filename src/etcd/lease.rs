@@ -1,7 +1,6 @@
 //! Keeping a lease alive: a thread renews it every TTL/3 and says so when it is lost, because
 //! whoever registered keys under it must re-register (a lost lease took its keys with it).
 
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, select, Receiver, Sender};
@@ -12,6 +11,7 @@ use grpcio::WriteFlags;
 use super::{Client, Error, Lease, Result};
 use crate::proto::rpc::LeaseKeepAliveRequest;
 use crate::proto::rpc_grpc::LeaseClient;
+use crate::thread::StoppableThread;
 
 /// How soon a failed renewal is tried again (capped by the time the lease has left).
 const RETRY_INTERVAL: Duration = Duration::from_millis(500);
@@ -32,20 +32,16 @@ pub enum LeaseLost {
 pub struct KeepAlive {
     lease: Lease,
     lost: Receiver<LeaseLost>,
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl KeepAlive {
     pub(super) fn spawn(client: Client, lease: Lease) -> Result<KeepAlive> {
-        let (stop_tx, stop_rx) = bounded(0);
         let (lost_tx, lost_rx) = bounded(1);
-        let renewer = Renewer { client, lease, stop: stop_rx, lost: lost_tx };
-        let thread = thread::Builder::new()
-            .name("etcd-keepalive".into())
-            .spawn(move || renewer.run())
-            .map_err(|e| Error::Spawn(format!("etcd-keepalive: {e}")))?;
-        Ok(KeepAlive { lease, lost: lost_rx, stop: Some(stop_tx), thread: Some(thread) })
+        let thread = StoppableThread::spawn("etcd-keepalive", move |stop| {
+            Renewer { client, lease, stop, lost: lost_tx }.run()
+        })?;
+        Ok(KeepAlive { lease, lost: lost_rx, thread })
     }
 
     pub fn lease(&self) -> Lease {
@@ -58,20 +54,9 @@ impl KeepAlive {
     }
 
     /// Stops renewing and joins the thread (waiting at most for one in-flight renewal, bounded
-    /// by `Config::timeout`). Idempotent.
+    /// by `Config::timeout`). Idempotent; dropping the handle does the same.
     pub fn shutdown(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("etcd-keepalive thread of lease {:#x} panicked", self.lease.id);
-            }
-        }
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.thread.shutdown();
     }
 }
 

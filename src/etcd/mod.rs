@@ -10,8 +10,6 @@
 mod error;
 mod keys;
 mod lease;
-mod local;
-mod memory;
 mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,8 +26,6 @@ use crate::proto::rpc_grpc::{KvClient, LeaseClient};
 
 pub use error::{Error, Result};
 pub use lease::{KeepAlive, LeaseLost};
-pub use local::{free_port, LocalEtcd};
-pub use memory::InProcessEtcd;
 pub use watch::{WatchEvent, Watcher};
 
 /// Where etcd is and how long a call may take.

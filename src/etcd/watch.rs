@@ -2,10 +2,9 @@
 //! `WatchEvent`s in revision order and re-creates the stream from the next unseen revision when
 //! it breaks, so a consumer sees every change once even across etcd restarts.
 
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::{after, bounded, select, unbounded, Receiver, Sender};
+use crossbeam_channel::{after, select, unbounded, Receiver, Sender};
 use futures::channel::oneshot;
 use futures::executor::block_on;
 use futures::future::{select as either, Either};
@@ -13,6 +12,7 @@ use futures::{SinkExt, StreamExt};
 use grpcio::{CallOption, Channel, WriteFlags};
 
 use super::{keys, Client, Error, KeyValue, Result};
+use crate::thread::StoppableThread;
 use crate::proto::kv::Event_EventType;
 use crate::proto::rpc::{WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proto::rpc_grpc::WatchClient;
@@ -44,56 +44,35 @@ pub enum WatchEvent {
 /// the first event if etcd is unreachable at start) and ends with the next `Connected`.
 pub struct Watcher {
     events: Receiver<WatchEvent>,
-    /// Dropped to wake the thread out of a backoff wait.
-    stop: Option<Sender<()>>,
-    /// Dropped to wake the thread out of a stream read.
-    stop_stream: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl Watcher {
     pub(super) fn spawn(client: Client, prefix: &str, start_revision: i64) -> Result<Watcher> {
-        let (stop_tx, stop_rx) = bounded(0);
-        let (stop_stream_tx, stop_stream_rx) = oneshot::channel();
+        // The stop channel wakes the thread out of a backoff wait; dropping this sender wakes
+        // it out of a stream read, where only a future can reach it.
+        let (stop_stream_tx, stop_stream_rx) = oneshot::channel::<()>();
         // Unbounded: a full queue would block the thread and with it shutdown; the consumer
         // keeps up with etcd's write rate or has bigger problems.
         let (events_tx, events_rx) = unbounded();
         let (key, range_end) = keys::prefix_range(prefix.as_bytes());
-        let worker = WatchLoop {
-            client,
-            key,
-            range_end,
-            next_revision: start_revision,
-            events: events_tx,
-            stop: stop_rx,
-            connected: None,
-        };
-        let thread = thread::Builder::new()
-            .name("etcd-watch".into())
-            .spawn(move || worker.run(stop_stream_rx))
-            .map_err(|e| Error::Spawn(format!("etcd-watch: {e}")))?;
-        Ok(Watcher { events: events_rx, stop: Some(stop_tx), stop_stream: Some(stop_stream_tx), thread: Some(thread) })
+        let thread = StoppableThread::spawn("etcd-watch", move |stop| {
+            let worker =
+                WatchLoop { client, key, range_end, next_revision: start_revision, events: events_tx, stop, connected: None };
+            worker.run(stop_stream_rx)
+        })?
+        .with_wake(move || drop(stop_stream_tx));
+        Ok(Watcher { events: events_rx, thread })
     }
 
     pub fn events(&self) -> &Receiver<WatchEvent> {
         &self.events
     }
 
-    /// Stops watching and joins the thread. Idempotent.
+    /// Stops watching and joins the thread, even while it waits on the stream. Idempotent;
+    /// dropping the handle does the same.
     pub fn shutdown(&mut self) {
-        drop(self.stop.take());
-        drop(self.stop_stream.take());
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("etcd-watch thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.thread.shutdown();
     }
 }
 

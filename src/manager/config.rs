@@ -68,14 +68,12 @@ impl RetryPolicy {
     }
 }
 
-pub const DEFAULT_PREFIX: &str = "/services/connect-node/";
-
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:50053".into(),
             etcd: etcd::Config::default(),
-            prefix: DEFAULT_PREFIX.into(),
+            prefix: crate::registry::DEFAULT_PREFIX.into(),
             routine_size: 10,
             queue_size: 1000,
             poll_interval: Duration::from_secs(3),
@@ -90,14 +88,22 @@ impl Default for Config {
     }
 }
 
+/// Most worker threads per node: each is an OS thread, and their names (`n<number>-w<n>`) must
+/// stay distinct within Linux's 15 bytes.
+const MAX_ROUTINE_SIZE: usize = 1024;
+
 impl Config {
+    /// Checks every field; the error names the first bad one by its flag.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         if self.prefix.is_empty() {
             return bad("--prefix must not be empty: every key in etcd would be taken for a node".into());
         }
-        if self.routine_size == 0 {
-            return bad("--routine-size must be at least 1 worker thread per node".into());
+        if !(1..=MAX_ROUTINE_SIZE).contains(&self.routine_size) {
+            return bad(format!(
+                "--routine-size must be 1..={MAX_ROUTINE_SIZE} worker threads per node, got {}",
+                self.routine_size
+            ));
         }
         if self.queue_size == 0 {
             return bad("--queue-size must be at least 1 message".into());

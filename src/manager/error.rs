@@ -10,25 +10,22 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// The gRPC server could not be built or bound.
-    #[error("gRPC server: {0}")]
-    Grpc(#[from] grpcio::Error),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {reason}")]
-    Bind { addr: String, reason: String },
+    #[error(transparent)]
+    Server(#[from] crate::grpc::ServerError),
     /// etcd refused something at start-up (the running service tolerates etcd outages).
     #[error("etcd: {0}")]
     Etcd(#[from] crate::etcd::Error),
     /// A thread could not be spawned.
-    #[error("spawning thread {name}: {source}")]
-    Spawn { name: String, source: std::io::Error },
+    #[error(transparent)]
+    Spawn(#[from] crate::thread::SpawnError),
 }
 
 impl Error {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::InvalidConfig(_) | Error::Bind { .. } => false,
-            Error::Grpc(_) | Error::Spawn { .. } => true,
+            Error::InvalidConfig(_) | Error::Server(_) => false,
+            Error::Spawn(_) => true,
             Error::Etcd(e) => e.is_retryable(),
         }
     }

@@ -14,36 +14,37 @@ use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
 use super::message::SharedMessage;
-use super::node::{NodeClient, NodeSettings, NodeStats};
+use super::node::{NodeClient, NodeSettings, NodeStats, Retries};
 use crate::discovery::{diff, NodeAddrs};
 
 type NodeMap = BTreeMap<String, Arc<NodeClient>>;
 
 /// What happened to one broadcast.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct FanoutReport {
-    pub targeted: u32,
-    pub accepted: u32,
+pub(crate) struct FanoutReport {
+    pub(crate) targeted: u32,
+    pub(crate) accepted: u32,
     /// Nodes whose queue refused it.
-    pub dropped: Vec<String>,
+    pub(crate) dropped: Vec<String>,
 }
 
-pub struct Fanout {
+pub(crate) struct Fanout {
     nodes: RwLock<Arc<NodeMap>>,
     retiring: Mutex<Vec<Arc<NodeClient>>>,
-    /// Serialises reconciliations (one writer at a time), never held by a broadcast.
-    reconciling: Mutex<()>,
+    /// Serialises reconciliations (one writer at a time), never held by a broadcast; holds the
+    /// number the next node client gets (its threads are named after it).
+    reconciling: Mutex<u32>,
     env: Arc<Environment>,
     settings: NodeSettings,
     drain_timeout: Duration,
 }
 
 impl Fanout {
-    pub fn new(env: Arc<Environment>, settings: NodeSettings, drain_timeout: Duration) -> Fanout {
+    pub(crate) fn new(env: Arc<Environment>, settings: NodeSettings, drain_timeout: Duration) -> Fanout {
         Fanout {
             nodes: RwLock::new(Arc::new(NodeMap::new())),
             retiring: Mutex::new(Vec::new()),
-            reconciling: Mutex::new(()),
+            reconciling: Mutex::new(1),
             env,
             settings,
             drain_timeout,
@@ -54,12 +55,12 @@ impl Fanout {
         self.nodes.read().clone()
     }
 
-    pub fn node_count(&self) -> usize {
+    pub(crate) fn node_count(&self) -> usize {
         self.nodes.read().len()
     }
 
     /// Offers `msg` to every node's queue without blocking.
-    pub fn offer(&self, msg: &SharedMessage) -> FanoutReport {
+    pub(crate) fn offer(&self, msg: &SharedMessage) -> FanoutReport {
         let nodes = self.snapshot();
         let mut report = FanoutReport { targeted: nodes.len() as u32, ..FanoutReport::default() };
         for node in nodes.values() {
@@ -73,8 +74,8 @@ impl Fanout {
 
     /// Makes the running set match `desired`: starts new nodes, retires gone ones, replaces
     /// those whose address changed, and joins retired nodes that have finished draining.
-    pub fn reconcile(&self, desired: &NodeAddrs) {
-        let _one_at_a_time = self.reconciling.lock();
+    pub(crate) fn reconcile(&self, desired: &NodeAddrs) {
+        let mut next_number = self.reconciling.lock();
         let current = self.snapshot();
         let addrs: NodeAddrs = current.iter().map(|(id, n)| (id.clone(), n.addr().to_string())).collect();
         let d = diff(&addrs, desired);
@@ -87,8 +88,11 @@ impl Fanout {
             }
             for (id, addr) in d.replace.iter().chain(&d.add) {
                 // Started before the swap, without any lock held.
-                let node = match NodeClient::start(id, addr, self.env.clone(), &self.settings) {
-                    Ok(node) => Arc::new(node),
+                let node = match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.settings) {
+                    Ok(node) => {
+                        *next_number += 1;
+                        Arc::new(node)
+                    }
                     Err(e) => {
                         error!("node {id}: cannot start its workers ({e}); will retry on the next listing");
                         continue;
@@ -101,7 +105,7 @@ impl Fanout {
             }
             *self.nodes.write() = Arc::new(next);
             for node in &retired {
-                node.close(self.drain_timeout, false);
+                node.close(self.drain_timeout, Retries::Stop);
             }
             self.retiring.lock().extend(retired);
         }
@@ -123,22 +127,22 @@ impl Fanout {
     }
 
     /// Counters of the registered nodes.
-    pub fn stats(&self) -> Vec<NodeStats> {
+    pub(crate) fn stats(&self) -> Vec<NodeStats> {
         self.snapshot().values().map(|n| n.stats()).collect()
     }
 
     /// Counters of nodes removed but still draining.
-    pub fn retiring_stats(&self) -> Vec<NodeStats> {
+    pub(crate) fn retiring_stats(&self) -> Vec<NodeStats> {
         self.retiring.lock().iter().map(|n| n.stats()).collect()
     }
 
     /// Closes every node (retries allowed until the drain deadline) and joins all workers.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let _one_at_a_time = self.reconciling.lock();
         let nodes = std::mem::take(&mut *self.nodes.write());
         let retiring = std::mem::take(&mut *self.retiring.lock());
         for node in nodes.values() {
-            node.close(self.drain_timeout, true);
+            node.close(self.drain_timeout, Retries::UntilDrained);
         }
         // Joined with no lock but `reconciling` held, which broadcasts never take.
         for node in nodes.values().chain(&retiring) {
@@ -150,7 +154,7 @@ impl Fanout {
 
 fn log_final(s: &NodeStats) {
     info!(
-        "node {}: stopped; enqueued {} sent {} failed {} abandoned {} dropped {} retried {}",
-        s.id, s.enqueued, s.sent, s.failed, s.abandoned, s.dropped_full, s.retried
+        "node {}: stopped; enqueued {} sent {} failed {} abandoned {} dropped (full) {} dropped (closing) {} retried {}",
+        s.id, s.enqueued, s.sent, s.failed, s.abandoned, s.dropped_full, s.dropped_closing, s.retried
     );
 }

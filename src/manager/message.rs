@@ -15,19 +15,19 @@ use crate::proto::protocol::{BroadCastReq, NodeReply};
 
 /// One broadcast, encoded.
 #[derive(Debug)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     encoded: Vec<u8>,
 }
 
-pub type SharedMessage = Arc<Outgoing>;
+pub(crate) type SharedMessage = Arc<Outgoing>;
 
 impl Outgoing {
-    pub fn new(req: &BroadCastReq) -> SharedMessage {
+    pub(crate) fn new(req: &BroadCastReq) -> SharedMessage {
         let encoded = req.write_to_bytes().expect("encoding a BroadCastReq into a Vec cannot fail");
         Arc::new(Outgoing { encoded })
     }
 
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         self.encoded.len()
     }
 }
@@ -53,7 +53,7 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// The encoded `BroadcastBatch` carrying `messages` in order.
-pub fn encode_batch(messages: &[SharedMessage]) -> Vec<u8> {
+pub(crate) fn encode_batch(messages: &[SharedMessage]) -> Vec<u8> {
     let total: usize = messages.iter().map(|m| 1 + varint_len(m.encoded.len() as u64) + m.encoded.len()).sum();
     // Exact capacity lets grpcio take the Vec without copying it.
     let mut out = Vec::with_capacity(total);
@@ -85,7 +85,7 @@ fn de_unused<T>(_: MessageReader) -> grpcio::Result<T> {
 const REPLY_MARSHALLER: Marshaller<NodeReply> = Marshaller { ser: grpcio::pb_ser, de: grpcio::pb_de };
 
 /// `protocol.ConnectNode/Broadcast` with a pre-encoded request.
-pub const BROADCAST: Method<SharedMessage, NodeReply> = Method {
+pub(crate) const BROADCAST: Method<SharedMessage, NodeReply> = Method {
     ty: MethodType::Unary,
     name: "/protocol.ConnectNode/Broadcast",
     req_mar: Marshaller { ser: ser_one, de: de_unused },
@@ -93,7 +93,7 @@ pub const BROADCAST: Method<SharedMessage, NodeReply> = Method {
 };
 
 /// `protocol.ConnectNode/BroadcastBatch` built from pre-encoded requests.
-pub const BROADCAST_BATCH: Method<Vec<SharedMessage>, NodeReply> = Method {
+pub(crate) const BROADCAST_BATCH: Method<Vec<SharedMessage>, NodeReply> = Method {
     ty: MethodType::Unary,
     name: "/protocol.ConnectNode/BroadcastBatch",
     req_mar: Marshaller { ser: ser_batch, de: de_unused },

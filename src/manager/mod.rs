@@ -2,8 +2,8 @@
 //! and the fan-out of every broadcast to each node through its own queue and workers.
 //!
 //! Threads: gRPC completion-queue threads (`grpc-<n>`, shared by the server and the node
-//! clients), `discovery` (and the etcd client's `etcd-watch`), and `node-<id>-<n>` per node. All
-//! are joined by `shutdown`.
+//! clients), `discovery` (and the etcd client's `etcd-watch`), and `n<number>-w<n>` per node
+//! (the log maps each node's number to its id when it is added). All are joined by `shutdown`.
 
 mod config;
 mod error;
@@ -17,10 +17,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::executor::block_on;
-use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder, ServerCredentials};
+use grpcio::EnvBuilder;
 use log::{info, warn};
 
-pub use config::{Config, RetryPolicy, DEFAULT_PREFIX};
+pub use config::{Config, RetryPolicy};
 pub use error::{Error, Result};
 pub use node::NodeStats;
 
@@ -66,8 +66,7 @@ impl Manager {
                 watch: config.watch,
             },
             move |nodes| reconciled.reconcile(nodes),
-        )
-        .map_err(|source| Error::Spawn { name: "discovery".into(), source })?;
+        )?;
 
         let service = PushService {
             fanout: fanout.clone(),
@@ -76,18 +75,12 @@ impl Manager {
             prefix: config.prefix.clone(),
             etcd_endpoints: config.etcd.endpoints.join(","),
         };
-        // gRPC sets SO_REUSEPORT by default, which would let two servers share a port silently.
-        let args = ChannelBuilder::new(env.clone())
-            .reuse_port(false)
-            .max_receive_message_len(receive_limit(config.max_message_bytes))
-            .build_args();
-        let mut server =
-            ServerBuilder::new(env).channel_args(args).register_service(create_push_server(service)).build()?;
-        let port = server
-            .add_listening_port(config.listen.as_str(), ServerCredentials::insecure())
-            .map_err(|e| Error::Bind { addr: config.listen.clone(), reason: e.to_string() })?;
-        let addr = bound_addr(&config.listen, port)?;
-        server.start();
+        let (server, addr) = crate::grpc::start_server(
+            env,
+            &config.listen,
+            receive_limit(config.max_message_bytes),
+            create_push_server(service),
+        )?;
         info!(
             "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}",
             config.etcd.endpoints, config.prefix
@@ -144,13 +137,6 @@ impl Drop for Manager {
 
 /// gRPC's receive limit for a request carrying a body of the largest allowed size, so an
 /// oversized body reaches our validation (and its clear message) instead of a transport error.
-fn receive_limit(max_message_bytes: usize) -> i32 {
-    max_message_bytes.saturating_mul(2).max(4 << 20).min(i32::MAX as usize) as i32
-}
-
-fn bound_addr(listen: &str, port: u16) -> Result<SocketAddr> {
-    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ip = host.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    Ok(SocketAddr::new(ip, port))
+fn receive_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(2).max(4 << 20)
 }

@@ -1,5 +1,5 @@
 //! One connect-node as push-manager sees it: a gRPC channel, a bounded queue, and the
-//! `routine_size` worker threads (`node-<id>-<n>`) that drain it.
+//! `routine_size` worker threads (`n<number>-w<n>`) that drain it.
 //!
 //! Workers take turns building batches: the first message waiting, whatever else is queued, and
 //! (only while another RPC to the node is in flight) what arrives before that RPC completes, up
@@ -11,17 +11,18 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
-use grpcio::{CallOption, ChannelBuilder, Client, Environment, RpcStatusCode};
+use grpcio::{CallOption, ChannelBuilder, Client, Environment};
 use log::{debug, info, warn};
 use parking_lot::{Mutex, RwLock};
 
 use super::config::RetryPolicy;
 use super::message::{SharedMessage, BROADCAST, BROADCAST_BATCH};
 use super::throttle::Throttle;
+use crate::grpc::is_retryable;
+use crate::thread::{SpawnError, StoppableThread};
 
 /// A batch stops growing at this many encoded bytes (a single larger message still goes alone),
 /// well under gRPC's default 4 MiB receive limit on the connect-node.
@@ -29,12 +30,12 @@ const BATCH_MAX_BYTES: usize = 2 << 20;
 
 /// What a node client is built with; shared by every node of one manager.
 #[derive(Clone, Debug)]
-pub struct NodeSettings {
-    pub routine_size: usize,
-    pub queue_size: usize,
-    pub batch_max: usize,
-    pub rpc_timeout: Duration,
-    pub retry: RetryPolicy,
+pub(crate) struct NodeSettings {
+    pub(crate) routine_size: usize,
+    pub(crate) queue_size: usize,
+    pub(crate) batch_max: usize,
+    pub(crate) rpc_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
 }
 
 /// Running totals for one node. Messages, not RPCs, unless the name says otherwise.
@@ -42,6 +43,7 @@ pub struct NodeSettings {
 struct Counters {
     enqueued: AtomicU64,
     dropped_full: AtomicU64,
+    dropped_closing: AtomicU64,
     sent: AtomicU64,
     failed: AtomicU64,
     abandoned: AtomicU64,
@@ -56,8 +58,10 @@ pub struct NodeStats {
     pub addr: String,
     /// Messages its queue accepted.
     pub enqueued: u64,
-    /// Broadcasts refused because its queue was full (or closing).
+    /// Broadcasts refused because its queue was full.
     pub dropped_full: u64,
+    /// Broadcasts refused because the node was closing (removed from etcd, or shutdown).
+    pub dropped_closing: u64,
     /// Messages the node acknowledged.
     pub sent: u64,
     /// Messages given up after the last attempt failed.
@@ -81,7 +85,7 @@ impl NodeStats {
 
 /// Why an offer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// The queue is at `queue_size`.
     Full,
     /// The node is being removed or the manager is shutting down.
@@ -111,19 +115,42 @@ impl Lifecycle {
     }
 }
 
-pub struct NodeClient {
+/// Whether a closing node's workers may still retry failed RPCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retries {
+    /// The node is still registered (push-manager is shutting down): retry until the drain
+    /// deadline.
+    UntilDrained,
+    /// The node left etcd: one attempt per batch, no retries.
+    Stop,
+}
+
+pub(crate) struct NodeClient {
     id: String,
     addr: String,
     sender: RwLock<Option<Sender<SharedMessage>>>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    workers: Mutex<Vec<StoppableThread>>,
     full_warnings: Throttle,
 }
 
+/// The name of worker `n` of the node numbered `number`: `n3-w0`. Numbers, not node ids, so
+/// that every worker keeps a distinct name within Linux's 15 bytes whatever the id is.
+pub(crate) fn worker_name(number: u32, n: usize) -> String {
+    format!("n{number}-w{n}")
+}
+
 impl NodeClient {
-    /// Connects (lazily) to `addr` and starts the workers.
-    pub fn start(id: &str, addr: &str, env: Arc<Environment>, settings: &NodeSettings) -> std::io::Result<NodeClient> {
+    /// Connects (lazily) to `addr` and starts the workers, named after `number` (unique per
+    /// manager; the log line here maps it to the id).
+    pub(crate) fn start(
+        number: u32,
+        id: &str,
+        addr: &str,
+        env: Arc<Environment>,
+        settings: &NodeSettings,
+    ) -> Result<NodeClient, SpawnError> {
         let client = Client::new(ChannelBuilder::new(env).connect(addr));
         let (tx, rx) = bounded(settings.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
@@ -163,63 +190,68 @@ impl NodeClient {
                 settings: settings.clone(),
                 failures: failures.clone(),
             };
-            let spawned = thread::Builder::new().name(format!("node-{id}-{n}")).spawn(move || worker.run());
-            match spawned {
-                Ok(handle) => node.workers.lock().push(handle),
+            // Workers end when the queue disconnects (`close`), after draining it, not on the
+            // stop channel.
+            match StoppableThread::spawn(worker_name(number, n), move |_stop| worker.run()) {
+                Ok(thread) => node.workers.lock().push(thread),
                 Err(e) => {
-                    node.close(Duration::ZERO, false);
+                    node.close(Duration::ZERO, Retries::Stop);
                     node.join();
                     return Err(e);
                 }
             }
         }
-        info!("node {id}: added at {addr} ({} workers, queue {})", settings.routine_size, settings.queue_size);
+        info!(
+            "node {number} = {id}: added at {addr} (threads {}..{}, queue {})",
+            worker_name(number, 0),
+            worker_name(number, settings.routine_size - 1),
+            settings.queue_size
+        );
         Ok(node)
     }
 
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
-    pub fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
 
     /// Queues `msg` without blocking.
-    pub fn offer(&self, msg: &SharedMessage) -> Result<(), Refused> {
+    pub(crate) fn offer(&self, msg: &SharedMessage) -> Result<(), Refused> {
         // try_send never blocks, so holding the read lock across it is fine.
         let result = match &*self.sender.read() {
             Some(tx) => tx.try_send(msg.clone()),
             None => Err(TrySendError::Disconnected(msg.clone())),
         };
-        match result {
+        let refused = match result {
             Ok(()) => {
                 self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                return Ok(());
             }
-            Err(e) => {
+            Err(TrySendError::Full(_)) => {
                 self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
-                let refused = if e.is_full() { Refused::Full } else { Refused::Closing };
-                if let Some(suppressed) = self.full_warnings.allow() {
-                    warn!(
-                        "node {}: dropped a broadcast, queue {} ({} more dropped since the last warning)",
-                        self.id,
-                        if refused == Refused::Full { "full" } else { "closing" },
-                        suppressed
-                    );
-                }
-                Err(refused)
+                Refused::Full
             }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.dropped_closing.fetch_add(1, Ordering::Relaxed);
+                Refused::Closing
+            }
+        };
+        if let Some(suppressed) = self.full_warnings.allow() {
+            let why = if refused == Refused::Full { "queue full" } else { "node closing" };
+            warn!("node {}: dropped a broadcast, {why} ({suppressed} more dropped since the last warning)", self.id);
         }
+        Err(refused)
     }
 
     /// Stops accepting: workers deliver what is queued until `drain_timeout` has passed, then
-    /// count the rest as abandoned. `registered: false` (node removed) also stops retries.
-    /// Does not wait; `join` does.
-    pub fn close(&self, drain_timeout: Duration, registered: bool) {
+    /// count the rest as abandoned. Does not wait; `join` does.
+    pub(crate) fn close(&self, drain_timeout: Duration, retries: Retries) {
         let queued = self.sender.read().as_ref().map_or(0, |tx| tx.len());
         *self.lifecycle.drain_deadline.lock() = Some(Instant::now() + drain_timeout);
-        self.lifecycle.registered.store(registered, Ordering::Relaxed);
+        self.lifecycle.registered.store(retries == Retries::UntilDrained, Ordering::Relaxed);
         if self.sender.write().take().is_some() {
             debug!("node {}: closing with {queued} queued, drain within {drain_timeout:?}", self.id);
         }
@@ -227,22 +259,20 @@ impl NodeClient {
     }
 
     /// Whether every worker has ended (after `close`).
-    pub fn is_finished(&self) -> bool {
-        self.workers.lock().iter().all(|w| w.is_finished())
+    pub(crate) fn is_finished(&self) -> bool {
+        self.workers.lock().iter().all(StoppableThread::is_finished)
     }
 
     /// Joins the workers. Call after `close`, or it waits forever.
-    pub fn join(&self) {
+    pub(crate) fn join(&self) {
         // Taken out first so the lock is not held across the joins.
         let workers = std::mem::take(&mut *self.workers.lock());
-        for w in workers {
-            if w.join().is_err() {
-                warn!("node {}: a worker panicked", self.id);
-            }
+        for mut w in workers {
+            w.join();
         }
     }
 
-    pub fn stats(&self) -> NodeStats {
+    pub(crate) fn stats(&self) -> NodeStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
@@ -250,6 +280,7 @@ impl NodeClient {
             addr: self.addr.clone(),
             enqueued: load(&c.enqueued),
             dropped_full: load(&c.dropped_full),
+            dropped_closing: load(&c.dropped_closing),
             sent: load(&c.sent),
             failed: load(&c.failed),
             abandoned: load(&c.abandoned),
@@ -262,7 +293,7 @@ impl NodeClient {
 
 impl Drop for NodeClient {
     fn drop(&mut self) {
-        self.close(Duration::ZERO, false);
+        self.close(Duration::ZERO, Retries::Stop);
         self.join();
     }
 }
@@ -314,7 +345,7 @@ impl Batch {
     }
 }
 
-/// One `node-<id>-<n>` thread.
+/// One `n<number>-w<n>` thread.
 struct Worker {
     node_id: String,
     client: Client,
@@ -420,18 +451,14 @@ impl Worker {
     }
 }
 
-/// Statuses after which the same request may succeed. DEADLINE_EXCEEDED is among them: the node
-/// may then see a message twice, which is the price of not losing it (at-least-once).
-fn is_retryable(error: &grpcio::Error) -> bool {
-    match error {
-        grpcio::Error::RpcFailure(status) => matches!(
-            status.code(),
-            RpcStatusCode::UNAVAILABLE
-                | RpcStatusCode::DEADLINE_EXCEEDED
-                | RpcStatusCode::RESOURCE_EXHAUSTED
-                | RpcStatusCode::ABORTED
-        ),
-        grpcio::Error::RemoteStopped => true,
-        _ => false,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_names_stay_distinct_within_linux_limit() {
+        assert_eq!(worker_name(3, 0), "n3-w0");
+        // The largest a name gets: a manager that has seen a billion nodes, 1024 workers each.
+        assert!(worker_name(999_999_999, 1023).len() <= crate::thread::MAX_NAME_BYTES);
     }
 }

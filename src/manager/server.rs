@@ -16,16 +16,16 @@ use crate::proto::protocol_grpc::PushServer;
 use crate::topic::{self, MAX_TOPIC_BYTES};
 
 #[derive(Clone)]
-pub struct PushService {
-    pub fanout: Arc<Fanout>,
-    pub discovery: Arc<discovery::Status>,
-    pub max_message_bytes: usize,
-    pub prefix: String,
-    pub etcd_endpoints: String,
+pub(crate) struct PushService {
+    pub(crate) fanout: Arc<Fanout>,
+    pub(crate) discovery: Arc<discovery::Status>,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) prefix: String,
+    pub(crate) etcd_endpoints: String,
 }
 
 /// Why a request is refused, as the caller will read it.
-pub fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), String> {
+pub(crate) fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), String> {
     if !req.has_proto() {
         return Err("proto is required: BroadCastReq.proto carries the body to deliver".into());
     }
@@ -37,7 +37,7 @@ pub fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), Stri
 }
 
 /// Empty (everyone), or a topic as `crate::topic` defines it.
-pub fn validate_topic(topic: &str) -> Result<(), String> {
+pub(crate) fn validate_topic(topic: &str) -> Result<(), String> {
     if topic.is_empty() {
         return Ok(());
     }

@@ -6,19 +6,19 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-pub struct Throttle {
+pub(crate) struct Throttle {
     interval: Duration,
     last: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl Throttle {
-    pub fn new(interval: Duration) -> Throttle {
+    pub(crate) fn new(interval: Duration) -> Throttle {
         Throttle { interval, last: Mutex::new(None), suppressed: AtomicU64::new(0) }
     }
 
     /// `Some(suppressed since the last allowed event)` when this event may be logged.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = Instant::now();
         let mut last = self.last.lock();
         if matches!(*last, Some(t) if now.duration_since(t) < self.interval) {
