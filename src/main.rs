@@ -1,5 +1,7 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() {
-    std::process::exit(push_manager::cli::run(push_manager::cli::Cli::parse()));
+fn main() -> ExitCode {
+    push_manager::cli::run(push_manager::cli::Cli::parse())
 }

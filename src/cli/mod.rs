@@ -7,10 +7,13 @@ mod send;
 mod serve;
 mod subscribe;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
+
+use crate::etcd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,19 +54,19 @@ pub struct LogArgs {
 #[derive(Args, Debug, Clone)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated host:port.
-    #[arg(long, default_value = "127.0.0.1:2379")]
+    #[arg(long, default_value_t = etcd::Config::default().endpoints.join(","))]
     pub etcd: String,
     /// Deadline of one etcd call.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub etcd_timeout: Duration,
+    #[arg(long, default_value_t = etcd::Config::default().timeout.into(), value_parser = parse_duration)]
+    pub etcd_timeout: humantime::Duration,
     /// etcd key prefix under which connect-nodes register.
-    #[arg(long, default_value = crate::manager::DEFAULT_PREFIX)]
+    #[arg(long, default_value = crate::registry::DEFAULT_PREFIX)]
     pub prefix: String,
 }
 
 impl EtcdArgs {
-    pub fn config(&self) -> crate::etcd::Config {
-        crate::etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout }
+    pub fn config(&self) -> etcd::Config {
+        etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout.into() }
     }
 }
 
@@ -71,9 +74,17 @@ fn parse_level(s: &str) -> Result<LevelFilter, String> {
     s.parse().map_err(|_| format!("{s:?} is not a log level; use error, warn, info, debug or trace"))
 }
 
-/// Durations like `3s`, `500ms`, `1m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))
+/// Longest duration a flag takes: far beyond any sensible timeout, and far enough from
+/// `Instant`'s range that adding it to the clock can never overflow later.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Durations like `3s`, `500ms`, `1m`, up to ten years.
+pub fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is longer than the longest duration taken, {}", humantime::format_duration(MAX_DURATION)));
+    }
+    Ok(d.into())
 }
 
 /// Comma-separated `host:port` list.
@@ -91,23 +102,41 @@ pub fn init_logging(level: LevelFilter) {
     let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, simplelog::ColorChoice::Never);
 }
 
-/// Runs a parsed command; the exit code is the process's.
-pub fn run(cli: Cli) -> i32 {
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
-        Command::Node(args) => node::run(args).map_err(|e| e.to_string()),
-        Command::Serve(args) => serve::run(args).map_err(|e| e.to_string()),
-        Command::Send(args) => send::run(args).map_err(|e| e.to_string()),
-        Command::Subscribe(args) => subscribe::run(args).map_err(|e| e.to_string()),
-        Command::Nodes(args) => nodes::run(args).map_err(|e| e.to_string()),
+/// What a subcommand fails with: its own error, printed after `push-manager: `.
+pub type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Runs a parsed command and returns the process's exit code: 0 on success, and also when
+/// standard output was closed under us (`push-manager subscribe ... | head -1`), 1 otherwise.
+pub fn run(cli: Cli) -> ExitCode {
+    let result: CmdResult = match cli.command {
+        Command::Demo(args) => demo::run(args).map_err(Into::into),
+        Command::Node(args) => node::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Send(args) => send::run(args).map_err(Into::into),
+        Command::Subscribe(args) => subscribe::run(args).map_err(Into::into),
+        Command::Nodes(args) => nodes::run(args),
     };
     match result {
-        Ok(()) => 0,
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("push-manager: {e}");
-            1
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error, or any error it wraps, is a write to a closed pipe: whoever read our
+/// output has what it wanted, which is no failure of ours.
+fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Blocks until SIGINT or SIGTERM, calling `on_tick` every `tick` meanwhile (never if `None`).

@@ -3,68 +3,91 @@
 //! stops sending at once), then closes every connection with a close frame and exits 0.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use clap::Args;
 use log::{info, warn};
 
 use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
 use crate::etcd;
-use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
+use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig};
+use crate::registry;
 
+/// Every default comes from `gateway::Config::default()` / `NodeConfig::default()`: written
+/// once, shown by `--help`.
 #[derive(Args, Debug)]
 pub struct NodeArgs {
     /// gRPC address for protocol.ConnectNode (what push-manager calls).
-    #[arg(long, default_value = "0.0.0.0:50061")]
+    #[arg(long, default_value_t = Config::default().grpc_listen)]
     pub grpc_listen: String,
     /// WebSocket address; users connect to ws://<this>/ws.
-    #[arg(long, default_value = "0.0.0.0:8090")]
+    #[arg(long, default_value_t = Config::default().ws_listen)]
     pub ws_listen: String,
     #[command(flatten)]
     pub registry: EtcdArgs,
-    /// This node's id [default: <hostname>-<grpc port>].
+    /// This node's id: 1-128 bytes, no '/', whitespace or control characters [default: <hostname>-<grpc port>].
     #[arg(long)]
     pub node_id: Option<String>,
     /// gRPC address push-manager should call [default: the bound address, 127.0.0.1 for a wildcard].
     #[arg(long)]
     pub advertise: Option<String>,
     /// TTL of the registration lease; a node that dies unannounced disappears after it.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub lease_ttl: Duration,
+    #[arg(long, default_value_t = NodeConfig::default().lease_ttl.into(), value_parser = parse_duration)]
+    pub lease_ttl: humantime::Duration,
     /// WebSocket event-loop threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = Config::default().event_loops)]
     pub event_loops: usize,
+    /// gRPC completion-queue threads.
+    #[arg(long, default_value_t = Config::default().grpc_threads)]
+    pub grpc_threads: usize,
     /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = Config::default().max_out_buffer)]
     pub max_out_buffer: usize,
+    /// Largest frame or message accepted from a WebSocket client, in bytes.
+    #[arg(long, default_value_t = Config::default().max_frame_bytes)]
+    pub max_frame_bytes: usize,
+    /// Longest topic a client may subscribe to, in bytes.
+    #[arg(long, default_value_t = Config::default().max_topic_len)]
+    pub max_topic_len: usize,
+    /// Most topics one connection may hold.
+    #[arg(long, default_value_t = Config::default().max_topics_per_connection)]
+    pub max_topics_per_connection: usize,
     /// Deliveries that may wait in one event loop before broadcasts are refused as busy
     /// (RESOURCE_EXHAUSTED, which push-manager retries).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = Config::default().max_loop_backlog)]
     pub max_loop_backlog: usize,
     /// How often idle connections are pinged.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
-    pub ping_interval: Duration,
+    #[arg(long, default_value_t = Config::default().ping_interval.into(), value_parser = parse_duration)]
+    pub ping_interval: humantime::Duration,
     /// A connection silent (no pong, no frame) for this long is dropped.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub pong_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().pong_timeout.into(), value_parser = parse_duration)]
+    pub pong_timeout: humantime::Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    /// The connect-node could not start serving.
-    #[error("{0}")]
-    Gateway(#[from] gateway::Error),
-    /// Registration in etcd failed.
-    #[error("registering in etcd: {0}")]
-    Etcd(#[from] etcd::Error),
-    /// A flag is out of range.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// Signal handling could not be set up.
-    #[error("installing signal handlers: {0}")]
-    Signals(#[from] std::io::Error),
+impl NodeArgs {
+    pub fn config(&self) -> NodeConfig {
+        NodeConfig {
+            gateway: Config {
+                grpc_listen: self.grpc_listen.clone(),
+                ws_listen: self.ws_listen.clone(),
+                event_loops: self.event_loops,
+                max_out_buffer: self.max_out_buffer,
+                max_frame_bytes: self.max_frame_bytes,
+                ping_interval: self.ping_interval.into(),
+                pong_timeout: self.pong_timeout.into(),
+                max_topic_len: self.max_topic_len,
+                max_topics_per_connection: self.max_topics_per_connection,
+                grpc_threads: self.grpc_threads,
+                max_loop_backlog: self.max_loop_backlog,
+            },
+            etcd: self.registry.config(),
+            prefix: self.registry.prefix.clone(),
+            node_id: self.node_id.clone(),
+            advertise: self.advertise.clone(),
+            lease_ttl: self.lease_ttl.into(),
+        }
+    }
 }
 
 /// The address to advertise for a bound one: a wildcard host is not callable from elsewhere.
@@ -87,47 +110,36 @@ pub fn hostname() -> String {
     }
 }
 
-pub fn run(args: NodeArgs) -> Result<(), NodeError> {
+pub fn run(args: NodeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
-    if args.lease_ttl < Duration::from_secs(1) {
-        return Err(NodeError::InvalidArgument("--lease-ttl must be at least 1s (etcd counts whole seconds)".into()));
-    }
-    let etcd_config = args.registry.config();
-    etcd_config.validate().map_err(|e| NodeError::InvalidArgument(format!("--etcd: {e}")))?;
+    let config = args.config();
+    config.validate()?;
     match gateway::raise_nofile_limit() {
         Ok(limit) => info!("open-file limit {limit}"),
         Err(e) => warn!("cannot raise the open-file limit ({e}); fewer connections fit"),
     }
-    let mut gateway = Gateway::start(gateway::Config {
-        grpc_listen: args.grpc_listen.clone(),
-        ws_listen: args.ws_listen.clone(),
-        event_loops: args.event_loops,
-        max_out_buffer: args.max_out_buffer,
-        max_loop_backlog: args.max_loop_backlog,
-        ping_interval: args.ping_interval,
-        pong_timeout: args.pong_timeout,
-        ..gateway::Config::default()
-    })?;
-    let addr = args.advertise.clone().unwrap_or_else(|| advertised(gateway.grpc_addr()));
-    crate::addr::validate_host_port(&addr).map_err(|e| NodeError::InvalidArgument(format!("--advertise: {e}")))?;
-    let node_id = args.node_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), gateway.grpc_addr().port()));
-    if node_id.is_empty() || node_id.contains('/') {
-        return Err(NodeError::InvalidArgument(format!("--node-id {node_id:?} must be non-empty and contain no '/'")));
-    }
-    let client = etcd::Client::connect(etcd_config)?;
+    let mut gateway = Gateway::start(config.gateway.clone())?;
+    let addr = config.advertise.clone().unwrap_or_else(|| advertised(gateway.grpc_addr()));
+    let node_id = match config.node_id.clone() {
+        Some(id) => id,
+        None => {
+            let id = format!("{}-{}", hostname(), gateway.grpc_addr().port());
+            registry::validate_node_id(&id)
+                .map_err(|e| format!("the default node id (hostname-port) is not usable, give --node-id: {e}"))?;
+            id
+        }
+    };
+    let client = etcd::Client::connect(config.etcd.clone())?;
     let mut registration = Registration::start(
         client,
-        RegistrationConfig {
-            key: format!("{}{node_id}", args.registry.prefix),
-            addr: addr.clone(),
-            ttl: args.lease_ttl,
-        },
-    )?;
+        RegistrationConfig { key: registry::node_key(&config.prefix, &node_id), addr: addr.clone(), ttl: config.lease_ttl },
+    )
+    .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} registered as {addr}");
 
-    run_until_signal(None, || {})?;
+    run_until_signal(None, || {}).map_err(|e| format!("installing signal handlers: {e}"))?;
     info!("shutdown signal received: deregistering, then closing connections");
     registration.deregister();
     gateway.shutdown();

@@ -1,5 +1,7 @@
 //! `push-manager nodes`: the connect-nodes registered in etcd, as push-manager would see them.
 
+use std::io::Write;
+
 use clap::Args;
 
 use super::EtcdArgs;
@@ -12,11 +14,13 @@ pub struct NodesArgs {
     pub registry: EtcdArgs,
 }
 
-pub fn run(args: NodesArgs) -> etcd::Result<()> {
+pub fn run(args: NodesArgs) -> super::CmdResult {
     let prefix = &args.registry.prefix;
     let client = etcd::Client::connect(args.registry.config())?;
     let listing = client.get_prefix(prefix)?;
-    println!("{:<24} {:<24} {}", "ID", "ADDRESS", "LEASE TTL LEFT");
+    // Written, not printed: `nodes | head -1` closes the pipe, which is no error (see cli::run).
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<24} {:<24} LEASE TTL LEFT", "ID", "ADDRESS")?;
     for kv in &listing.kvs {
         let ttl = match kv.lease {
             0 => "no lease".to_string(),
@@ -26,8 +30,8 @@ pub fn run(args: NodesArgs) -> etcd::Result<()> {
             },
         };
         match parse(prefix, &kv.key, &kv.value) {
-            Ok(r) => println!("{:<24} {:<24} {ttl}", r.id, r.addr),
-            Err(bad) => println!("{:<24} {:<24} {ttl}  ({})", kv.key, "-", bad.reason),
+            Ok(r) => writeln!(out, "{:<24} {:<24} {ttl}", r.id, r.addr)?,
+            Err(bad) => writeln!(out, "{:<24} {:<24} {ttl}  ({})", kv.key, "-", bad.reason)?,
         }
     }
     eprintln!("{} key(s) under {prefix:?} at revision {}", listing.kvs.len(), listing.revision);

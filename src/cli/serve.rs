@@ -8,46 +8,47 @@ use log::info;
 use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
 use crate::manager::{Config, Manager, NodeStats, RetryPolicy};
 
+/// Every default comes from `Config::default()`: written once, shown by `--help`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// gRPC address for protocol.PushServer.
-    #[arg(long, default_value = "0.0.0.0:50053")]
+    #[arg(long, default_value_t = Config::default().listen)]
     pub listen: String,
     #[command(flatten)]
     pub registry: EtcdArgs,
     /// Worker threads per connect-node.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = Config::default().routine_size)]
     pub routine_size: usize,
     /// Bounded queue length per connect-node (messages).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = Config::default().queue_size)]
     pub queue_size: usize,
     /// How often the node set is re-listed from etcd.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    pub poll_interval: Duration,
+    #[arg(long, default_value_t = Config::default().poll_interval.into(), value_parser = parse_duration)]
+    pub poll_interval: humantime::Duration,
     /// Do not watch the prefix; rely on the periodic list only.
     #[arg(long)]
     pub no_watch: bool,
     /// Deadline of one RPC to a connect-node.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub rpc_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().rpc_timeout.into(), value_parser = parse_duration)]
+    pub rpc_timeout: humantime::Duration,
     /// Most messages sent to a node in one RPC when more are queued (1 = one RPC per message).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = Config::default().batch_max)]
     pub batch_max: usize,
     /// Largest broadcast body accepted, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = Config::default().max_message_bytes)]
     pub max_message_bytes: usize,
     /// Attempts per RPC to a node (first included) on retryable errors.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = RetryPolicy::default().max_attempts)]
     pub max_attempts: u32,
-    /// Log each node's counters this often when they changed (0 = never).
+    /// Log each node's counters this often when they changed (0s = never).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub stats_interval: Duration,
+    pub stats_interval: humantime::Duration,
     /// gRPC completion-queue threads, shared by the server and the node clients.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = Config::default().grpc_threads)]
     pub grpc_threads: usize,
     /// Time a removed node, or every node at shutdown, has to deliver what it has queued.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(long, default_value_t = Config::default().drain_timeout.into(), value_parser = parse_duration)]
+    pub drain_timeout: humantime::Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -60,27 +61,28 @@ impl ServeArgs {
             prefix: self.registry.prefix.clone(),
             routine_size: self.routine_size,
             queue_size: self.queue_size,
-            poll_interval: self.poll_interval,
+            poll_interval: self.poll_interval.into(),
             watch: !self.no_watch,
-            rpc_timeout: self.rpc_timeout,
+            rpc_timeout: self.rpc_timeout.into(),
             batch_max: self.batch_max,
             max_message_bytes: self.max_message_bytes,
             retry: RetryPolicy { max_attempts: self.max_attempts, ..RetryPolicy::default() },
-            drain_timeout: self.drain_timeout,
+            drain_timeout: self.drain_timeout.into(),
             grpc_threads: self.grpc_threads,
         }
     }
 }
 
-pub fn run(args: ServeArgs) -> crate::manager::Result<()> {
+pub fn run(args: ServeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
     let mut manager = Manager::start(args.config())?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
-    let tick = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
+    let stats_interval: Duration = args.stats_interval.into();
+    let tick = (!stats_interval.is_zero()).then_some(stats_interval);
     let mut last = Vec::new();
     run_until_signal(tick, || log_changed_counters(&manager, &mut last))
-        .map_err(|source| crate::manager::Error::Spawn { name: "signal handler".into(), source })?;
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
     info!("shutdown signal received");
     manager.shutdown();
     Ok(())
@@ -91,8 +93,19 @@ fn log_changed_counters(manager: &Manager, last: &mut Vec<NodeStats>) {
     let now = manager.nodes();
     for n in now.iter().filter(|n| !last.contains(n)) {
         info!(
-            "node {} {}: enqueued {} sent {} rpcs {} failed {} abandoned {} dropped {} retried {} queued {}",
-            n.id, n.addr, n.enqueued, n.sent, n.rpcs, n.failed, n.abandoned, n.dropped_full, n.retried, n.queue_depth
+            "node {} {}: enqueued {} sent {} rpcs {} failed {} abandoned {} dropped (full) {} dropped (closing) {} \
+             retried {} queued {}",
+            n.id,
+            n.addr,
+            n.enqueued,
+            n.sent,
+            n.rpcs,
+            n.failed,
+            n.abandoned,
+            n.dropped_full,
+            n.dropped_closing,
+            n.retried,
+            n.queue_depth
         );
     }
     *last = now;
