@@ -34,17 +34,28 @@ pub struct NodeListing {
     pub revision: i64,
 }
 
-/// Lists and parses every node record under `prefix`.
+/// Lists and parses every node record under `prefix`. Two ids at one address are one node to
+/// call: the first id (in key order) keeps it, the others are listed as bad, so no node gets
+/// every message twice.
 pub fn list(client: &etcd::Client, prefix: &str) -> etcd::Result<NodeListing> {
     let raw = client.get_prefix(prefix)?;
     let mut listing = NodeListing { revision: raw.revision, ..NodeListing::default() };
+    let mut owners: HashMap<String, String> = HashMap::new();
     for kv in raw.kvs {
-        match parse(prefix, &kv.key, &kv.value) {
-            Ok(r) => {
-                listing.nodes.insert(r.id, r.addr);
+        let record = match parse(prefix, &kv.key, &kv.value) {
+            Ok(record) => record,
+            Err(bad) => {
+                listing.bad.push(bad);
+                continue;
             }
-            Err(bad) => listing.bad.push(bad),
+        };
+        if let Some(owner) = owners.get(&record.addr) {
+            let reason = format!("node {} already has address {}; one client per address", owner, record.addr);
+            listing.bad.push(BadRecord { key: kv.key, reason });
+            continue;
         }
+        owners.insert(record.addr.clone(), record.id.clone());
+        listing.nodes.insert(record.id, record.addr);
     }
     Ok(listing)
 }
@@ -98,6 +109,7 @@ impl Discovery {
                 status: shared,
                 warned: HashMap::new(),
                 watcher: None,
+                failure: None,
             };
             poller.run()
         })?;
@@ -107,6 +119,13 @@ impl Discovery {
     /// The thread's status, readable from anywhere while it runs.
     pub fn status(&self) -> Arc<Status> {
         self.status.clone()
+    }
+
+    /// Whether the thread is still at work. It only ends when shut down, so `false` before that
+    /// means it died (a panic, logged): the node set is frozen and whoever owns it must not
+    /// carry on as if it were not.
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
     }
 
     /// Idempotent: stops the thread (and its watcher) and joins it; dropping the handle does
@@ -128,6 +147,16 @@ struct Poller {
     /// Bad keys already warned about, with the reason we gave.
     warned: HashMap<String, String>,
     watcher: Option<Watcher>,
+    /// Why the last listing failed; `None` after a success.
+    failure: Option<Failure>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No etcd endpoint answered.
+    Unreachable,
+    /// etcd answered, but the listing failed (e.g. a compacted revision, a page too large).
+    Listing,
 }
 
 impl Poller {
@@ -190,14 +219,31 @@ impl Poller {
         let listing = match list(&self.client, &self.config.prefix) {
             Ok(l) => l,
             Err(e) => {
-                if self.status.etcd_reachable.swap(false, Ordering::Relaxed) {
-                    warn!("etcd unreachable ({e}); keeping the last known connect-nodes and retrying");
+                // Unreachable and "etcd answered, but the listing fails" call for different
+                // fixes: say which, once per change.
+                let failure = if matches!(e, etcd::Error::Unavailable { .. } | etcd::Error::Timeout(_)) {
+                    Failure::Unreachable
+                } else {
+                    Failure::Listing
+                };
+                self.status.etcd_reachable.store(failure == Failure::Listing, Ordering::Relaxed);
+                if self.failure.replace(failure) != Some(failure) {
+                    match failure {
+                        Failure::Unreachable => {
+                            warn!("etcd unreachable ({e}); keeping the last known connect-nodes and retrying")
+                        }
+                        Failure::Listing => warn!(
+                            "listing {:?} in etcd failed ({e}); keeping the last known connect-nodes and retrying",
+                            self.config.prefix
+                        ),
+                    }
                 }
                 return Err(());
             }
         };
-        if !self.status.etcd_reachable.swap(true, Ordering::Relaxed) {
-            info!("etcd reachable again; {} connect-node(s) registered", listing.nodes.len());
+        self.status.etcd_reachable.store(true, Ordering::Relaxed);
+        if self.failure.take().is_some() {
+            info!("listing {:?} works again; {} connect-node(s) registered", self.config.prefix, listing.nodes.len());
         }
         self.warn_bad_records(&listing.bad);
         (self.on_list)(&listing.nodes);
@@ -219,6 +265,27 @@ impl Poller {
                 warn!("{b}");
                 self.warned.insert(b.key.clone(), b.reason.clone());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::InProcessEtcd;
+
+    #[test]
+    fn a_dead_discovery_thread_shows_as_not_running() {
+        let etcd = InProcessEtcd::start().unwrap();
+        let client =
+            etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(2) })
+                .unwrap();
+        let config = Config { prefix: "/t/".into(), poll_interval: Duration::from_secs(3600), watch: false };
+        let discovery = Discovery::start(client, config, |_| panic!("reconciling failed")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while discovery.is_running() {
+            assert!(Instant::now() < deadline, "the thread should have died on the first listing");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -25,13 +25,25 @@ impl fmt::Display for BadRecord {
     }
 }
 
-/// Parses one key/value found under `prefix`.
+/// Largest value read as a node record: an address, or a small JSON object around one. A bigger
+/// value is not a node's record, and listing many of them would cost every poll.
+pub const MAX_RECORD_BYTES: usize = 4096;
+
+/// Parses one key/value found under `prefix`. The key must be `<prefix><node-id>` exactly: a key
+/// with more segments is someone else's data (reading its last segment as an id would let
+/// `<prefix>x/<id>` take over node `<id>`'s traffic).
 pub fn parse(prefix: &str, key: &str, value: &[u8]) -> Result<NodeRecord, BadRecord> {
     let bad = |reason: String| BadRecord { key: key.to_string(), reason };
-    let rest = key.strip_prefix(prefix).unwrap_or(key);
-    let id = rest.rsplit('/').next().unwrap_or_default();
+    let id = key.strip_prefix(prefix).unwrap_or(key);
     if id.is_empty() {
         return Err(bad("the key has no node id after the prefix".into()));
+    }
+    if id.contains('/') {
+        return Err(bad(format!("the key is nested below the prefix; a node record is {prefix}<node-id>")));
+    }
+    crate::registry::validate_node_id(id).map_err(bad)?;
+    if value.len() > MAX_RECORD_BYTES {
+        return Err(bad(format!("the value is {} bytes; a node record is at most {MAX_RECORD_BYTES}", value.len())));
     }
     let text = std::str::from_utf8(value).map_err(|_| bad("the value is not UTF-8".into()))?.trim();
     let addr = if text.starts_with('{') { address_from_json(text).map_err(bad)? } else { text.to_string() };
@@ -73,8 +85,21 @@ mod tests {
     }
 
     #[test]
-    fn id_is_the_last_segment() {
-        assert_eq!(ok("/services/connect-node/zone-a/n7", "h:1").id, "n7");
+    fn nested_keys_are_not_node_records() {
+        assert!(err("/services/connect-node/zone-a/n7", b"h:1").contains("nested below the prefix"));
+    }
+
+    #[test]
+    fn ids_follow_the_node_id_rule() {
+        assert!(err("/services/connect-node/a\0b", b"h:1").contains("control characters"));
+        assert!(err("/services/connect-node/a b", b"h:1").contains("whitespace"));
+        assert!(err(&format!("/services/connect-node/{}", "x".repeat(129)), b"h:1").contains("limit is 128"));
+    }
+
+    #[test]
+    fn oversized_values_are_refused_before_parsing() {
+        let big = format!("{{\"addr\":\"h:1\",\"pad\":\"{}\"}}", "x".repeat(MAX_RECORD_BYTES));
+        assert!(err("/services/connect-node/n", big.as_bytes()).contains("at most 4096"));
     }
 
     #[test]

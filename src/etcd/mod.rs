@@ -28,6 +28,13 @@ pub use error::{Error, Result};
 pub use lease::{KeepAlive, LeaseLost};
 pub use watch::{WatchEvent, Watcher};
 
+/// Keys read per call when listing a prefix. Small enough that a page of values at etcd's own
+/// size limit (1.5 MiB by default) stays under [`MAX_RECEIVE_BYTES`].
+pub const LIST_PAGE_KEYS: i64 = 32;
+
+/// Largest response accepted from etcd (gRPC's default is 4 MiB).
+const MAX_RECEIVE_BYTES: i32 = 64 << 20;
+
 /// Where etcd is and how long a call may take.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -140,17 +147,33 @@ impl Client {
         &self.inner.endpoints
     }
 
-    /// Every key starting with `prefix` (all keys for `""`), sorted by key.
+    /// Every key starting with `prefix` (all keys for `""`), sorted by key, as of one revision.
+    /// Read in pages of [`LIST_PAGE_KEYS`], so a prefix holding many or large values is listed
+    /// rather than refused by gRPC's receive limit; each page is one call with its own deadline.
     pub fn get_prefix(&self, prefix: &str) -> Result<Listing> {
-        let (key, range_end) = keys::prefix_range(prefix.as_bytes());
-        let mut req = RangeRequest::default();
-        req.set_key(key);
-        req.set_range_end(range_end);
-        let mut resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
-        Ok(Listing {
-            revision: resp.get_header().get_revision(),
-            kvs: resp.take_kvs().into_iter().map(KeyValue::from).collect(),
-        })
+        let (mut key, range_end) = keys::prefix_range(prefix.as_bytes());
+        let mut listing = Listing { revision: 0, kvs: Vec::new() };
+        loop {
+            let mut req = RangeRequest::default();
+            req.set_key(key);
+            req.set_range_end(range_end.clone());
+            req.set_limit(LIST_PAGE_KEYS);
+            // Every page after the first reads the first page's revision: one consistent listing.
+            req.set_revision(listing.revision);
+            let mut resp = self.with_failover(|ch, opt| KvClient::new(ch.clone()).range_opt(&req, opt))?;
+            if listing.revision == 0 {
+                listing.revision = resp.get_header().get_revision();
+            }
+            let page = resp.take_kvs();
+            let Some(last) = page.last() else { break };
+            // The next page starts just after the last key read.
+            key = [last.get_key(), &[0]].concat();
+            listing.kvs.extend(page.into_iter().map(KeyValue::from));
+            if !resp.get_more() {
+                break;
+            }
+        }
+        Ok(listing)
     }
 
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>> {
@@ -319,6 +342,7 @@ fn channel(env: &Arc<Environment>, endpoint: &str) -> Channel {
         // gRPC's default backoff grows to 120 s; a restarted etcd should be used within seconds.
         .initial_reconnect_backoff(Duration::from_millis(100))
         .max_reconnect_backoff(Duration::from_secs(2))
+        .max_receive_message_len(MAX_RECEIVE_BYTES)
         .connect(endpoint)
 }
 
