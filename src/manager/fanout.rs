@@ -77,7 +77,7 @@ impl Fanout {
     pub(crate) fn reconcile(&self, desired: &NodeAddrs) {
         let mut next_number = self.reconciling.lock();
         let current = self.snapshot();
-        let addrs: NodeAddrs = current.iter().map(|(id, n)| (id.clone(), n.addr().to_string())).collect();
+        let addrs: NodeAddrs = current.iter().map(|(id, n)| (id.clone(), n.addr())).collect();
         let d = diff(&addrs, desired);
         if !d.is_empty() {
             let mut next = (*current).clone();
@@ -86,21 +86,20 @@ impl Fanout {
                 info!("node {id}: no longer registered; draining and removing it");
                 retired.extend(next.remove(id));
             }
-            for (id, addr) in d.replace.iter().chain(&d.add) {
+            for (id, addr) in &d.replace {
+                // Same node, new address: its queue and counters stay, its workers follow.
+                if let Some(node) = next.get(id) {
+                    node.move_to(addr);
+                }
+            }
+            for (id, addr) in &d.add {
                 // Started before the swap, without any lock held.
-                let node = match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.settings) {
+                match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.settings) {
                     Ok(node) => {
                         *next_number += 1;
-                        Arc::new(node)
+                        next.insert(id.clone(), Arc::new(node));
                     }
-                    Err(e) => {
-                        error!("node {id}: cannot start its workers ({e}); will retry on the next listing");
-                        continue;
-                    }
-                };
-                if let Some(old) = next.insert(id.clone(), node) {
-                    info!("node {id}: address changed {} -> {addr}; old client drains", old.addr());
-                    retired.push(old);
+                    Err(e) => error!("node {id}: cannot start its workers ({e}); will retry on the next listing"),
                 }
             }
             *self.nodes.write() = Arc::new(next);

@@ -127,7 +127,10 @@ pub(crate) enum Retries {
 
 pub(crate) struct NodeClient {
     id: String,
-    addr: String,
+    /// Where the node is now, and the client that calls it there: swapped together when the
+    /// node re-registers at a new address, so its queue and counters carry over.
+    target: Arc<RwLock<Target>>,
+    env: Arc<Environment>,
     sender: RwLock<Option<Sender<SharedMessage>>>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
@@ -151,7 +154,7 @@ impl NodeClient {
         env: Arc<Environment>,
         settings: &NodeSettings,
     ) -> Result<NodeClient, SpawnError> {
-        let client = Client::new(ChannelBuilder::new(env).connect(addr));
+        let target = Arc::new(RwLock::new(Target::new(&env, addr)));
         let (tx, rx) = bounded(settings.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
@@ -170,7 +173,8 @@ impl NodeClient {
         });
         let node = NodeClient {
             id: id.to_string(),
-            addr: addr.to_string(),
+            target: target.clone(),
+            env,
             sender: RwLock::new(Some(tx)),
             counters: counters.clone(),
             lifecycle: lifecycle.clone(),
@@ -182,7 +186,7 @@ impl NodeClient {
         for n in 0..settings.routine_size {
             let worker = Worker {
                 node_id: node.id.clone(),
-                client: client.clone(),
+                target: target.clone(),
                 queue: rx.clone(),
                 pipeline: pipeline.clone(),
                 counters: counters.clone(),
@@ -214,8 +218,17 @@ impl NodeClient {
         &self.id
     }
 
-    pub(crate) fn addr(&self) -> &str {
-        &self.addr
+    pub(crate) fn addr(&self) -> String {
+        self.target.read().addr.clone()
+    }
+
+    /// Points the node's workers at `addr` from their next RPC on. The node re-registered there:
+    /// it is still the same node to callers, so what is queued for it goes to the new address
+    /// (and an RPC that fails at the old one is retried there) instead of being lost with it.
+    pub(crate) fn move_to(&self, addr: &str) {
+        let target = Target::new(&self.env, addr);
+        let old = std::mem::replace(&mut *self.target.write(), target);
+        info!("node {}: moved from {} to {addr}; its queue follows", self.id, old.addr);
     }
 
     /// Queues `msg` without blocking.
@@ -277,7 +290,7 @@ impl NodeClient {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
             id: self.id.clone(),
-            addr: self.addr.clone(),
+            addr: self.addr(),
             enqueued: load(&c.enqueued),
             dropped_full: load(&c.dropped_full),
             dropped_closing: load(&c.dropped_closing),
@@ -295,6 +308,18 @@ impl Drop for NodeClient {
     fn drop(&mut self) {
         self.close(Duration::ZERO, Retries::Stop);
         self.join();
+    }
+}
+
+/// A node's address and the gRPC client connected (lazily) to it.
+struct Target {
+    addr: String,
+    client: Client,
+}
+
+impl Target {
+    fn new(env: &Arc<Environment>, addr: &str) -> Target {
+        Target { addr: addr.to_string(), client: Client::new(ChannelBuilder::new(env.clone()).connect(addr)) }
     }
 }
 
@@ -348,7 +373,7 @@ impl Batch {
 /// One `n<number>-w<n>` thread.
 struct Worker {
     node_id: String,
-    client: Client,
+    target: Arc<RwLock<Target>>,
     queue: Receiver<SharedMessage>,
     pipeline: Arc<Pipeline>,
     counters: Arc<Counters>,
@@ -411,10 +436,12 @@ impl Worker {
             }
             let opt = CallOption::default().timeout(self.lifecycle.rpc_timeout(self.settings.rpc_timeout));
             self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
+            // Cloned (an Arc) so the lock is not held across the RPC.
+            let client = self.target.read().client.clone();
             let result = if batch.len() == 1 {
-                self.client.unary_call(&BROADCAST, &batch[0], opt)
+                client.unary_call(&BROADCAST, &batch[0], opt)
             } else {
-                self.client.unary_call(&BROADCAST_BATCH, batch, opt)
+                client.unary_call(&BROADCAST_BATCH, batch, opt)
             };
             let error = match result {
                 Ok(_) => {
@@ -424,10 +451,13 @@ impl Worker {
                 Err(e) => e,
             };
             let registered = self.lifecycle.registered.load(Ordering::Relaxed);
-            if is_retryable(&error) && attempt < self.settings.retry.max_attempts && registered {
+            if is_retryable(&error)
+                && attempt < self.settings.retry.max_attempts
+                && registered
+                && self.wait_before_retry(self.settings.retry.backoff(attempt + 1))
+            {
                 attempt += 1;
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
-                self.wait_before_retry(self.settings.retry.backoff(attempt));
                 continue;
             }
             self.counters.failed.fetch_add(n, Ordering::Relaxed);
@@ -442,11 +472,22 @@ impl Worker {
         }
     }
 
-    /// Sleeps for `backoff`, or less if the node is closed meanwhile.
-    fn wait_before_retry(&self, backoff: Duration) {
+    /// Sleeps for `backoff` before a retry; `false` if there must be no retry after all. Closing
+    /// does not cut the sleep short (a busy node answering RESOURCE_EXHAUSTED needs the time,
+    /// drain or not), except that a node removed from etcd gets no more retries and no sleep
+    /// outlasts the drain deadline.
+    fn wait_before_retry(&self, backoff: Duration) -> bool {
+        let until = Instant::now() + backoff;
         select! {
-            recv(self.lifecycle.closing_rx) -> _ => {}
-            default(backoff) => {}
+            recv(self.lifecycle.closing_rx) -> _ => {
+                if !self.lifecycle.registered.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let until = self.lifecycle.drain_deadline.lock().map_or(until, |d| d.min(until));
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                true
+            }
+            default(backoff) => true,
         }
     }
 }
