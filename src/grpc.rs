@@ -3,8 +3,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
 
 use grpcio::{ChannelBuilder, Environment, RpcStatusCode, Server, ServerBuilder, ServerCredentials, Service};
+
+use crate::thread::StoppableThread;
 
 /// Statuses after which the same call may succeed: the peer could not serve it now (refused
 /// connection, leader change, overload, a deadline that may have been a slow connect), not
@@ -62,6 +67,45 @@ pub fn start_server(
         .map_err(|e| ServerError::Bind { addr: listen.to_string(), reason: e.to_string() })?;
     server.start();
     Ok((server, bound_addr(listen, port)))
+}
+
+/// How long cancelled calls may take to end once `stop_server` has cancelled them.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops `server`: no new calls, then up to `grace` for the calls in flight to end. A call still
+/// open then (a client that sent its headers and stalled, a stream never half-closed) is
+/// cancelled, so stopping is bounded whatever clients do. Returns false if it had to cancel.
+pub fn stop_server(mut server: Server, grace: Duration) -> bool {
+    let shutdown = server.shutdown();
+    // The shutdown future completes only when every call has ended; it is awaited on a thread
+    // of its own so that this wait has a deadline.
+    let (done_tx, done_rx) = bounded(1);
+    let waiter = StoppableThread::spawn("grpc-stop", move |_stop| {
+        let _ = done_tx.send(futures::executor::block_on(shutdown));
+    });
+    let mut waiter = match waiter {
+        Ok(waiter) => waiter,
+        Err(e) => {
+            log::warn!("{e}; cancelling every call in flight at once");
+            server.cancel_all_calls();
+            return false;
+        }
+    };
+    if done_rx.recv_timeout(grace).is_ok() {
+        waiter.join();
+        return true;
+    }
+    log::warn!("gRPC calls still open after {grace:?}; cancelling them");
+    server.cancel_all_calls();
+    if done_rx.recv_timeout(CANCEL_GRACE).is_ok() {
+        waiter.join();
+    } else {
+        // Cannot happen short of a gRPC bug; joining would make shutdown unbounded.
+        log::error!("gRPC server still not stopped {CANCEL_GRACE:?} after cancelling its calls; leaving it");
+        std::mem::forget(waiter);
+        std::mem::forget(server);
+    }
+    false
 }
 
 /// The address a server listening on `listen` is reachable at: its IP (loopback for a name

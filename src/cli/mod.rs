@@ -139,9 +139,18 @@ fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Blocks until SIGINT or SIGTERM, calling `on_tick` every `tick` meanwhile (never if `None`).
-/// The signal handlers only write to a socket pair, which this thread reads with a timeout.
-pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut()) -> std::io::Result<()> {
+/// What a `run_until_signal` tick asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tick {
+    Continue,
+    /// Return now, as if a signal had come.
+    Stop,
+}
+
+/// Blocks until SIGINT or SIGTERM (or a tick says `Stop`), calling `on_tick` every `tick`
+/// meanwhile (never if `None`). The signal handlers only write to a socket pair, which this
+/// thread reads with a timeout.
+pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut() -> Tick) -> std::io::Result<()> {
     use std::io::{ErrorKind, Read};
     use std::os::unix::net::UnixStream;
     let (mut wake, on_signal) = UnixStream::pair()?;
@@ -152,7 +161,11 @@ pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut()) -> st
     loop {
         match wake.read(&mut [0u8]) {
             Ok(_) => return Ok(()),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => on_tick(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if on_tick() == Tick::Stop {
+                    return Ok(());
+                }
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

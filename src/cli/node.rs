@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use clap::Args;
 use log::{info, warn};
 
-use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
+use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, Tick};
 use crate::etcd;
 use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig};
 use crate::registry;
@@ -139,7 +139,7 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} registered as {addr}");
 
-    run_until_signal(None, || {}).map_err(|e| format!("installing signal handlers: {e}"))?;
+    run_until_signal(None, || Tick::Continue).map_err(|e| format!("installing signal handlers: {e}"))?;
     info!("shutdown signal received: deregistering, then closing connections");
     registration.deregister();
     gateway.shutdown();

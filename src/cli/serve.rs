@@ -1,12 +1,15 @@
 //! `push-manager serve`: the push-manager role until SIGINT/SIGTERM.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use log::info;
+use log::{error, info};
 
-use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs};
+use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, Tick};
 use crate::manager::{Config, Manager, NodeStats, RetryPolicy};
+
+/// How often `serve` checks that its discovery thread is alive.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Every default comes from `Config::default()`: written once, shown by `--help`.
 #[derive(Args, Debug)]
@@ -79,10 +82,27 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
     let stats_interval: Duration = args.stats_interval.into();
-    let tick = (!stats_interval.is_zero()).then_some(stats_interval);
+    let mut next_stats = Instant::now() + stats_interval;
     let mut last = Vec::new();
-    run_until_signal(tick, || log_changed_counters(&manager, &mut last))
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mut discovery_died = false;
+    // Ticks often enough to notice a dead discovery thread within a second.
+    run_until_signal(Some(HEALTH_CHECK_INTERVAL), || {
+        if !manager.discovery_running() {
+            discovery_died = true;
+            return Tick::Stop;
+        }
+        if !stats_interval.is_zero() && Instant::now() >= next_stats {
+            log_changed_counters(&manager, &mut last);
+            next_stats = Instant::now() + stats_interval;
+        }
+        Tick::Continue
+    })
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    if discovery_died {
+        error!("the discovery thread stopped: the node set no longer follows etcd; shutting down");
+        manager.shutdown();
+        return Err("the discovery thread stopped unexpectedly (see the log above); exiting".into());
+    }
     info!("shutdown signal received");
     manager.shutdown();
     Ok(())

@@ -15,10 +15,10 @@ mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::executor::block_on;
 use grpcio::EnvBuilder;
-use log::{info, warn};
+use log::info;
 
 pub use config::{Config, RetryPolicy};
 pub use error::{Error, Result};
@@ -30,6 +30,9 @@ use crate::proto::protocol_grpc::create_push_server;
 use fanout::Fanout;
 use node::NodeSettings;
 use server::PushService;
+
+/// How long calls in flight may take to end at shutdown before they are cancelled.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A running push-manager. Dropping it shuts it down.
 pub struct Manager {
@@ -108,6 +111,12 @@ impl Manager {
         self.discovery.as_ref().is_some_and(|d| d.status().etcd_reachable())
     }
 
+    /// Whether discovery is still running: `false` before `shutdown` means its thread died and
+    /// the node set no longer follows etcd.
+    pub fn discovery_running(&self) -> bool {
+        self.discovery.as_ref().is_some_and(Discovery::is_running)
+    }
+
     /// Successful listings of the node set so far.
     pub fn listings(&self) -> u64 {
         self.discovery.as_ref().map_or(0, |d| d.status().listings())
@@ -116,11 +125,10 @@ impl Manager {
     /// Idempotent: stops accepting RPCs, stops discovery, drains every queue within the drain
     /// timeout, and joins every thread.
     pub fn shutdown(&mut self) {
-        let Some(mut server) = self.server.take() else { return };
+        let Some(server) = self.server.take() else { return };
         info!("push-manager shutting down: no new broadcasts, draining node queues");
-        if block_on(server.shutdown()).is_err() {
-            warn!("the gRPC server did not shut down cleanly");
-        }
+        // Handlers never block, so whatever is still open after this is a stalled client.
+        crate::grpc::stop_server(server, STOP_GRACE);
         if let Some(mut d) = self.discovery.take() {
             d.shutdown();
         }
