@@ -8,6 +8,7 @@
 //! the node in etcd is the caller's business; dropping the [`Gateway`] stops everything.
 
 mod accept;
+mod config;
 mod error;
 mod event_loop;
 mod hub;
@@ -20,12 +21,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use grpcio::{EnvBuilder, ServerBuilder, ServerCredentials};
 use log::{info, warn};
 
+pub use config::{Config, NodeConfig};
 pub use error::{Error, Result};
 pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig};
@@ -36,104 +37,7 @@ use hub::{LoopHandle, TopicCounts};
 use protocol::TopicLimits;
 use stats::Stats;
 
-/// How a connect-node listens and treats its clients. Plain data: build it, `validate()` it (as
-/// [`Gateway::start`] does) and pass it by value.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Address the `ConnectNode` gRPC service listens on, `ip:port` (port 0 picks a free one).
-    /// Default `0.0.0.0:50061`.
-    pub grpc_listen: String,
-    /// Address the WebSocket endpoint (`/ws`) listens on, `ip:port` (port 0 picks a free one).
-    /// Default `0.0.0.0:8090`.
-    pub ws_listen: String,
-    /// Event-loop threads (`ws-loop-<n>`) sharing the WebSocket connections. Default 2.
-    pub event_loops: usize,
-    /// Per connection, bytes of deliveries that may wait to be written; a delivery that would
-    /// pass it closes the connection with 4000. Default 1 MiB.
-    pub max_out_buffer: usize,
-    /// Biggest frame or message accepted from a client, in bytes; bigger closes with 1009.
-    /// Default 64 KiB.
-    pub max_frame_bytes: usize,
-    /// How often each connection is pinged. Default 20 s.
-    pub ping_interval: Duration,
-    /// A connection from which nothing (pong or any frame) arrived for this long is dropped;
-    /// also the time allowed for the handshake. Default 60 s.
-    pub pong_timeout: Duration,
-    /// Longest topic name, in bytes. Default 128.
-    pub max_topic_len: usize,
-    /// Most topics one connection may hold. Default 64.
-    pub max_topics_per_connection: usize,
-    /// gRPC completion-queue threads. Default 2.
-    pub grpc_threads: usize,
-    /// Deliveries that may wait in one event loop's queue. While any loop has this many, the
-    /// node refuses broadcasts with RESOURCE_EXHAUSTED (push-manager retries them with backoff)
-    /// rather than let its queues grow without bound. Default 10,000.
-    pub max_loop_backlog: usize,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            grpc_listen: "0.0.0.0:50061".into(),
-            ws_listen: "0.0.0.0:8090".into(),
-            event_loops: 2,
-            max_out_buffer: 1 << 20,
-            max_frame_bytes: 64 << 10,
-            ping_interval: Duration::from_secs(20),
-            pong_timeout: Duration::from_secs(60),
-            max_topic_len: crate::topic::MAX_TOPIC_BYTES,
-            max_topics_per_connection: 64,
-            grpc_threads: 2,
-            max_loop_backlog: 10_000,
-        }
-    }
-}
-
 impl Config {
-    /// Checks every field; the error names the first bad one and what it must be.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::Config(msg));
-        for (name, addr) in [("grpc_listen", &self.grpc_listen), ("ws_listen", &self.ws_listen)] {
-            if addr.parse::<SocketAddr>().is_err() {
-                return bad(format!("{name} must be ip:port (e.g. 0.0.0.0:8090), got {addr:?}"));
-            }
-        }
-        if !(1..=256).contains(&self.event_loops) {
-            return bad(format!("event_loops must be 1..=256, got {}", self.event_loops));
-        }
-        if !(1..=64).contains(&self.grpc_threads) {
-            return bad(format!("grpc_threads must be 1..=64, got {}", self.grpc_threads));
-        }
-        if self.max_frame_bytes < 256 {
-            return bad(format!(
-                "max_frame_bytes must be at least 256 (a subscribe command), got {}",
-                self.max_frame_bytes
-            ));
-        }
-        if self.max_out_buffer < 1024 {
-            return bad(format!("max_out_buffer must be at least 1024 bytes, got {}", self.max_out_buffer));
-        }
-        if self.ping_interval.is_zero() {
-            return bad("ping_interval must be more than zero".into());
-        }
-        if self.pong_timeout <= self.ping_interval {
-            return bad(format!(
-                "pong_timeout ({:?}) must be longer than ping_interval ({:?}), or live clients get dropped",
-                self.pong_timeout, self.ping_interval
-            ));
-        }
-        if !(1..=1024).contains(&self.max_topic_len) {
-            return bad(format!("max_topic_len must be 1..=1024, got {}", self.max_topic_len));
-        }
-        if self.max_topics_per_connection == 0 {
-            return bad("max_topics_per_connection must be at least 1".into());
-        }
-        if self.max_loop_backlog == 0 {
-            return bad("max_loop_backlog must be at least 1".into());
-        }
-        Ok(())
-    }
-
     fn loop_config(&self) -> LoopConfig {
         LoopConfig {
             ws: event_loop::websocket_config(self.max_frame_bytes),
@@ -357,28 +261,6 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_config_is_valid() {
-        Config::default().validate().unwrap();
-    }
-
-    #[test]
-    fn validate_names_the_bad_field() {
-        let check = |config: Config, needle: &str| {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-        };
-        check(Config { ws_listen: "localhost".into(), ..Config::default() }, "ws_listen");
-        check(Config { event_loops: 0, ..Config::default() }, "event_loops");
-        check(Config { grpc_threads: 0, ..Config::default() }, "grpc_threads");
-        check(Config { max_frame_bytes: 10, ..Config::default() }, "max_frame_bytes");
-        check(Config { max_out_buffer: 10, ..Config::default() }, "max_out_buffer");
-        check(Config { pong_timeout: Duration::from_secs(1), ..Config::default() }, "pong_timeout");
-        check(Config { max_topic_len: 0, ..Config::default() }, "max_topic_len");
-        check(Config { max_topics_per_connection: 0, ..Config::default() }, "max_topics_per_connection");
-        check(Config { max_loop_backlog: 0, ..Config::default() }, "max_loop_backlog");
-    }
 
     #[test]
     fn nofile_limit_is_raised_to_the_hard_limit() {
