@@ -4,13 +4,13 @@
 //! under a new lease, retrying with backoff. Deregistering revokes the lease, so push-manager's
 //! watch removes the node at once rather than after the TTL.
 
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use crossbeam_channel::{after, never, select, Receiver};
 use log::{info, warn};
 
 use crate::etcd::{self, KeepAlive, LeaseLost};
+use crate::thread::StoppableThread;
 
 /// Where and how long a node registers.
 #[derive(Clone, Debug)]
@@ -26,8 +26,8 @@ pub struct RegistrationConfig {
 /// A live registration; dropping it deregisters.
 pub struct Registration {
     client: etcd::Client,
-    shutdown: Option<Sender<()>>,
-    thread: Option<JoinHandle<Option<KeepAlive>>>,
+    /// `etcd-register`; ends with the keep-alive it holds, if any, for us to revoke.
+    thread: StoppableThread<Option<KeepAlive>>,
 }
 
 /// Grants a lease, puts the key under it, and keeps the lease alive.
@@ -43,33 +43,29 @@ fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<
 
 impl Registration {
     /// Registers once (so the node is discoverable when this returns), then keeps it so.
+    ///
+    /// Fails like any etcd call, or with [`etcd::Error::Spawn`] naming the thread that could
+    /// not start (the lease then expires by itself).
     pub fn start(client: etcd::Client, config: RegistrationConfig) -> etcd::Result<Registration> {
         let keep_alive = register(&client, &config)?;
         info!("registered {} = {} (lease {:x}, ttl {:?})", config.key, config.addr, keep_alive.lease().id, config.ttl);
-        let (shutdown_tx, shutdown_rx) = bounded(0);
         let thread_client = client.clone();
-        let thread = thread::Builder::new()
-            .name("etcd-register".into())
-            .spawn(move || keep_registered(thread_client, config, keep_alive, shutdown_rx))
-            .map_err(|e| etcd::Error::Spawn(format!("etcd-register: {e}")))?;
-        Ok(Registration { client, shutdown: Some(shutdown_tx), thread: Some(thread) })
+        let thread = StoppableThread::spawn("etcd-register", move |stop| {
+            keep_registered(thread_client, config, keep_alive, stop)
+        })?;
+        Ok(Registration { client, thread })
     }
 
     /// Idempotent: stops re-registering and revokes the lease, which deletes the key now.
     pub fn deregister(&mut self) {
-        self.shutdown.take();
-        let Some(thread) = self.thread.take() else { return };
-        match thread.join() {
-            Ok(Some(mut keep_alive)) => {
-                let id = keep_alive.lease().id;
-                keep_alive.shutdown();
-                match self.client.revoke(id) {
-                    Ok(()) => info!("deregistered (lease {id:x} revoked)"),
-                    Err(e) => warn!("could not revoke lease {id:x} ({e}); the key expires with its TTL"),
-                }
-            }
-            Ok(None) => {}
-            Err(_) => warn!("the etcd-register thread panicked"),
+        // `None`: deregistered before, registering again was failing, or the thread panicked
+        // (logged by the handle); there is no lease to revoke.
+        let Some(Some(mut keep_alive)) = self.thread.shutdown() else { return };
+        let id = keep_alive.lease().id;
+        keep_alive.shutdown();
+        match self.client.revoke(id) {
+            Ok(()) => info!("deregistered (lease {id:x} revoked)"),
+            Err(e) => warn!("could not revoke lease {id:x} ({e}); the key expires with its TTL"),
         }
     }
 }
@@ -80,12 +76,13 @@ impl Drop for Registration {
     }
 }
 
-/// Runs until shutdown; returns the live keep-alive (if any) so the caller can revoke it.
+/// Runs until `stop` disconnects; returns the live keep-alive (if any) so the caller can revoke
+/// it.
 fn keep_registered(
     client: etcd::Client,
     config: RegistrationConfig,
     keep_alive: KeepAlive,
-    shutdown: Receiver<()>,
+    stop: Receiver<()>,
 ) -> Option<KeepAlive> {
     let mut current = Some(keep_alive);
     let mut backoff = Duration::from_millis(200);
@@ -93,7 +90,7 @@ fn keep_registered(
         let lost = current.as_ref().map_or(never(), |k| k.lost().clone());
         let retry = if current.is_some() { never() } else { after(backoff) };
         select! {
-            recv(shutdown) -> _ => return current,
+            recv(stop) -> _ => return current,
             recv(lost) -> why => {
                 let why = why.map_or("keep-alive stopped".to_string(), |w| match w {
                     LeaseLost::Expired => "the lease expired".to_string(),
