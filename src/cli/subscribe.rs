@@ -36,25 +36,16 @@ pub enum SubscribeError {
     Stdout(#[from] std::io::Error),
 }
 
-/// The URL with `?topic=..` appended for each topic.
+/// The URL with `?topic=..` appended for each topic, form-encoded as the node decodes them.
 pub fn subscribe_url(url: &str, topics: &[String]) -> String {
     let mut out = url.to_string();
     for (i, t) in topics.iter().enumerate() {
         let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
         out.push(sep);
         out.push_str("topic=");
-        out.push_str(&percent_encode(t));
+        out.extend(form_urlencoded::byte_serialize(t.as_bytes()));
     }
     out
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Opens the TCP connection ourselves so a refused or unreachable node is reported with the OS
@@ -115,7 +106,7 @@ mod tests {
     #[test]
     fn topics_become_query_parameters() {
         assert_eq!(subscribe_url("ws://h/ws", &[]), "ws://h/ws");
-        assert_eq!(subscribe_url("ws://h/ws", &["a".into(), "b c".into()]), "ws://h/ws?topic=a&topic=b%20c");
+        assert_eq!(subscribe_url("ws://h/ws", &["a".into(), "b c".into()]), "ws://h/ws?topic=a&topic=b+c");
         assert_eq!(subscribe_url("ws://h/ws?x=1", &["a".into()]), "ws://h/ws?x=1&topic=a");
     }
 }
