@@ -3,9 +3,9 @@
 //! uses when it ends a connection. Kept apart from the I/O so it can be tested byte for byte.
 //!
 //! # Connecting
-//! `GET /ws` with a WebSocket upgrade; `?topic=a&topic=b` (percent-encoded) subscribes at connect
-//! time. Another path gets HTTP 404, a request without an upgrade gets HTTP 426, a bad query
-//! topic gets HTTP 400.
+//! `GET /ws` with a WebSocket upgrade; `?topic=a&topic=b` (form-encoded: `%XX` escapes of UTF-8,
+//! `+` for a space) subscribes at connect time. Another path gets HTTP 404, a request without
+//! an upgrade gets HTTP 426, a bad query topic gets HTTP 400.
 //!
 //! # Client commands (text frames)
 //! ```json
@@ -128,18 +128,21 @@ pub(crate) fn too_many_topics(count: usize, limits: TopicLimits) -> Reject {
     Reject::policy(format!("too many topics: {count} > {} per connection", limits.max_per_connection))
 }
 
-/// Reads `topic=` parameters from a query string (other parameters are ignored).
+/// Reads `topic=` parameters from a query string, form-decoded (other parameters are ignored).
 pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<String>, String> {
+    let masked = mask_replacement_characters(query);
+    let pairs = form_urlencoded::parse(query.as_bytes()).zip(form_urlencoded::parse(masked.as_bytes()));
     let mut topics: Vec<String> = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for ((key, topic), (_, masked_topic)) in pairs {
         if key != "topic" {
             continue;
         }
-        let topic = percent_decode(value).ok_or_else(|| "topic is not valid percent-encoded UTF-8".to_string())?;
+        if masked_topic.contains(char::REPLACEMENT_CHARACTER) {
+            return Err("topic is not valid percent-encoded UTF-8".into());
+        }
         crate::topic::validate(&topic, limits.max_len)?;
-        if !topics.contains(&topic) {
-            topics.push(topic);
+        if !topics.iter().any(|t| *t == topic) {
+            topics.push(topic.into_owned());
         }
     }
     if topics.len() > limits.max_per_connection {
@@ -148,30 +151,24 @@ pub(crate) fn topics_from_query(query: &str, limits: TopicLimits) -> Result<Vec<
     Ok(topics)
 }
 
-/// Decodes `%XX` escapes and `+` (a space in form encoding); `None` on a bad escape or non-UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+/// `form_urlencoded` turns bytes that are not UTF-8 into U+FFFD, which a client may also send
+/// on purpose (as `%EF%BF%BD`, or as it is). This copy of the query has `_` for each of the
+/// client's own, so U+FFFD in its decoding can only come from bytes that are not UTF-8: `_` is
+/// a whole character like the one it replaces, so no other byte becomes valid or invalid.
+fn mask_replacement_characters(query: &str) -> String {
+    const ENCODED: &str = "%EF%BF%BD";
+    let mut masked = String::with_capacity(query.len());
+    let mut rest = query;
+    while let Some(c) = rest.chars().next() {
+        if rest.get(..ENCODED.len()).is_some_and(|s| s.eq_ignore_ascii_case(ENCODED)) {
+            masked.push('_');
+            rest = &rest[ENCODED.len()..];
+        } else {
+            masked.push(if c == char::REPLACEMENT_CHARACTER { '_' } else { c });
+            rest = &rest[c.len_utf8()..];
         }
     }
-    String::from_utf8(out).ok()
+    masked
 }
 
 #[derive(Serialize)]
@@ -291,7 +288,8 @@ mod tests {
         assert!(topics_from_query("topic=b%20c", LIMITS).unwrap_err().contains("whitespace"));
         assert_eq!(topics_from_query("", LIMITS), Ok(vec![]));
         assert_eq!(topics_from_query("topic=", LIMITS), Err("empty topic".into()));
-        assert!(topics_from_query("topic=%zz", LIMITS).is_err());
+        // Form decoding keeps what is not an escape as it is.
+        assert_eq!(topics_from_query("topic=%zz", LIMITS), Ok(vec!["%zz".into()]));
         assert!(topics_from_query("topic=%ff", LIMITS).is_err());
         assert!(topics_from_query("topic=a&topic=b&topic=c&topic=d", LIMITS)
             .unwrap_err()
@@ -309,6 +307,20 @@ mod tests {
         msg.set_protoOp(proto_op);
         msg.set_proto(proto);
         msg
+    }
+
+    #[test]
+    fn only_bytes_that_are_not_utf8_are_refused() {
+        let not_utf8 = Err("topic is not valid percent-encoded UTF-8".to_string());
+        assert_eq!(
+            topics_from_query("topic=%E2%82%AC&topic=%ef%bf%bd", LIMITS),
+            Ok(vec!["€".into(), "\u{fffd}".into()])
+        );
+        assert_eq!(topics_from_query("topic=a\u{fffd}", LIMITS), Ok(vec!["a\u{fffd}".into()]));
+        assert_eq!(topics_from_query("x=%ff&topic=a", LIMITS), Ok(vec!["a".into()]));
+        for bad in ["topic=%E2%82", "topic=%E2%82%EF%BF%BD%AC", "topic=%EF%BF%BD%AC", "topic=%ef%bf"] {
+            assert_eq!(topics_from_query(bad, LIMITS), not_utf8, "{bad}");
+        }
     }
 
     #[test]
