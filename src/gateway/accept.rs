@@ -11,11 +11,11 @@ use log::{debug, error, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::event_loop::WAKER;
 use super::hub::{LoopHandle, LoopMsg};
 use super::stats::Stats;
 
 const LISTENER: Token = Token(0);
-const WAKER: Token = Token(1);
 /// How long to wait before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -25,25 +25,27 @@ pub(crate) struct Acceptor {
     listener: TcpListener,
     loops: Vec<LoopHandle>,
     stats: Arc<Stats>,
-    stop: Receiver<()>,
+    /// Kept for as long as the poll runs: if the stopping side dropped the last handle right
+    /// after waking us, closing the waker would take its event out of the poll unseen.
+    _waker: Arc<Waker>,
 }
 
 impl Acceptor {
-    /// Registers `listener`; returns the acceptor and the waker that makes it look at `stop`.
+    /// Registers `listener`; returns the acceptor and the waker that makes it look at its stop
+    /// channel.
     pub(crate) fn new(
         mut listener: TcpListener,
         loops: Vec<LoopHandle>,
         stats: Arc<Stats>,
-        stop: Receiver<()>,
     ) -> io::Result<(Acceptor, Arc<Waker>)> {
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        Ok((Acceptor { poll, listener, loops, stats, stop }, waker))
+        Ok((Acceptor { poll, listener, loops, stats, _waker: waker.clone() }, waker))
     }
 
-    /// Accepts until the stop channel disconnects.
-    pub(crate) fn run(mut self) {
+    /// Accepts until `stop` disconnects.
+    pub(crate) fn run(mut self, stop: Receiver<()>) {
         let mut events = Events::with_capacity(64);
         let mut next = 0usize;
         let mut backoff: Option<Duration> = None;
@@ -55,7 +57,7 @@ impl Acceptor {
                 error!("ws-accept: poll failed, no more connections will be accepted: {e}");
                 return;
             }
-            if matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected)) {
+            if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 debug!("ws-accept: stopped");
                 return;
             }

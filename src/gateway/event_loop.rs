@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 use log::{debug, error, info, warn};
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
@@ -38,7 +38,9 @@ use super::stats::Stats;
 
 /// The only path that upgrades.
 pub(crate) const WS_PATH: &str = "/ws";
-const WAKER: Token = Token(usize::MAX);
+/// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
+/// never reach it.
+pub(crate) const WAKER: Token = Token(usize::MAX);
 /// How long a connection we are closing may take to take its close frame and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// How long a stopping loop waits for its connections to finish their close handshakes.
@@ -66,9 +68,11 @@ pub(crate) struct LoopConfig {
 /// (connections hold `Rc`s and never leave it).
 pub(crate) struct LoopParts {
     pub(crate) poll: Poll,
+    /// Registered under [`WAKER`] with `poll`, and kept by the loop for as long as it polls: if
+    /// the stopping side dropped the last handle right after waking it, closing the waker would
+    /// take its event out of the poll unseen.
+    pub(crate) waker: Arc<Waker>,
     pub(crate) inbox: Receiver<LoopMsg>,
-    /// Never carries a value: the gateway drops its sender to stop the loop.
-    pub(crate) stop: Receiver<()>,
     pub(crate) wake_pending: Arc<AtomicBool>,
     pub(crate) counts: Arc<TopicCounts>,
     pub(crate) stats: Arc<Stats>,
@@ -86,12 +90,12 @@ pub(crate) fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame_bytes))
 }
 
-/// Runs a loop until its stop channel disconnects and its connections are closed.
-pub(crate) fn run(parts: LoopParts) {
+/// Runs a loop until `stop` disconnects and its connections are closed.
+pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
     let mut event_loop = EventLoop {
         poll: parts.poll,
+        _waker: parts.waker,
         inbox: parts.inbox,
-        stop: parts.stop,
         wake_pending: parts.wake_pending,
         conns: Slab::new(),
         index: HashMap::new(),
@@ -101,15 +105,15 @@ pub(crate) fn run(parts: LoopParts) {
         dirty: Vec::new(),
         unread: Vec::new(),
     };
-    event_loop.run();
+    event_loop.run(&stop);
 }
 
 type Handshake = MidHandshake<ServerHandshake<TcpStream, Upgrade>>;
 
 struct EventLoop {
     poll: Poll,
+    _waker: Arc<Waker>,
     inbox: Receiver<LoopMsg>,
-    stop: Receiver<()>,
     wake_pending: Arc<AtomicBool>,
     conns: Slab<Conn>,
     /// topic -> this loop's connections subscribed to it.
@@ -215,7 +219,7 @@ fn would_block(e: &WsError) -> bool {
 }
 
 impl EventLoop {
-    fn run(&mut self) {
+    fn run(&mut self, stop: &Receiver<()>) {
         let name = std::thread::current().name().unwrap_or("ws-loop").to_string();
         let tick = sweep_interval(&self.config);
         let mut events = Events::with_capacity(1024);
@@ -251,7 +255,7 @@ impl EventLoop {
                 self.read(key);
             }
             self.drain_inbox();
-            if stop_deadline.is_none() && matches!(self.stop.try_recv(), Err(TryRecvError::Disconnected)) {
+            if stop_deadline.is_none() && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 info!("{name}: closing {} connections", self.conns.len());
                 stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                 self.close_all();
@@ -313,16 +317,14 @@ impl EventLoop {
 
     // ---- handshake ------------------------------------------------------------------------
 
-    fn adopt(&mut self, stream: TcpStream) {
-        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-        let answer = match std_stream.try_clone() {
-            Ok(answer) => answer,
+    fn adopt(&mut self, mut stream: TcpStream) {
+        let answer = match stream.as_fd().try_clone_to_owned() {
+            Ok(answer) => std::net::TcpStream::from(answer),
             Err(e) => {
                 warn!("dropping a new connection: cannot duplicate its socket: {e}");
                 return;
             }
         };
-        let mut stream = TcpStream::from_std(std_stream);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)

@@ -4,7 +4,7 @@
 //! [`Gateway::start`] binds both listeners and starts its named threads: grpcio's
 //! completion-queue threads (`grpc-gateway-*`) run the service, `ws-accept` takes WebSocket
 //! connections and deals them to `ws-loop-<n>` event loops, which own the connections and their
-//! subscriptions (see [`protocol`] for the wire format, close codes and commands). Registering
+//! subscriptions (see `protocol.rs` for the wire format, close codes and commands). Registering
 //! the node in etcd is the caller's business; dropping the [`Gateway`] stops everything.
 
 mod accept;
@@ -12,7 +12,7 @@ mod config;
 mod error;
 mod event_loop;
 mod hub;
-pub mod protocol;
+mod protocol;
 mod registration;
 mod service;
 mod stats;
@@ -20,10 +20,8 @@ mod stats;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
-use grpcio::{EnvBuilder, ServerBuilder, ServerCredentials};
+use grpcio::EnvBuilder;
 use log::{info, warn};
 
 pub use config::{Config, NodeConfig};
@@ -32,6 +30,7 @@ pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig};
 pub use stats::StatsSnapshot;
 
+use crate::thread::StoppableThread;
 use event_loop::{LoopConfig, LoopParts};
 use hub::{LoopHandle, TopicCounts};
 use protocol::TopicLimits;
@@ -49,32 +48,6 @@ impl Config {
     }
 }
 
-/// A thread that stops when its `stop` sender is dropped and its waker rung.
-struct Worker {
-    stop: Option<Sender<()>>,
-    waker: Arc<mio::Waker>,
-    join: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    fn signal(&mut self) {
-        if self.stop.take().is_some() {
-            if let Err(e) = self.waker.wake() {
-                warn!("cannot wake a gateway thread to stop it: {e}");
-            }
-        }
-    }
-
-    fn join(&mut self) {
-        if let Some(join) = self.join.take() {
-            let name = join.thread().name().unwrap_or("gateway thread").to_string();
-            if join.join().is_err() {
-                warn!("{name} panicked");
-            }
-        }
-    }
-}
-
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
     grpc: Option<grpcio::Server>,
@@ -82,8 +55,8 @@ pub struct Gateway {
     ws_addr: SocketAddr,
     hub: Arc<Hub>,
     stats: Arc<Stats>,
-    accept: Option<Worker>,
-    loops: Vec<Worker>,
+    accept: Option<StoppableThread>,
+    loops: Vec<StoppableThread>,
 }
 
 impl Gateway {
@@ -94,18 +67,15 @@ impl Gateway {
         let counts = Arc::new(TopicCounts::default());
 
         let ws_addr: SocketAddr = config.ws_listen.parse().expect("validated");
-        let listener = mio::net::TcpListener::bind(ws_addr).map_err(|e| Error::Bind {
-            what: "WebSocket",
-            addr: config.ws_listen.clone(),
-            reason: e.to_string(),
-        })?;
+        let listener = mio::net::TcpListener::bind(ws_addr)
+            .map_err(|e| Error::Bind { addr: config.ws_listen.clone(), reason: e.to_string() })?;
         let ws_addr = listener.local_addr()?;
 
         let mut loops = Vec::with_capacity(config.event_loops);
         let mut handles = Vec::with_capacity(config.event_loops);
         for n in 0..config.event_loops {
-            let (worker, handle) = spawn_loop(n, &config, counts.clone(), stats.clone())?;
-            loops.push(worker);
+            let (thread, handle) = spawn_loop(n, &config, counts.clone(), stats.clone())?;
+            loops.push(thread);
             handles.push(handle);
         }
         let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), config.max_loop_backlog));
@@ -120,10 +90,9 @@ impl Gateway {
             loops,
         };
 
-        let (stop, stop_rx) = crossbeam_channel::bounded(0);
-        let (acceptor, waker) = accept::Acceptor::new(listener, handles, gateway.stats.clone(), stop_rx)?;
-        let join = std::thread::Builder::new().name("ws-accept".into()).spawn(move || acceptor.run())?;
-        gateway.accept = Some(Worker { stop: Some(stop), waker, join: Some(join) });
+        let (acceptor, waker) = accept::Acceptor::new(listener, handles, gateway.stats.clone())?;
+        let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
+        gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 
         let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone())?;
         gateway.grpc = Some(server);
@@ -169,14 +138,14 @@ impl Gateway {
     pub fn shutdown(&mut self) {
         self.stop_grpc();
         if let Some(accept) = &mut self.accept {
-            accept.signal();
-            accept.join();
+            accept.shutdown();
         }
-        for worker in &mut self.loops {
-            worker.signal();
+        // All loops close their connections at once; then each is waited for.
+        for thread in &mut self.loops {
+            thread.signal();
         }
-        for worker in &mut self.loops {
-            worker.join();
+        for thread in &mut self.loops {
+            thread.join();
         }
     }
 }
@@ -197,60 +166,62 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-fn spawn_loop(n: usize, config: &Config, counts: Arc<TopicCounts>, stats: Arc<Stats>) -> Result<(Worker, LoopHandle)> {
+fn spawn_loop(
+    n: usize,
+    config: &Config,
+    counts: Arc<TopicCounts>,
+    stats: Arc<Stats>,
+) -> Result<(StoppableThread, LoopHandle)> {
     let poll = mio::Poll::new()?;
-    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(usize::MAX))?);
+    let waker = Arc::new(mio::Waker::new(poll.registry(), event_loop::WAKER)?);
     // Bounded by admission (`Hub::admit` refuses broadcasts while it is long), not by the
     // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
-    let (stop, stop_rx) = crossbeam_channel::bounded(0);
     let wake_pending = Arc::new(AtomicBool::new(false));
     let parts = LoopParts {
         poll,
+        waker: waker.clone(),
         inbox,
-        stop: stop_rx,
         wake_pending: wake_pending.clone(),
         counts,
         stats,
         config: config.loop_config(),
     };
-    let join = std::thread::Builder::new().name(format!("ws-loop-{n}")).spawn(move || event_loop::run(parts))?;
-    let worker = Worker { stop: Some(stop), waker: waker.clone(), join: Some(join) };
-    Ok((worker, LoopHandle { tx, waker, wake_pending }))
+    let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| event_loop::run(parts, stop))?;
+    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending }))
 }
 
-/// Largest ConnectNode request accepted.
-const GRPC_MAX_RECEIVE_BYTES: i32 = 64 << 20;
+/// The wake-up that makes a thread sleeping in a mio poll look at its stop channel.
+fn wake_to_stop(waker: Arc<mio::Waker>) -> impl FnOnce() + Send + 'static {
+    move || {
+        if let Err(e) = waker.wake() {
+            warn!("cannot wake a gateway thread to stop it: {e}");
+        }
+    }
+}
+
+/// Largest ConnectNode request accepted: room for push-manager's batches (at most 2 MiB) and
+/// large bodies.
+const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 
 fn start_grpc(config: &Config, hub: Arc<Hub>) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub));
-    // No SO_REUSEPORT (gRPC's default): a second node on the same port must fail, not share it.
-    // The receive limit leaves room for push-manager's batches (at most 2 MiB) and large bodies.
-    let args = grpcio::ChannelBuilder::new(env.clone())
-        .reuse_port(false)
-        .max_receive_message_len(GRPC_MAX_RECEIVE_BYTES)
-        .build_args();
-    let mut server = ServerBuilder::new(env).channel_args(args).register_service(service).build()?;
-    let port = server
-        .add_listening_port(config.grpc_listen.clone(), ServerCredentials::insecure())
-        .map_err(|e| Error::Bind { what: "gRPC", addr: config.grpc_listen.clone(), reason: e.to_string() })?;
-    server.start();
-    let mut addr: SocketAddr = config.grpc_listen.parse().expect("validated");
-    addr.set_port(port);
-    Ok((server, addr))
+    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, service)?)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a node holds a socket per
 /// client). Returns the new soft limit.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
+    // SAFETY: `limit` is a live, writable rlimit for the whole call; getrlimit only writes it.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     if limit.rlim_cur < limit.rlim_max {
         limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is a live rlimit that setrlimit only reads; a soft limit equal to the
+        // hard one is always allowed.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -266,6 +237,7 @@ mod tests {
     fn nofile_limit_is_raised_to_the_hard_limit() {
         let soft = raise_nofile_limit().unwrap();
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: as in `raise_nofile_limit`, getrlimit only writes the live struct we pass.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
         assert_eq!(soft, limit.rlim_cur);
         assert_eq!(limit.rlim_cur, limit.rlim_max);
