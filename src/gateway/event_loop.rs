@@ -32,8 +32,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Bytes, HandshakeError, Message, Utf8Bytes, WebSocket};
 
-use super::hub::{Delivery, LoopMsg, TopicCounts};
-use super::protocol::{self, Command, Reject, TopicLimits};
+use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
+use super::protocol::{self, AckKind, Command, Reject, TopicLimits};
 use super::stats::Stats;
 
 /// The only path that upgrades.
@@ -171,6 +171,15 @@ enum Phase {
     Draining { deadline: Instant },
 }
 
+/// Whether the frames still queued on a connection go out before its close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueuedFrames {
+    /// The node is stopping: what the client was promised still reaches it.
+    Send,
+    /// The client misbehaved or cannot keep up: it gets the close frame only.
+    Discard,
+}
+
 /// The handshake callback: checks the path and reads `?topic=` parameters.
 struct Upgrade {
     limits: TopicLimits,
@@ -286,8 +295,8 @@ impl EventLoop {
         loop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
-                Ok(LoopMsg::Publish(delivery)) => {
-                    self.deliver(&delivery);
+                Ok(LoopMsg::Publish(broadcast)) => {
+                    self.deliver(&broadcast);
                     published += 1;
                     // Write as we go, so a long backlog is not judged against one buffer.
                     if published % PUBLISH_BATCH == 0 {
@@ -502,7 +511,7 @@ impl EventLoop {
 
     fn on_command(&mut self, key: usize, command: Command) {
         let Some(Conn::Open(open)) = self.conns.get_mut(key) else { return };
-        let subscribed = match command {
+        let kind = match command {
             Command::Subscribe(topics) => {
                 let mut new: Vec<String> = Vec::new();
                 for topic in topics {
@@ -517,17 +526,17 @@ impl EventLoop {
                 for topic in new {
                     self.subscribe_one(key, topic.into());
                 }
-                true
+                AckKind::Subscribed
             }
             Command::Unsubscribe(topics) => {
                 for topic in topics {
                     self.unsubscribe_one(key, &topic);
                 }
-                false
+                AckKind::Unsubscribed
             }
         };
         let Some(Conn::Open(open)) = self.conns.get(key) else { return };
-        let ack = protocol::encode_ack(subscribed, &open.topics);
+        let ack = protocol::encode_ack(kind, &open.topics);
         self.enqueue(key, &Utf8Bytes::from(ack));
     }
 
@@ -573,17 +582,17 @@ impl EventLoop {
 
     // ---- writing ---------------------------------------------------------------------------
 
-    fn deliver(&mut self, delivery: &Delivery) {
-        let keys: Vec<usize> = if delivery.topic.is_empty() {
+    fn deliver(&mut self, broadcast: &EncodedBroadcast) {
+        let keys: Vec<usize> = if broadcast.topic.is_empty() {
             self.conns.iter().map(|(key, _)| key).collect()
         } else {
-            match self.index.get(&delivery.topic) {
+            match self.index.get(&broadcast.topic) {
                 Some(keys) => keys.iter().copied().collect(),
                 None => return,
             }
         };
         for key in keys {
-            self.enqueue(key, &delivery.frame);
+            self.enqueue(key, &broadcast.frame);
         }
     }
 
@@ -597,7 +606,7 @@ impl EventLoop {
         if open.queued + open.in_flight + frame.len() > self.config.max_out_buffer {
             debug!("closing a slow consumer ({} bytes unsent)", open.queued + open.in_flight);
             Stats::inc(&self.stats.closed_slow);
-            return self.begin_close(key, protocol::CLOSE_SLOW, protocol::REASON_SLOW, false);
+            return self.begin_close(key, protocol::CLOSE_SLOW, protocol::REASON_SLOW, QueuedFrames::Discard);
         }
         open.queue.push_back(frame.clone());
         open.queued += frame.len();
@@ -677,17 +686,17 @@ impl EventLoop {
     fn close_bad_input(&mut self, key: usize, reject: Reject) {
         debug!("closing a connection for bad input: {} {}", reject.code, reject.reason);
         Stats::inc(&self.stats.closed_bad_input);
-        self.begin_close(key, reject.code, &reject.reason, false);
+        self.begin_close(key, reject.code, &reject.reason, QueuedFrames::Discard);
     }
 
-    /// Sends a close frame after what tungstenite already holds (and, with `flush_queue`, after
-    /// the queued frames too), then waits for it to go out.
-    fn begin_close(&mut self, key: usize, code: u16, reason: &str, flush_queue: bool) {
+    /// Sends a close frame after what tungstenite already holds (and the queued frames, if
+    /// `queued` says so), then waits for it to go out.
+    fn begin_close(&mut self, key: usize, code: u16, reason: &str, queued: QueuedFrames) {
         self.leave_active(key, Phase::Closing { deadline: Instant::now() + CLOSE_LINGER });
         let Some(Conn::Open(open)) = self.conns.get_mut(key) else { return };
         let queue = std::mem::take(&mut open.queue);
         open.queued = 0;
-        if flush_queue {
+        if queued == QueuedFrames::Send {
             for frame in queue {
                 match open.ws.write(Message::Text(frame)) {
                     Ok(()) => Stats::inc(&self.stats.frames_sent),
@@ -723,7 +732,7 @@ impl EventLoop {
             match &self.conns[key] {
                 Conn::Handshaking(_) => self.drop_conn(key),
                 Conn::Open(open) if open.phase == Phase::Active => {
-                    self.begin_close(key, protocol::CLOSE_SHUTDOWN, protocol::REASON_SHUTDOWN, true)
+                    self.begin_close(key, protocol::CLOSE_SHUTDOWN, protocol::REASON_SHUTDOWN, QueuedFrames::Send)
                 }
                 Conn::Open(_) => {}
             }

@@ -15,9 +15,10 @@ use super::protocol;
 use super::stats::Stats;
 use crate::proto::protocol::BroadCastReq;
 
-/// One encoded broadcast, shared by every loop and queued by reference on each connection.
+/// One broadcast as the event loops see it: its topic, and its message frame encoded once and
+/// queued by reference on every connection that gets it.
 #[derive(Debug)]
-pub(crate) struct Delivery {
+pub(crate) struct EncodedBroadcast {
     /// `""` means every connection.
     pub(crate) topic: Box<str>,
     pub(crate) frame: Utf8Bytes,
@@ -28,7 +29,7 @@ pub(crate) enum LoopMsg {
     /// A freshly accepted socket for the loop to shake hands with and own.
     Accepted(mio::net::TcpStream),
     /// A broadcast to fan out to the loop's matching connections.
-    Publish(Arc<Delivery>),
+    Publish(Arc<EncodedBroadcast>),
 }
 
 /// The way into one event loop: its inbound channel and the waker that interrupts its poll.
@@ -78,7 +79,7 @@ impl TopicCounts {
         }
     }
 
-    fn get(&self, topic: &str) -> u64 {
+    pub(crate) fn get(&self, topic: &str) -> u64 {
         self.counts.lock().get(topic).copied().unwrap_or(0)
     }
 }
@@ -90,7 +91,7 @@ pub struct Hub {
     stats: Arc<Stats>,
     /// `Config::max_loop_backlog`.
     max_backlog: usize,
-    /// Held while a delivery is handed to every loop, so that two concurrent publishers cannot
+    /// Held while a broadcast is handed to every loop, so that two concurrent publishers cannot
     /// interleave differently on different loops: all connections see one order.
     order: Mutex<()>,
 }
@@ -125,12 +126,12 @@ impl Hub {
         Stats::inc(&self.stats.messages_received);
         let topic = msg.get_topic();
         let delivered = if topic.is_empty() { self.connections() as u64 } else { self.counts.get(topic) };
-        let delivery =
-            Arc::new(Delivery { topic: topic.into(), frame: Utf8Bytes::from(protocol::encode_delivery(msg)) });
+        let frame = Utf8Bytes::from(protocol::encode_message_frame(msg));
+        let broadcast = Arc::new(EncodedBroadcast { topic: topic.into(), frame });
         let _order = self.order.lock();
         for handle in &self.loops {
             // A loop that is gone (gateway shutting down) has no connections left to reach.
-            handle.send(LoopMsg::Publish(delivery.clone()));
+            handle.send(LoopMsg::Publish(broadcast.clone()));
         }
         delivered
     }

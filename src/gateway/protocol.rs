@@ -171,21 +171,29 @@ fn mask_replacement_characters(query: &str) -> String {
     masked
 }
 
+/// Which command an ack answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AckKind {
+    Subscribed,
+    Unsubscribed,
+}
+
 #[derive(Serialize)]
-struct Ack<'a> {
+struct AckFrame<'a> {
     #[serde(rename = "type")]
-    kind: &'a str,
+    kind: AckKind,
     topics: &'a [Box<str>],
 }
 
 /// `{"type":"subscribed"|"unsubscribed","topics":[...]}`.
-pub(crate) fn encode_ack(subscribed: bool, topics: &[Box<str>]) -> String {
-    let kind = if subscribed { "subscribed" } else { "unsubscribed" };
-    serde_json::to_string(&Ack { kind, topics }).expect("an ack always serialises")
+pub(crate) fn encode_ack(kind: AckKind, topics: &[Box<str>]) -> String {
+    serde_json::to_string(&AckFrame { kind, topics }).expect("an ack always serialises")
 }
 
+/// `{"type":"message",...}`: what a connection gets for one broadcast.
 #[derive(Serialize)]
-struct Delivery<'a> {
+struct MessageFrame<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     topic: &'a str,
@@ -198,15 +206,15 @@ struct Delivery<'a> {
     body_base64: Option<String>,
 }
 
-/// The delivery frame for one broadcast (see the module doc); encoded once per broadcast.
-pub(crate) fn encode_delivery(msg: &BroadCastReq) -> String {
+/// The message frame for one broadcast (see the module doc); encoded once per broadcast.
+pub(crate) fn encode_message_frame(msg: &BroadCastReq) -> String {
     let proto = msg.get_proto();
     let op = if proto.get_op() != 0 { proto.get_op() } else { msg.get_protoOp() };
     let (body, body_base64) = match std::str::from_utf8(proto.get_body()) {
         Ok(text) => (Some(text), None),
         Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(proto.get_body()))),
     };
-    let delivery = Delivery {
+    let frame = MessageFrame {
         kind: "message",
         topic: msg.get_topic(),
         op,
@@ -215,7 +223,7 @@ pub(crate) fn encode_delivery(msg: &BroadCastReq) -> String {
         body,
         body_base64,
     };
-    serde_json::to_string(&delivery).expect("a delivery always serialises")
+    serde_json::to_string(&frame).expect("a message frame always serialises")
 }
 
 /// Cuts a reason to what a close frame can carry, at a character boundary.
@@ -324,17 +332,17 @@ mod tests {
     }
 
     #[test]
-    fn encodes_deliveries() {
+    fn encodes_message_frames() {
         assert_eq!(
-            encode_delivery(&broadcast("a", 7, 1000, b"hello")),
+            encode_message_frame(&broadcast("a", 7, 1000, b"hello")),
             r#"{"type":"message","topic":"a","op":1000,"seq":3,"ver":1,"body":"hello"}"#
         );
         assert_eq!(
-            encode_delivery(&broadcast("", 7, 0, b"say \"hi\"")),
+            encode_message_frame(&broadcast("", 7, 0, b"say \"hi\"")),
             r#"{"type":"message","topic":"","op":7,"seq":3,"ver":1,"body":"say \"hi\""}"#
         );
         assert_eq!(
-            encode_delivery(&broadcast("a", 7, 1, &[0xff, 0x00, 0x41])),
+            encode_message_frame(&broadcast("a", 7, 1, &[0xff, 0x00, 0x41])),
             r#"{"type":"message","topic":"a","op":1,"seq":3,"ver":1,"body_base64":"/wBB"}"#
         );
     }
@@ -342,7 +350,7 @@ mod tests {
     #[test]
     fn encodes_acks() {
         let topics: Vec<Box<str>> = vec!["a".into(), "b".into()];
-        assert_eq!(encode_ack(true, &topics), r#"{"type":"subscribed","topics":["a","b"]}"#);
-        assert_eq!(encode_ack(false, &[]), r#"{"type":"unsubscribed","topics":[]}"#);
+        assert_eq!(encode_ack(AckKind::Subscribed, &topics), r#"{"type":"subscribed","topics":["a","b"]}"#);
+        assert_eq!(encode_ack(AckKind::Unsubscribed, &[]), r#"{"type":"unsubscribed","topics":[]}"#);
     }
 }

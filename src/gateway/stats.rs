@@ -35,8 +35,8 @@ pub struct StatsSnapshot {
     pub http_rejected: u64,
     /// Broadcasts handed to the hub (gRPC or direct `publish`).
     pub messages_received: u64,
-    /// Text frames handed to connections: one per delivery per matching connection, plus the
-    /// acks of subscribe/unsubscribe commands.
+    /// Text frames handed to connections: one message frame per broadcast per matching
+    /// connection, plus the acks of subscribe/unsubscribe commands.
     pub frames_sent: u64,
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
     /// `max_loop_backlog`.
