@@ -11,9 +11,9 @@ use log::{debug, error, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::event_loop::WAKER;
 use super::hub::{LoopHandle, LoopMsg};
 use super::stats::Stats;
+use super::ws::WAKER;
 
 const LISTENER: Token = Token(0);
 /// How long to wait before accepting again after the process ran out of descriptors.

@@ -10,12 +10,12 @@
 mod accept;
 mod config;
 mod error;
-mod event_loop;
 mod hub;
 mod protocol;
 mod registration;
 mod service;
 mod stats;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -31,22 +31,9 @@ pub use registration::{Registration, RegistrationConfig};
 pub use stats::StatsSnapshot;
 
 use crate::thread::StoppableThread;
-use event_loop::{LoopConfig, LoopParts};
 use hub::{LoopHandle, TopicCounts};
-use protocol::TopicLimits;
 use stats::Stats;
-
-impl Config {
-    fn loop_config(&self) -> LoopConfig {
-        LoopConfig {
-            ws: event_loop::websocket_config(self.max_frame_bytes),
-            max_out_buffer: self.max_out_buffer,
-            ping_interval: self.ping_interval,
-            pong_timeout: self.pong_timeout,
-            limits: TopicLimits { max_len: self.max_topic_len, max_per_connection: self.max_topics_per_connection },
-        }
-    }
-}
+use ws::{LoopConfig, LoopParts};
 
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
@@ -97,7 +84,7 @@ impl Gateway {
         let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone())?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
-        info!("gateway up: gRPC on {grpc_addr}, WebSocket on ws://{ws_addr}{}", event_loop::WS_PATH);
+        info!("gateway up: gRPC on {grpc_addr}, WebSocket on ws://{ws_addr}{}", ws::WS_PATH);
         Ok(gateway)
     }
 
@@ -173,7 +160,7 @@ fn spawn_loop(
     stats: Arc<Stats>,
 ) -> Result<(StoppableThread, LoopHandle)> {
     let poll = mio::Poll::new()?;
-    let waker = Arc::new(mio::Waker::new(poll.registry(), event_loop::WAKER)?);
+    let waker = Arc::new(mio::Waker::new(poll.registry(), ws::WAKER)?);
     // Bounded by admission (`Hub::admit` refuses broadcasts while it is long), not by the
     // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
@@ -185,9 +172,9 @@ fn spawn_loop(
         wake_pending: wake_pending.clone(),
         counts,
         stats,
-        config: config.loop_config(),
+        config: LoopConfig::new(config),
     };
-    let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| event_loop::run(parts, stop))?;
+    let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
     Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending }))
 }
 

@@ -1,0 +1,180 @@
+//! The HTTP part of a connection's life: tungstenite's server handshake driven over a
+//! non-blocking socket, the callback that checks the path and reads `?topic=` parameters, and
+//! the plain HTTP answers to requests that are not WebSocket upgrades.
+//!
+//! tungstenite refuses a request without the upgrade headers before calling us and drops its
+//! socket without a word; a client (or an operator with curl) deserves to be told why, so each
+//! handshake keeps a second descriptor of its socket to answer on.
+
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::rc::Rc;
+use std::time::Instant;
+
+use log::debug;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
+use tungstenite::handshake::MidHandshake;
+use tungstenite::HandshakeError;
+
+use super::connection::Connection;
+use super::LoopConfig;
+use crate::gateway::protocol::{self, TopicLimits};
+
+/// The only path that upgrades.
+pub(crate) const WS_PATH: &str = "/ws";
+
+/// Where a handshake stands after the socket was ready.
+pub(crate) enum Step {
+    /// It needs more bytes (or room to write its response).
+    Pending,
+    /// Upgraded, with the topics its query string asked for.
+    Open(Box<Connection>, Vec<String>),
+    /// Refused with an HTTP error response.
+    Refused,
+    /// The client left or broke the connection before finishing.
+    Abandoned,
+}
+
+/// A connection still in its HTTP handshake.
+pub(crate) struct Handshaking {
+    mid: Option<MidHandshake<ServerHandshake<TcpStream, Upgrade>>>,
+    /// A duplicate of the socket, to answer a request tungstenite refused.
+    answer: std::net::TcpStream,
+    /// Filled by [`Upgrade`] with the topics of the query string.
+    topics: Rc<RefCell<Vec<String>>>,
+    deadline: Instant,
+}
+
+impl Handshaking {
+    /// Registers a freshly accepted socket under `token` and starts its handshake, which has
+    /// `config.pong_timeout` to finish.
+    pub(crate) fn start(
+        mut stream: TcpStream,
+        registry: &Registry,
+        token: Token,
+        config: &LoopConfig,
+    ) -> io::Result<Handshaking> {
+        let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let topics = Rc::new(RefCell::new(Vec::new()));
+        let callback = Upgrade { limits: config.limits, topics: topics.clone() };
+        let mid = ServerHandshake::start(stream, callback, Some(config.ws));
+        Ok(Handshaking { mid: Some(mid), answer, topics, deadline: Instant::now() + config.pong_timeout })
+    }
+
+    /// Takes the handshake as far as the socket allows.
+    pub(crate) fn advance(&mut self) -> Step {
+        let Some(mid) = self.mid.take() else { return Step::Pending };
+        match mid.handshake() {
+            Ok(ws) => Step::Open(Box::new(Connection::new(ws)), std::mem::take(&mut *self.topics.borrow_mut())),
+            Err(HandshakeError::Interrupted(mid)) => {
+                self.mid = Some(mid);
+                Step::Pending
+            }
+            Err(HandshakeError::Failure(e)) => self.refuse(e),
+        }
+    }
+
+    /// Whether it has taken longer than it may.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        now >= self.deadline
+    }
+
+    /// Answers a failed handshake with the HTTP error that says why, when the client is there
+    /// to read it.
+    fn refuse(&self, e: WsError) -> Step {
+        let (status, body) = match &e {
+            // Our callback refused it; tungstenite has written our response.
+            WsError::Http(response) => {
+                debug!("handshake refused with HTTP {}", response.status());
+                return Step::Refused;
+            }
+            WsError::Protocol(ProtocolError::HandshakeIncomplete) | WsError::Io(_) => {
+                debug!("client left during the handshake: {e}");
+                return Step::Abandoned;
+            }
+            WsError::Protocol(
+                ProtocolError::MissingConnectionUpgradeHeader
+                | ProtocolError::MissingUpgradeWebSocketHeader
+                | ProtocolError::MissingSecWebSocketVersionHeader
+                | ProtocolError::MissingSecWebSocketKey,
+            ) => {
+                debug!("plain HTTP request refused: {e}");
+                let body =
+                    format!("this endpoint only speaks WebSocket: send GET {WS_PATH} with a WebSocket upgrade ({e})\n");
+                ("426 Upgrade Required", body)
+            }
+            WsError::Protocol(ProtocolError::WrongHttpMethod) => {
+                ("405 Method Not Allowed", "only GET with a WebSocket upgrade is served\n".to_string())
+            }
+            _ => {
+                debug!("malformed handshake: {e}");
+                ("400 Bad Request", format!("malformed WebSocket handshake: {e}\n"))
+            }
+        };
+        self.answer_http(status, &body);
+        Step::Refused
+    }
+
+    /// Writes a whole HTTP error response on the socket tungstenite gave up on (best effort:
+    /// the socket buffer of a fresh connection takes a short response at once).
+    fn answer_http(&self, status: &str, body: &str) {
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+             Upgrade: websocket\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut socket = &self.answer;
+        if let Err(e) = socket.write_all(response.as_bytes()) {
+            debug!("could not answer a rejected request: {e}");
+        }
+        let _ = socket.shutdown(Shutdown::Write);
+    }
+}
+
+/// The handshake callback: checks the path and reads `?topic=` parameters.
+struct Upgrade {
+    limits: TopicLimits,
+    topics: Rc<RefCell<Vec<String>>>,
+}
+
+impl Callback for Upgrade {
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        if request.uri().path() != WS_PATH {
+            return Err(http_error(404, &format!("not found: the WebSocket endpoint is {WS_PATH}\n")));
+        }
+        let query = request.uri().query().unwrap_or("");
+        let topics = protocol::topics_from_query(query, self.limits)
+            .map_err(|e| http_error(400, &format!("bad topic in query string: {e}\n")))?;
+        *self.topics.borrow_mut() = topics;
+        Ok(response)
+    }
+}
+
+fn http_error(status: u16, body: &str) -> ErrorResponse {
+    tungstenite::http::Response::builder()
+        .status(status)
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .header("Content-Length", body.len())
+        .header("Connection", "close")
+        .body(Some(body.to_string()))
+        .expect("a static status and headers make a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_errors_carry_their_body_length() {
+        let response = http_error(404, "nope\n");
+        assert_eq!(response.status(), 404);
+        assert_eq!(response.headers()["Content-Length"], "5");
+        assert_eq!(response.body().as_deref(), Some("nope\n"));
+    }
+}

@@ -1,0 +1,467 @@
+//! One `ws-loop-<n>` thread: a mio poll over the non-blocking sockets it owns, driving each
+//! through the WebSocket handshake ([`handshake`]), client commands, deliveries, pings and the
+//! close handshake ([`connection`]), with its own subscription index ([`subscriptions`]).
+//!
+//! A thread per connection would cost a stack each; here a connection is a slab entry, a small
+//! tungstenite read buffer and a queue of `Arc`'d frames shared with every other connection that
+//! got the same broadcast, so 10,000 idle connections fit in a few KiB each. Sockets are
+//! registered edge-triggered for reading and writing once: a connection reads until `WouldBlock`
+//! (or its `READ_BUDGET` for this turn, then it waits its next turn on `unread`, so one client
+//! sending without pause cannot hold up the others) and writes only while the socket takes
+//! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
+//! allowed to stall the loop or grow without bound.
+
+mod connection;
+mod handshake;
+mod subscriptions;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use log::{debug, error, info, warn};
+use mio::net::TcpStream;
+use mio::{Events, Poll, Token, Waker};
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, Utf8Bytes};
+
+use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
+use super::protocol::{self, AckKind, Command, Reject, TopicLimits};
+use super::stats::Stats;
+use super::Config;
+use connection::{Connection, Next, QueuedFrames, Read, READ_BUDGET, WRITE_BATCH};
+use handshake::{Handshaking, Step};
+use subscriptions::Subscriptions;
+
+pub(crate) use handshake::WS_PATH;
+
+/// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
+/// never reach it.
+pub(crate) const WAKER: Token = Token(usize::MAX);
+/// How long a stopping loop waits for its connections to finish their close handshakes.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Deliveries taken from the inbox between two write passes over the connections.
+const PUBLISH_BATCH: usize = 64;
+
+/// What an event loop needs from the gateway config, read only here and in the child modules.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoopConfig {
+    /// Every connection's tungstenite config ([`websocket_config`]).
+    ws: WebSocketConfig,
+    /// Unsent bytes past which a connection is closed as slow.
+    max_out_buffer: usize,
+    /// How often each connection is pinged.
+    ping_interval: Duration,
+    /// Silence that drops a connection; also the handshake's deadline.
+    pong_timeout: Duration,
+    /// Topic length and count limits, for query strings and commands.
+    limits: TopicLimits,
+}
+
+impl LoopConfig {
+    pub(crate) fn new(config: &Config) -> LoopConfig {
+        LoopConfig {
+            ws: websocket_config(config.max_frame_bytes),
+            max_out_buffer: config.max_out_buffer,
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
+        }
+    }
+}
+
+/// Everything a loop thread is started with; the loop itself is built on its own thread
+/// (handshakes hold `Rc`s and never leave it).
+pub(crate) struct LoopParts {
+    pub(crate) poll: Poll,
+    /// Registered under [`WAKER`] with `poll`, and kept by the loop for as long as it polls: if
+    /// the stopping side dropped the last handle right after waking it, closing the waker would
+    /// take its event out of the poll unseen.
+    pub(crate) waker: Arc<Waker>,
+    pub(crate) inbox: Receiver<LoopMsg>,
+    pub(crate) wake_pending: Arc<AtomicBool>,
+    pub(crate) counts: Arc<TopicCounts>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) config: LoopConfig,
+}
+
+/// The WebSocket config every connection gets: small eager read buffer, explicit flushing.
+fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Allocated per connection up front; client commands are small.
+        .read_buffer_size(2048)
+        // We flush after each batch ourselves; this only matters for a single huge frame.
+        .write_buffer_size(2 * WRITE_BATCH)
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes))
+}
+
+/// Runs a loop until `stop` disconnects and its connections are closed.
+pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
+    let mut event_loop = EventLoop {
+        poll: parts.poll,
+        _waker: parts.waker,
+        inbox: parts.inbox,
+        wake_pending: parts.wake_pending,
+        conns: Slab::new(),
+        subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
+        stats: parts.stats,
+        config: parts.config,
+        dirty: Vec::new(),
+        unread: Vec::new(),
+    };
+    event_loop.run(&stop);
+}
+
+/// A slab entry: a socket still in its HTTP handshake, or an upgraded connection.
+enum Conn {
+    Handshaking(Box<Handshaking>),
+    Open(Box<Connection>),
+}
+
+struct EventLoop {
+    poll: Poll,
+    _waker: Arc<Waker>,
+    inbox: Receiver<LoopMsg>,
+    wake_pending: Arc<AtomicBool>,
+    conns: Slab<Conn>,
+    subscriptions: Subscriptions,
+    stats: Arc<Stats>,
+    config: LoopConfig,
+    /// Connections with something to write; each is listed once (see [`Next::Flush`]).
+    dirty: Vec<usize>,
+    /// Connections that used up their `READ_BUDGET` with more to read (see [`Next::ReadLater`]).
+    unread: Vec<usize>,
+}
+
+impl EventLoop {
+    fn run(&mut self, stop: &Receiver<()>) {
+        let name = std::thread::current().name().unwrap_or("ws-loop").to_string();
+        let tick = sweep_interval(&self.config);
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now() + tick;
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut wait = next_sweep.saturating_duration_since(now);
+            if let Some(deadline) = stop_deadline {
+                wait = wait.min(deadline.saturating_duration_since(now));
+            }
+            if !self.unread.is_empty() {
+                wait = Duration::ZERO;
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("{name}: poll failed, dropping its connections: {e}");
+                break;
+            }
+            for event in events.iter() {
+                if event.token() == WAKER {
+                    continue;
+                }
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                self.on_event(event.token().0, readable, writable);
+            }
+            // A key may have been closed (or even reused) since it was listed; reading a
+            // connection with nothing to read only costs a WouldBlock.
+            for key in std::mem::take(&mut self.unread) {
+                self.read(key);
+            }
+            self.drain_inbox();
+            if stop_deadline.is_none() && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+                info!("{name}: closing {} connections", self.conns.len());
+                stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+                self.close_all();
+            }
+            self.flush_dirty();
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + tick;
+            }
+            if let Some(deadline) = stop_deadline {
+                if self.conns.is_empty() || now >= deadline {
+                    break;
+                }
+            }
+        }
+        let left = self.conns.len();
+        for key in self.conns.iter().map(|(key, _)| key).collect::<Vec<_>>() {
+            self.drop_conn(key);
+        }
+        debug!("{name}: stopped ({left} connections dropped without finishing their close)");
+    }
+
+    fn drain_inbox(&mut self) {
+        // Cleared before draining: a message sent after this point wakes us again.
+        self.wake_pending.store(false, Ordering::SeqCst);
+        let mut published = 0;
+        loop {
+            match self.inbox.try_recv() {
+                Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
+                Ok(LoopMsg::Publish(broadcast)) => {
+                    self.deliver(&broadcast);
+                    published += 1;
+                    // Write as we go, so a long backlog is not judged against one buffer.
+                    if published % PUBLISH_BATCH == 0 {
+                        self.flush_dirty();
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn on_event(&mut self, key: usize, readable: bool, writable: bool) {
+        match self.conns.get_mut(key) {
+            None => {}
+            Some(Conn::Handshaking(_)) => self.continue_handshake(key),
+            Some(Conn::Open(conn)) => {
+                if writable {
+                    let next = conn.writable();
+                    self.apply(key, next);
+                }
+                if readable {
+                    self.read(key);
+                }
+            }
+        }
+    }
+
+    /// Does what a connection said the loop must do with it.
+    fn apply(&mut self, key: usize, next: Next) {
+        match next {
+            Next::Keep => {}
+            Next::Flush => self.dirty.push(key),
+            Next::ReadLater => self.unread.push(key),
+            Next::ReadLaterAndFlush => {
+                self.unread.push(key);
+                self.dirty.push(key);
+            }
+            Next::Drop => self.drop_conn(key),
+        }
+    }
+
+    fn adopt(&mut self, stream: TcpStream) {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let handshaking = match Handshaking::start(stream, self.poll.registry(), Token(key), &self.config) {
+            Ok(handshaking) => handshaking,
+            Err(e) => {
+                warn!("dropping a new connection: cannot start its handshake: {e}");
+                return;
+            }
+        };
+        entry.insert(Conn::Handshaking(Box::new(handshaking)));
+        self.continue_handshake(key);
+    }
+
+    fn continue_handshake(&mut self, key: usize) {
+        let Some(Conn::Handshaking(handshaking)) = self.conns.get_mut(key) else { return };
+        match handshaking.advance() {
+            Step::Pending => {}
+            Step::Open(conn, topics) => self.open(key, conn, topics),
+            Step::Refused => {
+                Stats::inc(&self.stats.http_rejected);
+                self.conns.remove(key);
+            }
+            Step::Abandoned => {
+                self.conns.remove(key);
+            }
+        }
+    }
+
+    fn open(&mut self, key: usize, conn: Box<Connection>, topics: Vec<String>) {
+        self.conns[key] = Conn::Open(conn);
+        Stats::inc(&self.stats.connections_open);
+        if let Err(reject) = self.subscriptions.subscribe(key, topics) {
+            return self.close_bad_input(key, reject);
+        }
+        // Frames may have arrived while the response went out; their edge is gone.
+        self.read(key);
+    }
+
+    /// Reads until `WouldBlock`, or until `READ_BUDGET` messages, then lists it in `unread`.
+    fn read(&mut self, key: usize) {
+        for _ in 0..READ_BUDGET {
+            let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+            match conn.read() {
+                Read::Message(message) => self.on_message(key, message),
+                Read::Refused(reject) => return self.close_bad_input(key, reject),
+                Read::Done(next) => return self.apply(key, next),
+            }
+        }
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        let next = conn.budget_spent();
+        self.apply(key, next);
+    }
+
+    fn on_message(&mut self, key: usize, message: Message) {
+        match message {
+            Message::Text(text) => match protocol::parse_command(text.as_str(), self.config.limits) {
+                Ok(command) => self.on_command(key, command),
+                Err(reject) => self.close_bad_input(key, reject),
+            },
+            Message::Binary(_) => {
+                self.close_bad_input(key, Reject::new(protocol::CLOSE_UNSUPPORTED, protocol::REASON_BINARY))
+            }
+            Message::Close(frame) => {
+                // tungstenite has queued the reply; flushing it is the rest of the close.
+                debug!("client closed: {frame:?}");
+                self.leave_active(key);
+                self.mark_dirty(key);
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+
+    fn on_command(&mut self, key: usize, command: Command) {
+        let kind = match command {
+            Command::Subscribe(topics) => {
+                if let Err(reject) = self.subscriptions.subscribe(key, topics) {
+                    return self.close_bad_input(key, reject);
+                }
+                AckKind::Subscribed
+            }
+            Command::Unsubscribe(topics) => {
+                self.subscriptions.unsubscribe(key, &topics);
+                AckKind::Unsubscribed
+            }
+        };
+        let ack = protocol::encode_ack(kind, self.subscriptions.topics(key));
+        self.enqueue(key, &Utf8Bytes::from(ack));
+    }
+
+    fn deliver(&mut self, broadcast: &EncodedBroadcast) {
+        let keys: Vec<usize> = if broadcast.topic.is_empty() {
+            self.conns.iter().map(|(key, _)| key).collect()
+        } else {
+            self.subscriptions.subscribers(&broadcast.topic)
+        };
+        for key in keys {
+            self.enqueue(key, &broadcast.frame);
+        }
+    }
+
+    /// Queues a frame on an active connection, or closes it if its unsent bytes would pass
+    /// `max_out_buffer`.
+    fn enqueue(&mut self, key: usize, frame: &Utf8Bytes) {
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        match conn.enqueue(frame, self.config.max_out_buffer, &self.stats) {
+            Ok(next) => self.apply(key, next),
+            Err(slow) => {
+                debug!("closing a slow consumer ({} bytes unsent)", slow.unsent);
+                Stats::inc(&self.stats.closed_slow);
+                self.close(key, protocol::CLOSE_SLOW, protocol::REASON_SLOW, QueuedFrames::Discard);
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        let next = conn.mark_dirty();
+        self.apply(key, next);
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(key) = self.dirty.pop() {
+            let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { continue };
+            let next = conn.flush(&self.stats);
+            self.apply(key, next);
+        }
+    }
+
+    fn close_bad_input(&mut self, key: usize, reject: Reject) {
+        debug!("closing a connection for bad input: {} {}", reject.code, reject.reason);
+        Stats::inc(&self.stats.closed_bad_input);
+        self.close(key, reject.code, &reject.reason, QueuedFrames::Discard);
+    }
+
+    /// Takes a connection out of the subscriptions and starts its close handshake.
+    fn close(&mut self, key: usize, code: u16, reason: &str, queued: QueuedFrames) {
+        self.leave_active(key);
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        let next = conn.begin_close(code, reason, queued, &self.stats);
+        self.apply(key, next);
+    }
+
+    /// Takes an active connection out of the subscriptions and the open count, once: the first
+    /// step of closing or dropping it.
+    fn leave_active(&mut self, key: usize) {
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        if conn.leave_active() {
+            self.subscriptions.remove_all(key);
+            Stats::dec(&self.stats.connections_open);
+        }
+    }
+
+    fn close_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            match self.conns.get(key) {
+                Some(Conn::Handshaking(_)) => self.drop_conn(key),
+                Some(Conn::Open(conn)) if conn.is_active() => {
+                    self.close(key, protocol::CLOSE_SHUTDOWN, protocol::REASON_SHUTDOWN, QueuedFrames::Send)
+                }
+                Some(Conn::Open(_)) | None => {}
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, key: usize) {
+        self.leave_active(key);
+        // Dropping the socket closes it, which also removes it from the poll.
+        self.conns.try_remove(key);
+    }
+
+    /// Pings connections due for one, drops those silent for `pong_timeout` and those whose
+    /// handshake or close took too long.
+    fn sweep(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            let next = match conn {
+                Conn::Handshaking(handshaking) if handshaking.expired(now) => Next::Drop,
+                Conn::Handshaking(_) => Next::Keep,
+                Conn::Open(conn) => conn.tick(now, &self.config, &self.stats),
+            };
+            if next != Next::Keep {
+                due.push((key, next));
+            }
+        }
+        for (key, next) in due {
+            self.apply(key, next);
+        }
+        self.flush_dirty();
+    }
+}
+
+/// How often a loop looks at its timers: often enough to honour the shortest of them.
+fn sweep_interval(config: &LoopConfig) -> Duration {
+    let shortest = config.ping_interval.min(config.pong_timeout);
+    (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_often_enough_for_short_timers_and_rarely_for_long_ones() {
+        let mut config = LoopConfig {
+            ws: websocket_config(1024),
+            max_out_buffer: 1 << 20,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(60),
+            limits: TopicLimits { max_len: 8, max_per_connection: 2 },
+        };
+        assert_eq!(sweep_interval(&config), Duration::from_secs(1));
+        config.ping_interval = Duration::from_millis(100);
+        assert_eq!(sweep_interval(&config), Duration::from_millis(25));
+    }
+}
