@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn zero_sizes_are_refused_with_the_flag_name() {
-        let cases: Vec<(fn(&mut Config), &str)> = vec![
+        type BreakIt = fn(&mut Config);
+        let cases: Vec<(BreakIt, &str)> = vec![
             (|c| c.routine_size = 0, "--routine-size"),
             (|c| c.queue_size = 0, "--queue-size"),
             (|c| c.batch_max = 0, "--batch-max"),
