@@ -7,14 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use grpcio::Environment;
 use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
+use super::config::Config;
 use super::message::SharedMessage;
-use super::node::{NodeClient, NodeSettings, NodeStats, Retries};
+use super::node::{NodeClient, NodeStats, Retries};
 use crate::discovery::{diff, NodeAddrs};
 
 type NodeMap = BTreeMap<String, Arc<NodeClient>>;
@@ -35,19 +35,17 @@ pub(crate) struct Fanout {
     /// number the next node client gets (its threads are named after it).
     reconciling: Mutex<u32>,
     env: Arc<Environment>,
-    settings: NodeSettings,
-    drain_timeout: Duration,
+    config: Arc<Config>,
 }
 
 impl Fanout {
-    pub(crate) fn new(env: Arc<Environment>, settings: NodeSettings, drain_timeout: Duration) -> Fanout {
+    pub(crate) fn new(env: Arc<Environment>, config: Arc<Config>) -> Fanout {
         Fanout {
             nodes: RwLock::new(Arc::new(NodeMap::new())),
             retiring: Mutex::new(Vec::new()),
             reconciling: Mutex::new(1),
             env,
-            settings,
-            drain_timeout,
+            config,
         }
     }
 
@@ -94,7 +92,7 @@ impl Fanout {
             }
             for (id, addr) in &d.add {
                 // Started before the swap, without any lock held.
-                match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.settings) {
+                match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.config) {
                     Ok(node) => {
                         *next_number += 1;
                         next.insert(id.clone(), Arc::new(node));
@@ -104,7 +102,7 @@ impl Fanout {
             }
             *self.nodes.write() = Arc::new(next);
             for node in &retired {
-                node.close(self.drain_timeout, Retries::Stop);
+                node.close(self.config.drain_timeout, Retries::Stop);
             }
             self.retiring.lock().extend(retired);
         }
@@ -141,7 +139,7 @@ impl Fanout {
         let nodes = std::mem::take(&mut *self.nodes.write());
         let retiring = std::mem::take(&mut *self.retiring.lock());
         for node in nodes.values() {
-            node.close(self.drain_timeout, Retries::UntilDrained);
+            node.close(self.config.drain_timeout, Retries::UntilDrained);
         }
         // Joined with no lock but `reconciling` held, which broadcasts never take.
         for node in nodes.values().chain(&retiring) {

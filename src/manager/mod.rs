@@ -28,7 +28,6 @@ use crate::discovery::{self, Discovery};
 use crate::etcd;
 use crate::proto::protocol_grpc::create_push_server;
 use fanout::Fanout;
-use node::NodeSettings;
 use server::PushService;
 
 /// How long calls in flight may take to end at shutdown before they are cancelled.
@@ -47,14 +46,7 @@ impl Manager {
     pub fn start(config: Config) -> Result<Manager> {
         config.validate()?;
         let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc").build());
-        let settings = NodeSettings {
-            routine_size: config.routine_size,
-            queue_size: config.queue_size,
-            batch_max: config.batch_max,
-            rpc_timeout: config.rpc_timeout,
-            retry: config.retry,
-        };
-        let fanout = Arc::new(Fanout::new(env.clone(), settings, config.drain_timeout));
+        let fanout = Arc::new(Fanout::new(env.clone(), Arc::new(config.clone())));
 
         // Discovery first, so the service can tell callers whether etcd is reachable. Until the
         // server starts, the nodes it finds just wait for traffic; if binding fails, dropping it

@@ -18,7 +18,7 @@ use grpcio::{CallOption, ChannelBuilder, Client, Environment};
 use log::{debug, info, warn};
 use parking_lot::{Mutex, RwLock};
 
-use super::config::RetryPolicy;
+use super::config::Config;
 use super::message::{SharedMessage, BROADCAST, BROADCAST_BATCH};
 use super::throttle::Throttle;
 use crate::grpc::is_retryable;
@@ -27,16 +27,6 @@ use crate::thread::{SpawnError, StoppableThread};
 /// A batch stops growing at this many encoded bytes (a single larger message still goes alone),
 /// well under gRPC's default 4 MiB receive limit on the connect-node.
 const BATCH_MAX_BYTES: usize = 2 << 20;
-
-/// What a node client is built with; shared by every node of one manager.
-#[derive(Clone, Debug)]
-pub(crate) struct NodeSettings {
-    pub(crate) routine_size: usize,
-    pub(crate) queue_size: usize,
-    pub(crate) batch_max: usize,
-    pub(crate) rpc_timeout: Duration,
-    pub(crate) retry: RetryPolicy,
-}
 
 /// Running totals for one node. Messages, not RPCs, unless the name says otherwise.
 #[derive(Default, Debug)]
@@ -152,13 +142,13 @@ impl NodeClient {
         id: &str,
         addr: &str,
         env: Arc<Environment>,
-        settings: &NodeSettings,
+        config: &Arc<Config>,
     ) -> Result<NodeClient, SpawnError> {
         let target = Arc::new(RwLock::new(Target::new(&env, addr)));
-        let (tx, rx) = bounded(settings.queue_size);
+        let (tx, rx) = bounded(config.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
-        let (completed_tx, completed_rx) = bounded(settings.routine_size);
+        let (completed_tx, completed_rx) = bounded(config.routine_size);
         let pipeline = Arc::new(Pipeline {
             collecting: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
@@ -178,12 +168,12 @@ impl NodeClient {
             sender: RwLock::new(Some(tx)),
             counters: counters.clone(),
             lifecycle: lifecycle.clone(),
-            workers: Mutex::new(Vec::with_capacity(settings.routine_size)),
+            workers: Mutex::new(Vec::with_capacity(config.routine_size)),
             full_warnings: Throttle::new(Duration::from_secs(1)),
         };
         // One per node, not per worker: a dead node is one warning a second, not routine_size.
         let failures = Arc::new(Throttle::new(Duration::from_secs(1)));
-        for n in 0..settings.routine_size {
+        for n in 0..config.routine_size {
             let worker = Worker {
                 node_id: node.id.clone(),
                 target: target.clone(),
@@ -191,7 +181,7 @@ impl NodeClient {
                 pipeline: pipeline.clone(),
                 counters: counters.clone(),
                 lifecycle: lifecycle.clone(),
-                settings: settings.clone(),
+                config: config.clone(),
                 failures: failures.clone(),
             };
             // Workers end when the queue disconnects (`close`), after draining it, not on the
@@ -208,8 +198,8 @@ impl NodeClient {
         info!(
             "node {number} = {id}: added at {addr} (threads {}..{}, queue {})",
             worker_name(number, 0),
-            worker_name(number, settings.routine_size - 1),
-            settings.queue_size
+            worker_name(number, config.routine_size - 1),
+            config.queue_size
         );
         Ok(node)
     }
@@ -378,7 +368,7 @@ struct Worker {
     pipeline: Arc<Pipeline>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
-    settings: NodeSettings,
+    config: Arc<Config>,
     failures: Arc<Throttle>,
 }
 
@@ -411,12 +401,12 @@ impl Worker {
     /// queue is closed and empty.
     fn collect(&self, carried: &mut Option<SharedMessage>) -> Option<Vec<SharedMessage>> {
         let first = carried.take().or_else(|| self.queue.recv().ok())?;
-        let mut batch = Batch::new(first, self.settings.batch_max);
+        let mut batch = Batch::new(first, self.config.batch_max);
         batch.fill(&self.queue, carried);
         // Tokens of RPCs that ended before this batch began say nothing about the ones under way.
         while self.pipeline.completed_rx.try_recv().is_ok() {}
         // Bounded by the RPC deadline in any case, so a lost token cannot stall the node.
-        let deadline = Instant::now() + self.settings.rpc_timeout;
+        let deadline = Instant::now() + self.config.rpc_timeout;
         while !batch.is_full() && carried.is_none() && self.pipeline.in_flight.load(Ordering::SeqCst) > 0 {
             if self.pipeline.completed_rx.recv_deadline(deadline).is_err() {
                 break;
@@ -434,7 +424,7 @@ impl Worker {
                 self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
                 return;
             }
-            let opt = CallOption::default().timeout(self.lifecycle.rpc_timeout(self.settings.rpc_timeout));
+            let opt = CallOption::default().timeout(self.lifecycle.rpc_timeout(self.config.rpc_timeout));
             self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
             // Cloned (an Arc) so the lock is not held across the RPC.
             let client = self.target.read().client.clone();
@@ -452,9 +442,9 @@ impl Worker {
             };
             let registered = self.lifecycle.registered.load(Ordering::Relaxed);
             if is_retryable(&error)
-                && attempt < self.settings.retry.max_attempts
+                && attempt < self.config.retry.max_attempts
                 && registered
-                && self.wait_before_retry(self.settings.retry.backoff(attempt + 1))
+                && self.wait_before_retry(self.config.retry.backoff(attempt + 1))
             {
                 attempt += 1;
                 self.counters.retried.fetch_add(1, Ordering::Relaxed);
