@@ -8,7 +8,7 @@ use clap::Args;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
 use super::parse_duration;
-use crate::proto::protocol::{BroadCastReq, Proto};
+use crate::proto::broadcast_request;
 use crate::proto::protocol_grpc::PushServerClient;
 
 #[derive(Args, Debug)]
@@ -67,21 +67,6 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
         if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
     );
     Ok(())
-}
-
-/// A broadcast as business servers send it: frame version 1, `op` both in the frame and as
-/// `protoOp` (goim's clients read either).
-pub fn broadcast_request(topic: &str, op: i32, seq: i32, body: Vec<u8>) -> BroadCastReq {
-    let mut proto = Proto::new();
-    proto.set_ver(1);
-    proto.set_op(op);
-    proto.set_seq(seq);
-    proto.set_body(body);
-    let mut req = BroadCastReq::new();
-    req.set_protoOp(op);
-    req.set_topic(topic.into());
-    req.set_proto(proto);
-    req
 }
 
 fn describe(server: &str, e: grpcio::Error) -> String {
