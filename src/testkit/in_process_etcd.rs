@@ -10,8 +10,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, tick, Sender};
-use futures::channel::mpsc::{unbounded, UnboundedSender};
-use futures::{SinkExt, StreamExt};
+use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
+use futures::{future, SinkExt, Stream, StreamExt};
 use grpcio::{
     ChannelBuilder, DuplexSink, EnvBuilder, RequestStream, RpcContext, RpcStatus, RpcStatusCode, ServerBuilder,
     ServerCredentials, UnarySink, WriteFlags,
@@ -30,7 +30,8 @@ struct LeaseState {
     deadline: Instant,
 }
 
-struct Watcher {
+/// One watch stream: the range it covers and where its events go.
+struct WatchSubscription {
     key: Vec<u8>,
     range_end: Vec<u8>,
     tx: UnboundedSender<WatchResponse>,
@@ -45,7 +46,7 @@ struct Store {
     next_watch: i64,
     /// Every event, for watches that start from an old revision (the demo's history is small).
     history: Vec<Event>,
-    watchers: Vec<Watcher>,
+    subscriptions: Vec<WatchSubscription>,
 }
 
 /// `key` alone, `[key, range_end)`, or everything from `key` on when `range_end` is `"\0"`.
@@ -68,7 +69,7 @@ impl Store {
 
     fn publish(&mut self, event: Event) {
         let key = event.get_kv().get_key().to_vec();
-        self.watchers.retain(|w| {
+        self.subscriptions.retain(|w| {
             if !in_range(&key, &w.key, &w.range_end) {
                 return true;
             }
@@ -134,6 +135,47 @@ impl Store {
         for id in expired {
             self.revoke(id);
         }
+    }
+
+    /// Renews lease `id`; TTL 0 in the answer tells the client the lease is gone, as etcd does.
+    fn keep_alive(&mut self, id: i64) -> LeaseKeepAliveResponse {
+        let mut resp = LeaseKeepAliveResponse::new();
+        resp.set_ID(id);
+        if let Some(lease) = self.leases.get_mut(&id) {
+            lease.deadline = Instant::now() + Duration::from_secs(lease.ttl as u64);
+            resp.set_TTL(lease.ttl);
+        }
+        resp.set_header(self.header());
+        resp
+    }
+
+    /// A new watch: its `created` answer, the history it asks for, then every event as it
+    /// happens. All under the caller's one lock, so no event is missed or doubled.
+    fn subscribe(&mut self, create: &WatchCreateRequest) -> UnboundedReceiver<WatchResponse> {
+        let (tx, responses) = unbounded();
+        self.next_watch += 1;
+        let mut created = WatchResponse::new();
+        created.set_header(self.header());
+        created.set_watch_id(self.next_watch);
+        created.set_created(true);
+        let _ = tx.unbounded_send(created);
+        let start = create.get_start_revision();
+        let past: Vec<Event> = self
+            .history
+            .iter()
+            .filter(|e| start > 0 && e.get_kv().get_mod_revision() >= start)
+            .filter(|e| in_range(e.get_kv().get_key(), create.get_key(), create.get_range_end()))
+            .cloned()
+            .collect();
+        if !past.is_empty() {
+            let mut resp = WatchResponse::new();
+            resp.set_header(self.header());
+            resp.set_events(past.into());
+            let _ = tx.unbounded_send(resp);
+        }
+        let (key, range_end) = (create.get_key().to_vec(), create.get_range_end().to_vec());
+        self.subscriptions.push(WatchSubscription { key, range_end, tx });
+        responses
     }
 }
 
@@ -230,30 +272,14 @@ impl Lease for Service {
     fn lease_keep_alive(
         &mut self,
         ctx: RpcContext,
-        mut requests: RequestStream<LeaseKeepAliveRequest>,
-        mut sink: DuplexSink<LeaseKeepAliveResponse>,
+        requests: RequestStream<LeaseKeepAliveRequest>,
+        sink: DuplexSink<LeaseKeepAliveResponse>,
     ) {
         let store = self.0.clone();
-        ctx.spawn(async move {
-            while let Some(Ok(req)) = requests.next().await {
-                let resp = {
-                    let mut store = store.lock();
-                    let mut resp = LeaseKeepAliveResponse::new();
-                    resp.set_ID(req.get_ID());
-                    // TTL 0 tells the client the lease is gone, as etcd does.
-                    if let Some(lease) = store.leases.get_mut(&req.get_ID()) {
-                        lease.deadline = Instant::now() + Duration::from_secs(lease.ttl as u64);
-                        resp.set_TTL(lease.ttl);
-                    }
-                    resp.set_header(store.header());
-                    resp
-                };
-                if sink.send((resp, WriteFlags::default())).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sink.close().await;
-        });
+        // A request that fails to arrive ends the stream, as the client going away does.
+        let responses =
+            requests.scan((), |_, req| future::ready(req.ok())).map(move |req| store.lock().keep_alive(req.get_ID()));
+        ctx.spawn(send_each(sink, responses));
     }
 
     fn lease_time_to_live(
@@ -277,54 +303,28 @@ impl Lease for Service {
 }
 
 impl Watch for Service {
-    fn watch(
-        &mut self,
-        ctx: RpcContext,
-        mut requests: RequestStream<WatchRequest>,
-        mut sink: DuplexSink<WatchResponse>,
-    ) {
+    fn watch(&mut self, ctx: RpcContext, mut requests: RequestStream<WatchRequest>, sink: DuplexSink<WatchResponse>) {
         let store = self.0.clone();
         ctx.spawn(async move {
             let Some(Ok(req)) = requests.next().await else { return };
             if !req.has_create_request() {
                 return;
             }
-            let create = req.get_create_request();
-            let (tx, mut events) = unbounded();
-            {
-                // Created, history and registration under one lock: no event is missed or doubled.
-                let mut store = store.lock();
-                store.next_watch += 1;
-                let mut created = WatchResponse::new();
-                created.set_header(store.header());
-                created.set_watch_id(store.next_watch);
-                created.set_created(true);
-                let _ = tx.unbounded_send(created);
-                let start = create.get_start_revision();
-                let past: Vec<Event> = store
-                    .history
-                    .iter()
-                    .filter(|e| start > 0 && e.get_kv().get_mod_revision() >= start)
-                    .filter(|e| in_range(e.get_kv().get_key(), create.get_key(), create.get_range_end()))
-                    .cloned()
-                    .collect();
-                if !past.is_empty() {
-                    let mut resp = WatchResponse::new();
-                    resp.set_header(store.header());
-                    resp.set_events(past.into());
-                    let _ = tx.unbounded_send(resp);
-                }
-                let (key, range_end) = (create.get_key().to_vec(), create.get_range_end().to_vec());
-                store.watchers.push(Watcher { key, range_end, tx });
-            }
-            while let Some(resp) = events.next().await {
-                if sink.send((resp, WriteFlags::default())).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sink.close().await;
+            let responses = store.lock().subscribe(req.get_create_request());
+            send_each(sink, responses).await;
         });
     }
+}
+
+/// Sends each response until `responses` ends or the client goes away, then ends the stream.
+async fn send_each<T>(mut sink: DuplexSink<T>, responses: impl Stream<Item = T>) {
+    let mut responses = std::pin::pin!(responses);
+    while let Some(resp) = responses.next().await {
+        if sink.send((resp, WriteFlags::default())).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// A running in-process etcd; dropping it stops the server and joins its threads.
@@ -390,7 +390,7 @@ impl Drop for InProcessEtcd {
             let _ = t.join();
         }
         // Ends every watch stream, so the server can shut down.
-        self.store.lock().watchers.clear();
+        self.store.lock().subscriptions.clear();
         if let Some(mut server) = self.server.take() {
             let _ = futures::executor::block_on(server.shutdown());
         }
