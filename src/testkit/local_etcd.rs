@@ -6,18 +6,17 @@ use std::fs::{self, OpenOptions};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::{Client, Config};
+use super::poll_until;
+use crate::etcd::{Client, Config};
 
 /// How long etcd may take to answer after being started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A free port can be taken by someone else before etcd binds it; start again on new ones.
 const START_ATTEMPTS: usize = 5;
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A port nothing listens on right now (the OS picked it; it may be reused later).
 pub fn free_port() -> u16 {
@@ -130,21 +129,24 @@ impl LocalEtcd {
     fn wait_ready(&mut self) -> Result<(), String> {
         let probe = Client::connect(Config { endpoints: vec![self.endpoint()], timeout: Duration::from_millis(200) })
             .expect("a loopback endpoint is a valid config");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
+        let child = &mut self.child;
+        let mut exited = None;
+        let answered = poll_until(START_TIMEOUT, || {
             if probe.get("/push-manager/ready").is_ok() {
-                return Ok(());
+                return true;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
-                return Err(format!("etcd exited ({status}); log tail:\n{}", self.log_tail()));
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                return Err(format!("etcd not ready after {START_TIMEOUT:?}; log tail:\n{}", self.log_tail()));
-            }
-            thread::sleep(POLL_INTERVAL);
+            exited = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            exited.is_some()
+        });
+        if let Some(status) = exited {
+            self.child = None;
+            return Err(format!("etcd exited ({status}); log tail:\n{}", self.log_tail()));
         }
+        if !answered {
+            self.kill();
+            return Err(format!("etcd not ready after {START_TIMEOUT:?}; log tail:\n{}", self.log_tail()));
+        }
+        Ok(())
     }
 }
 

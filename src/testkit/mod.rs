@@ -1,0 +1,23 @@
+//! Running push-manager and its dependencies on one machine, for the demo, the tests and the
+//! benchmarks; `serve` and `node` never use any of it.
+//!
+//! - [`LocalEtcd`]: a real `etcd` process on free loopback ports in a temporary directory.
+//! - [`InProcessEtcd`]: an in-memory stand-in speaking the etcd v3 gRPC API our client uses, so
+//!   the demo runs the same client, discovery and registration code where no `etcd` is installed.
+//! - [`Sink`]: an in-process `ConnectNode` server that records or counts what it is sent, and
+//!   can stall or answer late.
+//! - [`spawn_serve`], [`spawn_node`]: the real binary as a child process on loopback port 0;
+//!   [`signal`] and [`wait_exit`] to stop it.
+//! - [`poll_until`], [`wait_until`]: waiting for a condition with a deadline instead of a sleep.
+
+mod in_process_etcd;
+mod local_etcd;
+mod process;
+mod sink;
+mod wait;
+
+pub use in_process_etcd::InProcessEtcd;
+pub use local_etcd::{free_port, LocalEtcd};
+pub use process::{signal, spawn_node, spawn_serve, wait_exit, NodeProcess};
+pub use sink::Sink;
+pub use wait::{poll_until, wait_until};

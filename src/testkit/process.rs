@@ -1,0 +1,84 @@
+//! `push-manager serve` and `push-manager node` as child processes on loopback port 0, for the
+//! tests and benchmarks that need the real binary in a process of its own: its exit status, its
+//! signal handling, its CPU time. Each takes the binary's path (`env!("CARGO_BIN_EXE_push-manager")`,
+//! which cargo gives tests and benches) and panics on failure, as an assertion would.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use super::poll_until;
+
+/// `push-manager node` as a child process, with the addresses it printed.
+pub struct NodeProcess {
+    pub child: Child,
+    /// Its `ConnectNode` gRPC address.
+    pub grpc: String,
+    /// Its WebSocket address; users connect to `ws://<ws_addr>/ws`.
+    pub ws_addr: SocketAddr,
+}
+
+/// Starts `bin serve` on a free loopback port with etcd at `etcd_endpoint`, watching `prefix`,
+/// plus `extra` flags and standard error going to `stderr`; returns it with the address it
+/// printed.
+#[track_caller]
+pub fn spawn_serve(bin: &str, etcd_endpoint: &str, prefix: &str, extra: &[&str], stderr: Stdio) -> (Child, String) {
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", etcd_endpoint, "--prefix", prefix])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("binary starts");
+    let line = first_line(&mut child);
+    let addr =
+        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let port = addr.rsplit(':').next().unwrap();
+    (child, format!("127.0.0.1:{port}"))
+}
+
+/// Starts `bin node` on free loopback ports, registering as `id` under `prefix`.
+#[track_caller]
+pub fn spawn_node(bin: &str, etcd_endpoint: &str, prefix: &str, id: &str, extra: &[&str]) -> NodeProcess {
+    let mut child = Command::new(bin)
+        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
+        .args(["--prefix", prefix, "--node-id", id, "--log-level", "warn"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let line = first_line(&mut child);
+    // "node <id> grpc <addr> ws ws://<addr>/ws"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let [_, _, _, grpc, _, ws_url] = words[..] else { panic!("unexpected first line {line:?}") };
+    let ws_addr = ws_url.strip_prefix("ws://").and_then(|a| a.strip_suffix("/ws")).and_then(|a| a.parse().ok());
+    let ws_addr = ws_addr.unwrap_or_else(|| panic!("unexpected WebSocket URL in {line:?}"));
+    NodeProcess { grpc: grpc.to_string(), ws_addr, child }
+}
+
+/// The first line the child printed on its piped standard output.
+#[track_caller]
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("standard output is piped")).read_line(&mut line).unwrap();
+    line
+}
+
+/// Sends `signal` (e.g. `libc::SIGTERM`) to `child`, which must not have been waited for yet.
+pub fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; a child not yet
+    // reaped keeps its pid, so the signal reaches it and no other process.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+/// Waits up to `within` for `child` to exit and returns how it did; panics if it is still running.
+#[track_caller]
+pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let mut status = None;
+    poll_until(within, || {
+        status = child.try_wait().expect("the child can be waited for");
+        status.is_some()
+    });
+    status.unwrap_or_else(|| panic!("process still running after {within:?}"))
+}
