@@ -18,13 +18,14 @@ use grpcio::{ChannelBuilder, EnvBuilder};
 use log::LevelFilter;
 use tungstenite::{Message, WebSocket};
 
-use super::send::broadcast_request;
 use super::subscribe::subscribe_url;
-use crate::etcd::{self, InProcessEtcd, LocalEtcd};
+use crate::etcd;
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
+use crate::proto::broadcast_request;
 use crate::proto::protocol::BroadCastReply;
 use crate::proto::protocol_grpc::PushServerClient;
+use crate::testkit::{poll_until, InProcessEtcd, LocalEtcd};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -48,7 +49,7 @@ const SUBSCRIBERS: &[(&str, usize, &[&str])] = &[
 type Failure = String;
 
 /// A frame a subscriber received: a delivery, or `{"type":"closed",...}` when its node closed it.
-struct Delivery {
+struct Received {
     subscriber: &'static str,
     node: String,
     frame: serde_json::Value,
@@ -218,7 +219,7 @@ fn node_list(manager: &Manager) -> String {
 /// `gone` are subscribers whose node was stopped.
 fn send_and_show(
     push: &PushServerClient,
-    deliveries: &Receiver<Delivery>,
+    deliveries: &Receiver<Received>,
     topic: &str,
     seq: i32,
     body: &str,
@@ -263,12 +264,12 @@ fn send_and_show(
 }
 
 fn broadcast(push: &PushServerClient, topic: &str, seq: i32, body: &str) -> Result<BroadCastReply, Failure> {
-    let req = broadcast_request(topic, 1000, seq, body.as_bytes().to_vec());
+    let req = broadcast_request(topic, 1000, seq, body);
     push.broadcast(&req).map_err(|e| format!("Broadcast #{seq} failed: {e}"))
 }
 
 /// A WebSocket user on its own thread, forwarding each delivery.
-fn subscribe(name: &'static str, node: String, url: &str, out: Sender<Delivery>) -> Result<JoinHandle<()>, Failure> {
+fn subscribe(name: &'static str, node: String, url: &str, out: Sender<Received>) -> Result<JoinHandle<()>, Failure> {
     let (socket, _) = tungstenite::connect(url).map_err(|e| format!("{name} cannot connect to {url}: {e}"))?;
     let socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>> = socket;
     thread::Builder::new()
@@ -281,7 +282,7 @@ fn read_deliveries(
     name: &'static str,
     node: String,
     mut socket: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
-    out: Sender<Delivery>,
+    out: Sender<Received>,
 ) {
     while let Ok(msg) = socket.read() {
         let (frame, text) = match msg {
@@ -293,24 +294,22 @@ fn read_deliveries(
                 let (code, reason) = close.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
                 let frame = serde_json::json!({"type": "closed", "code": code, "reason": reason});
                 let text = frame.to_string();
-                let _ = out.send(Delivery { subscriber: name, node, frame, text });
+                let _ = out.send(Received { subscriber: name, node, frame, text });
                 return;
             }
             _ => continue,
         };
-        if out.send(Delivery { subscriber: name, node: node.clone(), frame, text }).is_err() {
+        if out.send(Received { subscriber: name, node: node.clone(), frame, text }).is_err() {
             return;
         }
     }
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<(), Failure> {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() > deadline {
-            return Err(format!("gave up waiting for {what} after {WAIT:?}"));
-        }
-        thread::sleep(Duration::from_millis(10));
+/// Waits up to [`WAIT`] for `done` to hold; the failure names `what` it waited for.
+fn wait_for(what: &str, done: impl FnMut() -> bool) -> Result<(), Failure> {
+    if poll_until(WAIT, done) {
+        Ok(())
+    } else {
+        Err(format!("gave up waiting for {what} after {WAIT:?}"))
     }
-    Ok(())
 }
