@@ -1,28 +1,24 @@
 //! The whole path: business client -> push-manager -> connect-nodes -> WebSocket users, with a
 //! real etcd, real grpcio, real WebSocket clients, and the real binary where processes matter.
 
-mod util;
+mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use grpcio::{ChannelBuilder, EnvBuilder};
+use common::etcd::Etcd;
+use common::gateway::start_gateway;
+use common::grpc::{broadcast, push_client, OP};
+use common::ws::Client;
+use common::{free_addr, wait_until, BIN};
 use push_manager::etcd;
-use push_manager::gateway::{self, Gateway, Registration, RegistrationConfig};
+use push_manager::gateway::{Gateway, Registration, RegistrationConfig};
 use push_manager::manager::{self, Manager};
-use push_manager::proto::protocol::BroadCastReply;
-use push_manager::proto::protocol_grpc::PushServerClient;
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::{Message, WebSocket};
-use util::{request, wait_until, Etcd};
+use push_manager::proto::broadcast_request;
+use push_manager::testkit::{signal, spawn_node, NodeProcess};
 
-const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const PREFIX: &str = "/e2e/nodes/";
-
-type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
 fn start_manager(etcd: &Etcd) -> Manager {
     Manager::start(manager::Config {
@@ -44,18 +40,8 @@ struct Node {
     _registration: Registration,
 }
 
-/// A connect-node on free loopback ports, not registered anywhere.
-fn start_gateway() -> Gateway {
-    Gateway::start(gateway::Config {
-        grpc_listen: "127.0.0.1:0".into(),
-        ws_listen: "127.0.0.1:0".into(),
-        ..gateway::Config::default()
-    })
-    .unwrap()
-}
-
 fn start_node(etcd: &Etcd, id: &str) -> Node {
-    let gateway = start_gateway();
+    let gateway = start_gateway(|_| {});
     let registration = Registration::start(
         etcd.client(),
         RegistrationConfig {
@@ -68,43 +54,6 @@ fn start_node(etcd: &Etcd, id: &str) -> Node {
     Node { gateway, _registration: registration }
 }
 
-fn connect(ws_addr: &str, topics: &[&str]) -> Ws {
-    let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
-    let url =
-        if query.is_empty() { format!("ws://{ws_addr}/ws") } else { format!("ws://{ws_addr}/ws?{}", query.join("&")) };
-    let (ws, _) = tungstenite::connect(url.as_str()).unwrap();
-    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    }
-    ws
-}
-
-/// The next delivery (skipping acknowledgements); panics after the read timeout.
-#[track_caller]
-fn next_delivery(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        match ws.read().expect("a frame before the read timeout") {
-            Message::Text(t) => {
-                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-                if v["type"] == "message" {
-                    return v;
-                }
-            }
-            Message::Close(f) => panic!("closed: {f:?}"),
-            _ => {}
-        }
-    }
-}
-
-fn push_client(manager: &Manager) -> PushServerClient {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-e2e").build());
-    PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())))
-}
-
-fn broadcast(client: &PushServerClient, topic: &str, body: &str) -> BroadCastReply {
-    client.broadcast(&request(topic, body)).unwrap()
-}
-
 fn node_ids(manager: &Manager) -> Vec<String> {
     manager.nodes().into_iter().map(|n| n.id).collect()
 }
@@ -115,27 +64,27 @@ fn topic_broadcasts_reach_exactly_their_subscribers_on_every_node() {
     let manager = start_manager(&etcd);
     let nodes = [start_node(&etcd, "n1"), start_node(&etcd, "n2")];
     wait_until("both nodes discovered", Duration::from_secs(5), || manager.nodes().len() == 2);
-    let addr = |i: usize| nodes[i].gateway.ws_addr().to_string();
-    let mut a = vec![connect(&addr(0), &["a"]), connect(&addr(1), &["a"])];
-    let mut b = vec![connect(&addr(0), &["b"]), connect(&addr(1), &["b"])];
-    let mut everyone_only = connect(&addr(1), &[]);
+    let addr = |i: usize| nodes[i].gateway.ws_addr();
+    let mut a = [Client::connect(addr(0), "/ws?topic=a"), Client::connect(addr(1), "/ws?topic=a")];
+    let mut b = [Client::connect(addr(0), "/ws?topic=b"), Client::connect(addr(1), "/ws?topic=b")];
+    let mut everyone_only = Client::connect(addr(1), "/ws");
     wait_until("subscriptions in place", Duration::from_secs(5), || {
         nodes.iter().map(|n| n.gateway.hub().connections()).sum::<usize>() == 5
     });
-    let client = push_client(&manager);
+    let client = push_client(manager.addr());
 
     assert_eq!(broadcast(&client, "a", "for-a").get_accepted(), 2);
     for ws in &mut a {
-        assert_eq!(next_delivery(ws)["body"], "for-a");
+        assert_eq!(ws.next_json()["body"], "for-a");
     }
     // Both nodes have handled for-a, so anything they send a connection after this comes after
     // it: a subscriber of b whose first frame is for-all never got for-a.
     assert_eq!(broadcast(&client, "", "for-all").get_accepted(), 2);
     for ws in &mut a {
-        assert_eq!(next_delivery(ws)["body"], "for-all", "for-a arrived once, then the broadcast to all");
+        assert_eq!(ws.next_json()["body"], "for-all", "for-a arrived once, then the broadcast to all");
     }
     for ws in b.iter_mut().chain([&mut everyone_only]) {
-        let first = next_delivery(ws);
+        let first = ws.next_json();
         assert_eq!(first["body"], "for-all", "a non-subscriber of a got nothing before it");
         assert_eq!(first["topic"], "");
     }
@@ -149,10 +98,10 @@ fn a_node_started_after_push_manager_gets_traffic_within_a_second() {
     let started = Instant::now();
     let node = start_node(&etcd, "late");
     wait_until("discovered within 1 s", Duration::from_secs(1), || manager.nodes().len() == 1);
-    let mut ws = connect(&node.gateway.ws_addr().to_string(), &[]);
+    let mut ws = Client::connect(node.gateway.ws_addr(), "/ws");
     wait_until("connected", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
-    broadcast(&push_client(&manager), "", "hi");
-    assert_eq!(next_delivery(&mut ws)["body"], "hi");
+    broadcast(&push_client(manager.addr()), "", "hi");
+    assert_eq!(ws.next_json()["body"], "hi");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -171,20 +120,19 @@ fn registration_comes_back_after_its_lease_is_revoked_behind_its_back() {
     drop(node);
 }
 
-fn spawn_node(etcd: &Etcd, id: &str, lease_ttl: &str) -> util::NodeProcess {
-    util::spawn_node(&etcd.endpoint(), PREFIX, id, &["--lease-ttl", lease_ttl])
-}
-
-fn signal(child: &Child, sig: i32) {
-    unsafe { libc::kill(child.id() as i32, sig) };
+/// `push-manager node` as a child process with a lease of `lease_ttl`, once `manager` uses it.
+#[track_caller]
+fn spawn_discovered_node(etcd: &Etcd, manager: &Manager, id: &str, lease_ttl: &str) -> NodeProcess {
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, id, &["--lease-ttl", lease_ttl]);
+    wait_until("discovered", Duration::from_secs(5), || node_ids(manager) == [id]);
+    node
 }
 
 #[test]
 fn a_node_killed_with_sigkill_is_dropped_after_its_lease_ttl() {
     let etcd = Etcd::start();
     let manager = start_manager(&etcd);
-    let mut node = spawn_node(&etcd, "doomed", "2s");
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager) == ["doomed"]);
+    let mut node = spawn_discovered_node(&etcd, &manager, "doomed", "2s");
     signal(&node.child, libc::SIGKILL);
     node.child.wait().unwrap();
     let killed = Instant::now();
@@ -196,20 +144,13 @@ fn a_node_killed_with_sigkill_is_dropped_after_its_lease_ttl() {
 fn a_node_stopped_with_sigterm_is_dropped_at_once_and_closes_its_clients() {
     let etcd = Etcd::start();
     let manager = start_manager(&etcd);
-    let mut node = spawn_node(&etcd, "polite", "30s");
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager) == ["polite"]);
-    let (mut ws, _) = tungstenite::connect(node.ws_url.as_str()).unwrap();
+    let mut node = spawn_discovered_node(&etcd, &manager, "polite", "30s");
+    let mut client = Client::connect(node.ws_addr, "/ws");
     signal(&node.child, libc::SIGTERM);
     // With a 30 s lease, only the revocation can remove it this fast.
     wait_until("dropped at once", Duration::from_secs(2), || manager.nodes().is_empty());
-    let close = loop {
-        match ws.read() {
-            Ok(Message::Close(f)) => break f,
-            Ok(_) => continue,
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    };
-    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    let (code, _reason) = client.expect_close();
+    assert_eq!(code, 1001);
     assert!(node.child.wait().unwrap().success());
 }
 
@@ -328,9 +269,9 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
     BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
     assert!(line.starts_with("connected to"), "{line:?}");
     wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
-    node.gateway.hub().publish(&request("sports", "not for news readers"));
-    node.gateway.hub().publish(&request("news", "first"));
-    node.gateway.hub().publish(&request("", "second"));
+    node.gateway.hub().publish(&broadcast_request("sports", OP, 0, "not for news readers"));
+    node.gateway.hub().publish(&broadcast_request("news", OP, 0, "first"));
+    node.gateway.hub().publish(&broadcast_request("", OP, 0, "second"));
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -345,8 +286,7 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
 
 #[test]
 fn subscribe_to_a_dead_url_exits_non_zero_with_the_reason() {
-    let out =
-        Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", util::free_addr())]).output().unwrap();
+    let out = Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", free_addr())]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"), "{out:?}");
     for bad in ["nonsense", "wss://127.0.0.1:1/ws", "ws://"] {
@@ -377,8 +317,7 @@ fn nodes_lists_registered_nodes_with_their_lease_and_flags_bad_records() {
 
 #[test]
 fn nodes_with_etcd_down_fails_with_a_clear_error() {
-    let out =
-        Command::new(BIN).args(["nodes", "--etcd", &util::free_addr(), "--etcd-timeout", "300ms"]).output().unwrap();
+    let out = Command::new(BIN).args(["nodes", "--etcd", &free_addr(), "--etcd-timeout", "300ms"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"), "{out:?}");
 }
@@ -386,7 +325,7 @@ fn nodes_with_etcd_down_fails_with_a_clear_error() {
 #[test]
 fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
     let mut etcd = Etcd::start();
-    let gateway = start_gateway();
+    let gateway = start_gateway(|_| {});
     let key = format!("{PREFIX}survivor");
     let ttl = Duration::from_secs(2);
     let _registration = Registration::start(

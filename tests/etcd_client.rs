@@ -1,12 +1,13 @@
 //! The etcd client against a real etcd: KV, leases, keep-alive, watch, failover and recovery.
 
-mod util;
+mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::etcd::Etcd;
+use common::{free_addr, wait_until};
 use push_manager::etcd::{Client, Config, Error, LeaseLost, WatchEvent, Watcher};
-use util::{free_addr, wait_until, Etcd};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -2,7 +2,7 @@
 //! WebSocket clients. No fixed ports, no sleeping to synchronise: reads block with a timeout and
 //! conditions are polled with a deadline.
 
-mod gateway_util;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,8 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway_util::*;
+use common::gateway::{start_gateway, wait_connections};
+use common::grpc::{batch, node_broadcast, node_client, OP};
+use common::ws::{raw_exchange, upgrade_request, Client};
+use common::{wait_until, PATIENCE};
 use push_manager::gateway::Gateway;
+use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::BroadCastReq;
 use serde_json::{json, Value};
 use tungstenite::Message;
@@ -27,22 +31,22 @@ fn assert_delivery(frame: &Value, topic: &str, seq: i64, body: &str) {
 /// Proves `client` is still served: a broadcast to everyone reaches it.
 #[track_caller]
 fn assert_still_served(gw: &Gateway, client: &mut Client) {
-    gw.hub().publish(&message("", 9999, b"still here"));
+    gw.hub().publish(&broadcast_request("", OP, 9999, b"still here"));
     assert_delivery(&client.next_json(), "", 9999, "still here");
 }
 
 #[test]
 fn topic_broadcast_reaches_exactly_its_subscribers() {
-    let gw = start(|_| {});
-    let node = node_client(&gw);
-    let mut a1 = Client::connect(&gw, "/ws?topic=a");
-    let mut a2 = Client::subscribed(&gw, &["a"]);
-    let mut b = Client::subscribed(&gw, &["b"]);
+    let gw = start_gateway(|_| {});
+    let node = node_client(gw.grpc_addr());
+    let mut a1 = Client::connect(gw.ws_addr(), "/ws?topic=a");
+    let mut a2 = Client::subscribed(gw.ws_addr(), &["a"]);
+    let mut b = Client::subscribed(gw.ws_addr(), &["b"]);
     wait_connections(&gw, 3);
 
-    let reply = broadcast(&node, "a", 1, b"hello");
+    let reply = node_broadcast(&node, "a", 1, b"hello");
     assert_eq!((reply.received, reply.delivered), (1, 2));
-    let reply = broadcast(&node, "", 2, b"marker");
+    let reply = node_broadcast(&node, "", 2, b"marker");
     assert_eq!((reply.received, reply.delivered), (1, 3));
 
     for a in [&mut a1, &mut a2] {
@@ -57,36 +61,36 @@ fn topic_broadcast_reaches_exactly_its_subscribers() {
 
 #[test]
 fn broadcast_without_topic_reaches_every_connection() {
-    let gw = start(|_| {});
-    let node = node_client(&gw);
+    let gw = start_gateway(|_| {});
+    let node = node_client(gw.grpc_addr());
     let mut clients: Vec<Client> = vec![
-        Client::connect(&gw, "/ws"),
-        Client::connect(&gw, "/ws?topic=x"),
-        Client::subscribed(&gw, &["y", "z"]),
-        Client::connect(&gw, "/ws"),
+        Client::connect(gw.ws_addr(), "/ws"),
+        Client::connect(gw.ws_addr(), "/ws?topic=x"),
+        Client::subscribed(gw.ws_addr(), &["y", "z"]),
+        Client::connect(gw.ws_addr(), "/ws"),
     ];
     wait_connections(&gw, 4);
-    let reply = broadcast(&node, "", 7, b"to all");
+    let reply = node_broadcast(&node, "", 7, b"to all");
     assert_eq!(reply.delivered, 4);
     for client in &mut clients {
         assert_delivery(&client.next_json(), "", 7, "to all");
     }
-    wait_for("4 frames sent", || gw.stats().frames_sent >= 4);
+    wait_until("4 frames are sent", PATIENCE, || gw.stats().frames_sent >= 4);
 }
 
 #[test]
 fn subscribe_and_unsubscribe_take_effect_once_acknowledged() {
-    let gw = start(|_| {});
-    let mut client = Client::connect(&gw, "/ws");
+    let gw = start_gateway(|_| {});
+    let mut client = Client::connect(gw.ws_addr(), "/ws");
     let ack = client.command("subscribe", &["a", "b", "a"]);
     assert_eq!(ack, json!({"type":"subscribed","topics":["a","b"]}));
-    assert_eq!(gw.hub().publish(&message("a", 1, b"one")), 1);
+    assert_eq!(gw.hub().publish(&broadcast_request("a", OP, 1, b"one")), 1);
     assert_delivery(&client.next_json(), "a", 1, "one");
 
     let ack = client.command("unsubscribe", &["a", "never-held"]);
     assert_eq!(ack, json!({"type":"unsubscribed","topics":["b"]}));
-    assert_eq!(gw.hub().publish(&message("a", 2, b"gone")), 0);
-    assert_eq!(gw.hub().publish(&message("b", 3, b"kept")), 1);
+    assert_eq!(gw.hub().publish(&broadcast_request("a", OP, 2, b"gone")), 0);
+    assert_eq!(gw.hub().publish(&broadcast_request("b", OP, 3, b"kept")), 1);
     assert_delivery(&client.next_json(), "b", 3, "kept");
 
     let ack = client.command("subscribe", &["c"]);
@@ -95,12 +99,13 @@ fn subscribe_and_unsubscribe_take_effect_once_acknowledged() {
 
 #[test]
 fn batch_order_is_preserved_on_every_connection() {
-    let gw = start(|c| c.event_loops = 2);
-    let node = node_client(&gw);
+    let gw = start_gateway(|c| c.event_loops = 2);
+    let node = node_client(gw.grpc_addr());
     // Consecutive connections land on different loops.
-    let mut clients: Vec<Client> = (0..4).map(|_| Client::subscribed(&gw, &["t"])).collect();
+    let mut clients: Vec<Client> = (0..4).map(|_| Client::subscribed(gw.ws_addr(), &["t"])).collect();
     const N: i32 = 500;
-    let messages: Vec<BroadCastReq> = (0..N).map(|seq| message("t", seq, format!("m{seq}").as_bytes())).collect();
+    let messages: Vec<BroadCastReq> =
+        (0..N).map(|seq| broadcast_request("t", OP, seq, format!("m{seq}").as_bytes())).collect();
     let reply = node.broadcast_batch(&batch(messages)).expect("BroadcastBatch succeeds");
     assert_eq!((reply.received, reply.delivered), (N as u32, 4 * N as u64));
     for client in &mut clients {
@@ -112,10 +117,10 @@ fn batch_order_is_preserved_on_every_connection() {
 
 #[test]
 fn non_utf8_body_arrives_as_base64() {
-    let gw = start(|_| {});
-    let node = node_client(&gw);
-    let mut client = Client::subscribed(&gw, &["bin"]);
-    broadcast(&node, "bin", 5, &[0xff, 0xfe, 0x00, 0x41]);
+    let gw = start_gateway(|_| {});
+    let node = node_client(gw.grpc_addr());
+    let mut client = Client::subscribed(gw.ws_addr(), &["bin"]);
+    node_broadcast(&node, "bin", 5, &[0xff, 0xfe, 0x00, 0x41]);
     let frame = client.next_json();
     assert_eq!(frame["body_base64"], "//4AQQ==", "{frame}");
     assert!(frame.get("body").is_none(), "{frame}");
@@ -123,12 +128,12 @@ fn non_utf8_body_arrives_as_base64() {
 
 #[test]
 fn slow_consumer_is_closed_while_a_fast_one_gets_everything() {
-    let gw = start(|c| {
+    let gw = start_gateway(|c| {
         c.event_loops = 1;
         c.max_out_buffer = 256 << 10;
     });
-    let mut slow = Client::subscribed(&gw, &["big"]);
-    let mut fast = Client::subscribed(&gw, &["big"]);
+    let mut slow = Client::subscribed(gw.ws_addr(), &["big"]);
+    let mut fast = Client::subscribed(gw.ws_addr(), &["big"]);
     wait_connections(&gw, 2);
 
     // 12.5 MiB: more than the kernel buffers of a connection that never reads (~4 MiB on
@@ -151,10 +156,10 @@ fn slow_consumer_is_closed_while_a_fast_one_gets_everything() {
             let got = progress.recv_timeout(PATIENCE).expect("the fast client keeps up");
             assert_eq!(got, seq - WINDOW);
         }
-        gw.hub().publish(&message("big", seq, &body));
+        gw.hub().publish(&broadcast_request("big", OP, seq, body.as_slice()));
     }
     let mut fast = reader.join().expect("the fast client received all messages");
-    wait_for("the slow consumer to be closed", || gw.stats().closed_slow == 1);
+    wait_until("the slow consumer is closed", PATIENCE, || gw.stats().closed_slow == 1);
     assert_eq!(gw.hub().connections(), 1);
 
     let (code, reason) = slow.expect_close();
@@ -172,9 +177,9 @@ fn masked_pongs(bytes: usize) -> Vec<u8> {
 
 #[test]
 fn clients_flooding_frames_do_not_hold_up_the_others_on_their_loop() {
-    let gw = start(|c| c.event_loops = 1);
-    let mut quiet = Client::subscribed(&gw, &["news"]);
-    let mut flooders = [Client::connect(&gw, "/ws"), Client::connect(&gw, "/ws")];
+    let gw = start_gateway(|c| c.event_loops = 1);
+    let mut quiet = Client::subscribed(gw.ws_addr(), &["news"]);
+    let mut flooders = [Client::connect(gw.ws_addr(), "/ws"), Client::connect(gw.ws_addr(), "/ws")];
     wait_connections(&gw, 3);
 
     // Frames encoded once and written in large chunks cost a flooder next to nothing and the
@@ -195,9 +200,9 @@ fn clients_flooding_frames_do_not_hold_up_the_others_on_their_loop() {
             })
         })
         .collect();
-    wait_for("the flood to fill the socket buffers", || written.load(Ordering::SeqCst) >= 2 << 20);
-    let node = node_client(&gw);
-    assert_eq!(broadcast(&node, "news", 1, b"meanwhile").get_delivered(), 1);
+    wait_until("the flood fills the socket buffers", PATIENCE, || written.load(Ordering::SeqCst) >= 2 << 20);
+    let node = node_client(gw.grpc_addr());
+    assert_eq!(node_broadcast(&node, "news", 1, b"meanwhile").get_delivered(), 1);
     let flooded_before = written.load(Ordering::SeqCst);
     let delivered = quiet.next_json();
     let flooded_meanwhile = written.load(Ordering::SeqCst) - flooded_before;
@@ -214,7 +219,7 @@ fn clients_flooding_frames_do_not_hold_up_the_others_on_their_loop() {
         let ack = flooder.command("subscribe", &["news"]);
         assert_eq!(ack["type"], "subscribed", "{ack}");
     }
-    broadcast(&node, "news", 2, b"all");
+    node_broadcast(&node, "news", 2, b"all");
     for client in std::iter::once(&mut quiet).chain(&mut flooders) {
         assert_delivery(&client.next_json(), "news", 2, "all");
     }
@@ -223,7 +228,7 @@ fn clients_flooding_frames_do_not_hold_up_the_others_on_their_loop() {
 /// Performs the upgrade by hand and then says nothing, not even pongs.
 fn silent_client(gw: &Gateway) -> TcpStream {
     let mut stream = TcpStream::connect(gw.ws_addr()).unwrap();
-    stream.write_all(upgrade_request(gw, "/ws").as_bytes()).unwrap();
+    stream.write_all(upgrade_request(gw.ws_addr(), "/ws").as_bytes()).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -237,12 +242,12 @@ fn silent_client(gw: &Gateway) -> TcpStream {
 
 #[test]
 fn client_silent_past_pong_timeout_is_dropped() {
-    let gw = start(|c| {
+    let gw = start_gateway(|c| {
         c.ping_interval = Duration::from_millis(50);
         c.pong_timeout = Duration::from_millis(400);
     });
     let mut silent = silent_client(&gw);
-    let mut lively = Client::connect(&gw, "/ws");
+    let mut lively = Client::connect(gw.ws_addr(), "/ws");
     wait_connections(&gw, 2);
     silent.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     lively.ws.get_ref().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
@@ -283,14 +288,14 @@ fn assert_closed_for_bad_input(
     code: u16,
     reason: &str,
 ) {
-    let gw = start(config);
-    let mut bystander = Client::subscribed(&gw, &["a"]);
-    let mut culprit = Client::subscribed(&gw, &["a"]);
+    let gw = start_gateway(config);
+    let mut bystander = Client::subscribed(gw.ws_addr(), &["a"]);
+    let mut culprit = Client::subscribed(gw.ws_addr(), &["a"]);
     misbehave(&mut culprit);
     let (got_code, got_reason) = culprit.expect_close();
     assert_eq!(got_code, code, "reason: {got_reason}");
     assert!(got_reason.starts_with(reason), "{got_reason:?} should start with {reason:?}");
-    wait_for("the culprit to be counted", || gw.stats().closed_bad_input == 1);
+    wait_until("the culprit is counted", PATIENCE, || gw.stats().closed_bad_input == 1);
     assert_eq!(gw.hub().connections(), 1);
     assert_still_served(&gw, &mut bystander);
 }
@@ -373,32 +378,38 @@ fn assert_http_rejected(gw: &Gateway, answer: &str, status: &str, body_mentions:
     assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer:?}");
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     assert!(body.contains(body_mentions), "{answer:?} should explain with {body_mentions:?}");
-    wait_for("the rejection to be counted", || gw.stats().http_rejected == rejected);
+    wait_until("the rejection is counted", PATIENCE, || gw.stats().http_rejected == rejected);
 }
 
 #[test]
 fn http_without_upgrade_wrong_path_bad_query_and_garbage_are_refused() {
-    let gw = start(|_| {});
-    let mut bystander = Client::connect(&gw, "/ws");
+    let gw = start_gateway(|_| {});
+    let mut bystander = Client::connect(gw.ws_addr(), "/ws");
 
     let plain = format!("GET /ws HTTP/1.1\r\nHost: {}\r\n\r\n", gw.ws_addr());
-    assert_http_rejected(&gw, &raw_exchange(&gw, plain.as_bytes()), "426", "WebSocket", 1);
+    assert_http_rejected(&gw, &raw_exchange(gw.ws_addr(), plain.as_bytes()), "426", "WebSocket", 1);
 
-    assert_http_rejected(&gw, &raw_exchange(&gw, upgrade_request(&gw, "/chat").as_bytes()), "404", "/ws", 2);
-    match Client::try_connect(&gw, "/elsewhere") {
+    assert_http_rejected(
+        &gw,
+        &raw_exchange(gw.ws_addr(), upgrade_request(gw.ws_addr(), "/chat").as_bytes()),
+        "404",
+        "/ws",
+        2,
+    );
+    match Client::try_connect(gw.ws_addr(), "/elsewhere") {
         Err(tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 404)
         }
         other => panic!("expected HTTP 404, got {:?}", other.map(|_| "a WebSocket")),
     }
-    wait_for("the tungstenite client's 404 to be counted", || gw.stats().http_rejected == 3);
+    wait_until("the tungstenite client's 404 is counted", PATIENCE, || gw.stats().http_rejected == 3);
 
-    let bad_query = upgrade_request(&gw, "/ws?topic=");
-    assert_http_rejected(&gw, &raw_exchange(&gw, bad_query.as_bytes()), "400", "empty topic", 4);
+    let bad_query = upgrade_request(gw.ws_addr(), "/ws?topic=");
+    assert_http_rejected(&gw, &raw_exchange(gw.ws_addr(), bad_query.as_bytes()), "400", "empty topic", 4);
 
-    let garbage = raw_exchange(&gw, b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n");
+    let garbage = raw_exchange(gw.ws_addr(), b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n");
     assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
-    wait_for("the garbage to be counted", || gw.stats().http_rejected == 5);
+    wait_until("the garbage is counted", PATIENCE, || gw.stats().http_rejected == 5);
 
     assert_eq!(gw.hub().connections(), 1);
     assert_still_served(&gw, &mut bystander);
@@ -406,17 +417,18 @@ fn http_without_upgrade_wrong_path_bad_query_and_garbage_are_refused() {
 
 #[test]
 fn a_backlogged_event_loop_makes_the_node_refuse_broadcasts_until_it_catches_up() {
-    let gw = start(|c| {
+    let gw = start_gateway(|c| {
         c.event_loops = 1;
         c.max_loop_backlog = 8;
     });
     // With this many subscribers each delivery costs the loop a write per connection, so a
     // batch of 64 keeps it busy long enough for the next RPC to find most of it still queued.
     const SUBSCRIBERS: usize = 400;
-    let mut clients: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(&gw, "/ws?topic=busy")).collect();
+    let mut clients: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(gw.ws_addr(), "/ws?topic=busy")).collect();
     wait_connections(&gw, SUBSCRIBERS);
-    let node = node_client(&gw);
-    let batch_from = |first: i32| batch((first..first + 64).map(|seq| message("busy", seq, b"x")).collect());
+    let node = node_client(gw.grpc_addr());
+    let batch_from =
+        |first: i32| batch((first..first + 64).map(|seq| broadcast_request("busy", OP, seq, b"x")).collect());
 
     let mut admitted = 0;
     let status = loop {
@@ -437,7 +449,9 @@ fn a_backlogged_event_loop_makes_the_node_refuse_broadcasts_until_it_catches_up(
     // Once the loop has caught up the node admits broadcasts again; the refused batch was
     // delivered to no one, so every client sees the admitted messages, then this one.
     let last = admitted + 1000;
-    wait_for("the node to admit broadcasts again", || node.broadcast(&message("busy", last, b"x")).is_ok());
+    wait_until("the node admits broadcasts again", PATIENCE, || {
+        node.broadcast(&broadcast_request("busy", OP, last, b"x")).is_ok()
+    });
     let expected: Vec<i64> = (0..admitted).chain([last]).map(i64::from).collect();
     for i in [0, SUBSCRIBERS - 1] {
         let client = &mut clients[i];
@@ -448,9 +462,9 @@ fn a_backlogged_event_loop_makes_the_node_refuse_broadcasts_until_it_catches_up(
 
 #[test]
 fn broadcast_without_proto_is_invalid_argument() {
-    let gw = start(|_| {});
-    let node = node_client(&gw);
-    let mut client = Client::connect(&gw, "/ws");
+    let gw = start_gateway(|_| {});
+    let node = node_client(gw.grpc_addr());
+    let mut client = Client::connect(gw.ws_addr(), "/ws");
     wait_connections(&gw, 1);
 
     let mut no_proto = BroadCastReq::new();
@@ -462,7 +476,7 @@ fn broadcast_without_proto_is_invalid_argument() {
         }
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
     }
-    let half_bad = batch(vec![message("", 1, b"first"), no_proto]);
+    let half_bad = batch(vec![broadcast_request("", OP, 1, b"first"), no_proto]);
     match node.broadcast_batch(&half_bad) {
         Err(grpcio::Error::RpcFailure(status)) => {
             assert_eq!(status.code(), grpcio::RpcStatusCode::INVALID_ARGUMENT);
@@ -471,18 +485,18 @@ fn broadcast_without_proto_is_invalid_argument() {
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
     }
     // Nothing of the refused batch was delivered: the marker comes first.
-    broadcast(&node, "", 2, b"marker");
+    node_broadcast(&node, "", 2, b"marker");
     assert_delivery(&client.next_json(), "", 2, "marker");
     assert_eq!(gw.stats().messages_received, 1);
 }
 
 #[test]
 fn shutdown_flushes_then_closes_every_client_with_1001_and_joins() {
-    let mut gw = start(|c| c.event_loops = 2);
+    let mut gw = start_gateway(|c| c.event_loops = 2);
     let ws_addr = gw.ws_addr();
-    let clients: Vec<Client> = (0..3).map(|_| Client::connect(&gw, "/ws")).collect();
+    let clients: Vec<Client> = (0..3).map(|_| Client::connect(gw.ws_addr(), "/ws")).collect();
     wait_connections(&gw, 3);
-    gw.hub().publish(&message("", 1, b"last words"));
+    gw.hub().publish(&broadcast_request("", OP, 1, b"last words"));
 
     let readers: Vec<_> = clients
         .into_iter()

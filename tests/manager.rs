@@ -1,19 +1,20 @@
-//! push-manager against a real etcd and real grpcio connect-node stand-ins (tests/sink).
+//! push-manager against a real etcd and real grpcio connect-node stand-ins (`testkit::Sink`).
 
-mod sink;
-mod util;
+mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::{ChannelBuilder, EnvBuilder, RpcStatusCode};
+use common::etcd::Etcd;
+use common::grpc::{broadcast, push_client, OP};
+use common::wait_until;
+use grpcio::RpcStatusCode;
 use push_manager::etcd;
 use push_manager::manager::{Config, Manager, NodeStats};
-use push_manager::proto::protocol::{BroadCastReply, BroadCastReq};
+use push_manager::proto::broadcast_request;
+use push_manager::proto::protocol::BroadCastReq;
 use push_manager::proto::protocol_grpc::PushServerClient;
-use sink::Sink;
-use util::{request, wait_until, Etcd};
+use push_manager::testkit::Sink;
 
 const PREFIX: &str = "/test/nodes/";
 
@@ -36,17 +37,17 @@ fn register(etcd: &Etcd, id: &str, addr: &str) {
     etcd.client().put(&format!("{PREFIX}{id}"), addr.as_bytes(), None).unwrap();
 }
 
+/// A recording sink for each of `ids`, registered under its id.
+fn registered_sinks(etcd: &Etcd, ids: &[&str]) -> Vec<Sink> {
+    let sinks: Vec<Sink> = ids.iter().map(|_| Sink::start()).collect();
+    for (id, sink) in ids.iter().zip(&sinks) {
+        register(etcd, id, &sink.addr);
+    }
+    sinks
+}
+
 fn unregister(etcd: &Etcd, id: &str) {
     etcd.client().delete(&format!("{PREFIX}{id}")).unwrap();
-}
-
-fn client(manager: &Manager) -> PushServerClient {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-test").build());
-    PushServerClient::new(ChannelBuilder::new(env).connect(&format!("127.0.0.1:{}", manager.addr().port())))
-}
-
-fn broadcast(client: &PushServerClient, body: &str) -> BroadCastReply {
-    client.broadcast(&request("", body)).expect("broadcast succeeds")
 }
 
 fn node_ids(manager: &Manager) -> BTreeSet<String> {
@@ -73,15 +74,13 @@ fn threads_named(prefix: &str) -> usize {
 #[test]
 fn finds_registered_nodes_and_delivers_one_broadcast_to_each_exactly_once() {
     let etcd = Etcd::start();
-    let sinks = [Sink::start(), Sink::start()];
-    register(&etcd, "a1", &sinks[0].addr);
-    register(&etcd, "a2", &sinks[1].addr);
+    let sinks = registered_sinks(&etcd, &["a1", "a2"]);
     // A value that is no node record is skipped, not fatal.
     register(&etcd, "junk", "not-an-address");
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("both nodes discovered", Duration::from_secs(5), || node_ids(&manager) == ids(&["a1", "a2"]));
 
-    let reply = broadcast(&client(&manager), "hello");
+    let reply = broadcast(&push_client(manager.addr()), "", "hello");
     assert_eq!((reply.get_targeted(), reply.get_accepted()), (2, 2));
     assert!(reply.get_dropped().is_empty());
     for sink in &sinks {
@@ -103,7 +102,7 @@ fn a_node_added_later_is_used_within_a_second_through_the_watch() {
     register(&etcd, "late", &sink.addr);
     wait_until("the new node is used within 1 s", Duration::from_secs(1), || node_ids(&manager) == ids(&["late"]));
     assert!(registered_at.elapsed() < Duration::from_secs(1));
-    broadcast(&client(&manager), "x");
+    broadcast(&push_client(manager.addr()), "", "x");
     wait_until("delivered to the new node", Duration::from_secs(5), || sink.count() == 1);
 }
 
@@ -123,9 +122,7 @@ fn without_the_watch_a_node_is_found_within_one_poll_interval() {
 #[test]
 fn a_deleted_node_is_removed_and_its_threads_joined() {
     let etcd = Etcd::start();
-    let sinks = [Sink::start(), Sink::start()];
-    register(&etcd, "d1", &sinks[0].addr);
-    register(&etcd, "d2", &sinks[1].addr);
+    let sinks = registered_sinks(&etcd, &["d1", "d2"]);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("both discovered", Duration::from_secs(5), || node_ids(&manager).len() == 2);
     assert_eq!(threads_named("node-d1-"), 2, "routine_size workers for d1");
@@ -137,7 +134,7 @@ fn a_deleted_node_is_removed_and_its_threads_joined() {
     wait_until("d1's workers joined", Duration::from_secs(5), || {
         threads_named("node-d1-") == 0 && manager.retiring_nodes().is_empty()
     });
-    let reply = broadcast(&client(&manager), "after");
+    let reply = broadcast(&push_client(manager.addr()), "", "after");
     assert_eq!(reply.get_targeted(), 2);
     assert!(!manager.nodes().iter().any(|n| n.id == "d1"));
 }
@@ -149,13 +146,13 @@ fn an_address_change_moves_traffic_to_the_new_address() {
     register(&etcd, "mover", &old.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
-    let client = client(&manager);
-    broadcast(&client, "one");
+    let client = push_client(manager.addr());
+    broadcast(&client, "", "one");
     wait_until("old address gets it", Duration::from_secs(5), || old.count() == 1);
 
     register(&etcd, "mover", &new.addr);
     wait_until("address replaced", Duration::from_secs(2), || stats(&manager, "mover").addr == new.addr);
-    broadcast(&client, "two");
+    broadcast(&client, "", "two");
     wait_until("new address gets it", Duration::from_secs(5), || new.count() == 1);
     assert_eq!(new.bodies(), vec![b"two".to_vec()]);
     assert_eq!(old.count(), 1, "nothing more went to the old address");
@@ -164,16 +161,13 @@ fn an_address_change_moves_traffic_to_the_new_address() {
 #[test]
 fn ten_thousand_broadcasts_reach_three_nodes_with_matching_counters() {
     let etcd = Etcd::start();
-    let sinks: Vec<Sink> = (0..3).map(|_| Sink::start()).collect();
-    for (i, s) in sinks.iter().enumerate() {
-        register(&etcd, &format!("bulk{i}"), &s.addr);
-    }
+    let sinks = registered_sinks(&etcd, &["bulk0", "bulk1", "bulk2"]);
     let manager = Manager::start(Config { queue_size: 20_000, routine_size: 4, ..config(&etcd) }).unwrap();
     wait_until("three nodes", Duration::from_secs(5), || node_ids(&manager).len() == 3);
-    let client = client(&manager);
+    let client = push_client(manager.addr());
     const N: usize = 10_000;
     for i in 0..N {
-        let reply = broadcast(&client, &i.to_string());
+        let reply = broadcast(&client, "", &i.to_string());
         assert_eq!(reply.get_accepted(), 3, "broadcast {i}: {reply:?}");
     }
     for s in &sinks {
@@ -196,9 +190,9 @@ fn the_benchmarks_counting_sink_counts_batched_messages_exactly() {
     register(&etcd, "counted", &sink.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
-    let client = client(&manager);
+    let client = push_client(manager.addr());
     for i in 0..2_000 {
-        broadcast(&client, &"x".repeat(i % 300));
+        broadcast(&client, "", &"x".repeat(i % 300));
     }
     wait_until("all counted", Duration::from_secs(20), || stats(&manager, "counted").settled());
     assert_eq!(sink.count(), 2_000);
@@ -217,15 +211,15 @@ fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything()
     // Batching stays on so the fast node keeps up however loaded the machine is.
     let manager = Manager::start(Config { queue_size, routine_size: 1, ..config(&etcd) }).unwrap();
     wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
-    let client = client(&manager);
+    let client = push_client(manager.addr());
 
     // One message is held by the slow node's only worker; then its queue fills.
-    broadcast(&client, "first");
+    broadcast(&client, "", "first");
     wait_until("the slow node holds one call", Duration::from_secs(5), || slow.parked() == 1);
     let total = 50;
     let mut named = 0;
     for i in 1..total {
-        let reply = broadcast(&client, &format!("m{i}"));
+        let reply = broadcast(&client, "", &format!("m{i}"));
         if reply.get_dropped() == ["slow".to_string()] {
             named += 1;
             assert_eq!((reply.get_targeted(), reply.get_accepted()), (2, 1));
@@ -254,26 +248,26 @@ fn a_down_node_is_retried_then_counted_failed_and_resumes_when_back() {
     register(&etcd, "up", &up.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
-    let client = client(&manager);
-    broadcast(&client, "before");
+    let client = push_client(manager.addr());
+    broadcast(&client, "", "before");
     wait_until("both up at first", Duration::from_secs(5), || down.count() == 1 && up.count() == 1);
 
     down.stop();
     for i in 0..5 {
-        broadcast(&client, &format!("while-down-{i}"));
+        broadcast(&client, "", &format!("while-down-{i}"));
     }
     wait_until("failures counted after retries", Duration::from_secs(20), || stats(&manager, "down").failed == 5);
     let s = stats(&manager, "down");
     // Messages may share RPCs; every RPC that failed used all 3 attempts (2 of them retries).
     let attempts_that_failed = s.rpcs - 1;
-    assert!(attempts_that_failed >= 3 && attempts_that_failed % 3 == 0, "{s:?}");
+    assert!(attempts_that_failed >= 3 && attempts_that_failed.is_multiple_of(3), "{s:?}");
     assert_eq!(s.retried, attempts_that_failed / 3 * 2, "each failed RPC was retried first: {s:?}");
     assert!(s.settled(), "{s:?}");
     wait_until("the other node got everything", Duration::from_secs(5), || up.count() == 6);
 
     let back = Sink::start_on(&down_addr);
     wait_until("delivery resumes", Duration::from_secs(20), || {
-        broadcast(&client, "again");
+        broadcast(&client, "", "again");
         back.count() > 0
     });
     assert!(back.bodies().iter().all(|b| b == b"again"));
@@ -286,12 +280,12 @@ fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
     register(&etcd, "steady", &sink.addr);
     let manager = Manager::start(Config { poll_interval: Duration::from_millis(300), ..config(&etcd) }).unwrap();
     wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
-    let client = client(&manager);
+    let client = push_client(manager.addr());
 
     etcd.kill();
     wait_until("etcd seen down", Duration::from_secs(10), || !manager.etcd_reachable());
     for i in 0..10 {
-        assert_eq!(broadcast(&client, &format!("during-{i}")).get_accepted(), 1);
+        assert_eq!(broadcast(&client, "", &format!("during-{i}")).get_accepted(), 1);
     }
     wait_until("delivered during the outage", Duration::from_secs(5), || sink.count() == 10);
 
@@ -300,7 +294,7 @@ fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
     register(&etcd, "newcomer", &newcomer.addr);
     wait_until("discovery resumes", Duration::from_secs(10), || node_ids(&manager) == ids(&["steady", "newcomer"]));
     assert!(manager.etcd_reachable());
-    broadcast(&client, "after");
+    broadcast(&client, "", "after");
     wait_until("the newcomer gets traffic", Duration::from_secs(5), || newcomer.count() == 1);
 }
 
@@ -320,18 +314,33 @@ fn bad_requests_get_invalid_argument_and_the_server_keeps_serving() {
     let etcd = Etcd::start();
     let sink = Sink::start();
     let manager = Manager::start(Config { max_message_bytes: 1024, ..config(&etcd) }).unwrap();
-    let client = client(&manager);
+    let client = push_client(manager.addr());
     wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
-    assert_refused(&client, &request("", "x"), RpcStatusCode::UNAVAILABLE, "no connect-node is registered");
+    assert_refused(
+        &client,
+        &broadcast_request("", OP, 0, "x"),
+        RpcStatusCode::UNAVAILABLE,
+        "no connect-node is registered",
+    );
 
     register(&etcd, "n", &sink.addr);
     wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
     assert_refused(&client, &BroadCastReq::new(), RpcStatusCode::INVALID_ARGUMENT, "proto is required");
-    assert_refused(&client, &request("", &"b".repeat(1025)), RpcStatusCode::INVALID_ARGUMENT, "--max-message-bytes");
-    assert_refused(&client, &request(&"t".repeat(129), "x"), RpcStatusCode::INVALID_ARGUMENT, "longer than 128 bytes");
-    assert_refused(&client, &request("has space", "x"), RpcStatusCode::INVALID_ARGUMENT, "whitespace");
+    assert_refused(
+        &client,
+        &broadcast_request("", OP, 0, "b".repeat(1025)),
+        RpcStatusCode::INVALID_ARGUMENT,
+        "--max-message-bytes",
+    );
+    assert_refused(
+        &client,
+        &broadcast_request(&"t".repeat(129), OP, 0, "x"),
+        RpcStatusCode::INVALID_ARGUMENT,
+        "longer than 128 bytes",
+    );
+    assert_refused(&client, &broadcast_request("has space", OP, 0, "x"), RpcStatusCode::INVALID_ARGUMENT, "whitespace");
 
-    assert_eq!(broadcast(&client, "still fine").get_accepted(), 1);
+    assert_eq!(broadcast(&client, "", "still fine").get_accepted(), 1);
     wait_until("the good one is delivered", Duration::from_secs(5), || sink.count() == 1);
     assert_eq!(stats(&manager, "n").enqueued, 1, "no refused request was queued");
 }

@@ -1,38 +1,26 @@
 //! The real `push-manager serve` binary: start-up, bad flags, and a clean SIGTERM drain.
 
-mod sink;
-mod util;
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sink::Sink;
-use util::{spawn_serve, wait_until, Etcd};
+use common::etcd::Etcd;
+use common::{free_addr, wait_until, BIN};
+use push_manager::testkit::{signal, spawn_serve, wait_exit, Sink};
 
-const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
 const PREFIX: &str = "/proc-test/nodes/";
 
 /// Starts `serve` (logging warnings) and returns it with the address it printed.
 fn serve(etcd: &Etcd, extra: &[&str]) -> (Child, String) {
     let mut args = vec!["--log-level", "warn"];
     args.extend(extra);
-    spawn_serve(&etcd.endpoint(), PREFIX, &args, Stdio::inherit())
+    spawn_serve(BIN, &etcd.endpoint(), PREFIX, &args, Stdio::inherit())
 }
 
 fn send(server: &str, body: &str) -> Output {
     Command::new(BIN).args(["send", "--server", server, "--timeout", "2s", body]).output().unwrap()
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "process still running after {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -52,7 +40,7 @@ fn sigterm_drains_queued_messages_then_exits_zero() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("accepted by 1"), "{out:?}");
     }
     assert!(sink.count() < probes + n, "messages are still queued when the signal is sent");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     let got: Vec<_> = sink.bodies().into_iter().filter(|b| b.starts_with(b"queued-")).collect();
@@ -67,20 +55,20 @@ fn send_reports_an_error_status_and_exits_non_zero() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no connect-node is registered"), "{stderr}");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
 #[test]
 fn with_etcd_unreachable_send_is_told_so() {
-    let dead = util::free_addr();
+    let dead = free_addr();
     let (mut child, addr) =
-        spawn_serve(&dead, PREFIX, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
+        spawn_serve(BIN, &dead, PREFIX, &["--etcd-timeout", "200ms", "--log-level", "error"], Stdio::inherit());
     wait_until("the first listing has failed", Duration::from_secs(10), || {
         let out = send(&addr, "anyone?");
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&format!("etcd ({dead}) is unreachable"))
     });
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
@@ -89,8 +77,13 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
     let etcd = Etcd::start();
     let sink = Sink::start();
     etcd.client().put(&format!("{PREFIX}counted"), sink.addr.as_bytes(), None).unwrap();
-    let (mut child, addr) =
-        spawn_serve(&etcd.endpoint(), PREFIX, &["--stats-interval", "100ms", "--log-level", "info"], Stdio::piped());
+    let (mut child, addr) = spawn_serve(
+        BIN,
+        &etcd.endpoint(),
+        PREFIX,
+        &["--stats-interval", "100ms", "--log-level", "info"],
+        Stdio::piped(),
+    );
     let (lines_tx, lines) = crossbeam_channel::unbounded();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));
@@ -106,7 +99,7 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
         }
     };
     assert!(logged.contains("failed 0"), "{logged}");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     reader.join().unwrap();
 }

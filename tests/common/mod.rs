@@ -1,0 +1,26 @@
+//! What the integration tests share: a real etcd per test, in-process gateways, gRPC and
+//! WebSocket clients, and the binary's path. Waiting is [`wait_until`] (a condition polled with
+//! a deadline, never a sleep); the stand-ins and child processes shared with the benchmarks live
+//! in `push_manager::testkit`. Each test binary uses a part of this, hence `dead_code`.
+#![allow(dead_code)]
+
+pub mod etcd;
+pub mod gateway;
+pub mod grpc;
+pub mod ws;
+
+use std::time::Duration;
+
+use push_manager::testkit::free_port;
+pub use push_manager::testkit::wait_until;
+
+/// The `push-manager` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
+
+/// How long any single expected event may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// `127.0.0.1:<free port>`: an address nothing listens on.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}

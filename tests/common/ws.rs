@@ -1,0 +1,124 @@
+//! Real WebSocket clients of a connect-node: tungstenite over blocking sockets whose reads time
+//! out after [`PATIENCE`], and raw HTTP for what a WebSocket client would never send.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use serde_json::Value;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
+
+use super::PATIENCE;
+
+/// A WebSocket client over a blocking socket; every read times out after [`PATIENCE`].
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    /// Connects to `ws://<addr><path_and_query>` (e.g. `/ws?topic=a`), panicking if the upgrade
+    /// fails.
+    #[track_caller]
+    pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
+        Client::try_connect(addr, path_and_query).unwrap_or_else(|e| panic!("connecting to {path_and_query}: {e}"))
+    }
+
+    /// [`Client::connect`], handing back a refused upgrade (an HTTP error status, say).
+    pub fn try_connect(addr: SocketAddr, path_and_query: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(addr).expect("TCP connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_write_timeout(Some(PATIENCE)).unwrap();
+        let url = format!("ws://{addr}{path_and_query}");
+        // Small buffers: the load test opens 10,000 of these.
+        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        match tungstenite::client::client_with_config(url.as_str(), stream, Some(config)) {
+            Ok((ws, _response)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("blocking sockets do not interrupt"),
+        }
+    }
+
+    /// Connects and subscribes to `topics` with a command, waiting for the ack.
+    #[track_caller]
+    pub fn subscribed(addr: SocketAddr, topics: &[&str]) -> Client {
+        let mut client = Client::connect(addr, "/ws");
+        let ack = client.command("subscribe", topics);
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        client
+    }
+
+    /// Sends a subscribe/unsubscribe command and returns the ack.
+    #[track_caller]
+    pub fn command(&mut self, action: &str, topics: &[&str]) -> Value {
+        let command = serde_json::json!({ "action": action, "topics": topics });
+        self.send_text(&command.to_string());
+        self.next_json()
+    }
+
+    /// Sends `text` as a text frame.
+    #[track_caller]
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).expect("send a text frame");
+    }
+
+    /// The next text frame as JSON, skipping pings and pongs.
+    #[track_caller]
+    pub fn next_json(&mut self) -> Value {
+        match self.next_message() {
+            Message::Text(text) => serde_json::from_str(text.as_str()).expect("the gateway sends JSON"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next data or close message (pings and pongs are answered and skipped).
+    #[track_caller]
+    pub fn next_message(&mut self) -> Message {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(message) => return message,
+                Err(e) => panic!("reading from the gateway: {e}"),
+            }
+        }
+    }
+
+    /// Reads until the close frame, skipping any deliveries before it; returns code and reason.
+    #[track_caller]
+    pub fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.next_message() {
+                Message::Close(Some(frame)) => return (u16::from(frame.code), frame.reason.to_string()),
+                Message::Close(None) => panic!("close frame without a code"),
+                Message::Text(_) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// Sends raw bytes on a new TCP connection to `addr` and returns everything the gateway answers
+/// until it closes the connection.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("TCP connect");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(request).expect("send the request");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("reading the answer to a raw request: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A valid upgrade request for `path` on `addr`.
+pub fn upgrade_request(addr: SocketAddr, path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
