@@ -18,39 +18,32 @@
 //! plus system time): deliveries per CPU-second is what push-manager would deliver per core of
 //! its own, the figure that sizes a deployment.
 //!
-//! Then p50/p99 from Broadcast to arrival at a fixed moderate rate. Each figure is the median of
-//! REPS runs. Real etcd, loopback.
+//! Each figure is the median of REPS runs. Real etcd, loopback. Latency is
+//! `benches/fanout_latency.rs`'s question.
 //!
 //! `cargo bench --bench fanout`; environment: FANOUT_SECS (run length, default 2), FANOUT_REPS
 //! (default 3), FANOUT_NODES (e.g. `4` or `1,16`), FANOUT_IN_FLIGHT (e.g. `32` or `8,128`),
 //! FANOUT_CLIENTS (load-generator threads, default 1).
 
-#[path = "../tests/sink/mod.rs"]
-mod sink;
-#[path = "../tests/util/mod.rs"]
-mod util;
+mod support;
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use grpcio::{ChannelBuilder, EnvBuilder, Environment};
-use push_manager::proto::protocol::{BroadCastReq, Proto};
+use grpcio::{ChannelBuilder, Environment};
 use push_manager::proto::protocol_grpc::{ConnectNodeClient, PushServerClient};
-use sink::Sink;
-use util::{spawn_serve, wait_until, Etcd};
+use push_manager::testkit::{wait_until, LocalEtcd, Sink};
+use support::{env_or, grpc_env, median, register, request, start_etcd, Serve, BODY_BYTES};
 
-const BODY_BYTES: usize = 256;
 const NODE_COUNTS: [usize; 3] = [1, 4, 16];
 /// Calls each load-generator thread keeps in flight, from light to past saturation for every path.
 const IN_FLIGHT: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
-const LATENCY_RATE: u64 = 1000;
 
 /// Load-generator threads, and the calls each keeps in flight.
 #[derive(Clone, Copy)]
@@ -59,30 +52,12 @@ struct Load {
     in_flight: usize,
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// A comma-separated list of numbers from the environment, or `default`.
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
     match std::env::var(name) {
         Ok(list) => list.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
         Err(_) => default.to_vec(),
     }
-}
-
-fn request(body: Vec<u8>) -> BroadCastReq {
-    let mut proto = Proto::new();
-    proto.set_op(1000);
-    proto.set_body(body);
-    let mut req = BroadCastReq::new();
-    req.set_proto(proto);
-    req
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 struct Run {
@@ -290,44 +265,6 @@ fn direct(load: Load, env: &Arc<Environment>, sinks: &[Sink], secs: Duration) ->
     }
 }
 
-/// `push-manager serve` in a process of its own, so its CPU time can be told from the load
-/// generator's and the sinks'. Stopped with SIGTERM (a clean drain) on drop.
-struct Serve {
-    child: Child,
-    addr: String,
-}
-
-impl Serve {
-    /// Starts it and waits until a broadcast reaches all `nodes`.
-    fn start(etcd: &Etcd, env: &Arc<Environment>, prefix: &str, nodes: usize, batch_max: usize) -> Serve {
-        let flags = ["--batch-max", &batch_max.to_string(), "--log-level", "error"];
-        let (child, addr) = spawn_serve(&etcd.endpoint(), prefix, &flags, Stdio::inherit());
-        let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(&addr));
-        let probe = request(vec![b'x'; BODY_BYTES]);
-        wait_until("nodes discovered", Duration::from_secs(10), || {
-            client.broadcast(&probe).is_ok_and(|reply| reply.get_targeted() as usize == nodes)
-        });
-        Serve { child, addr }
-    }
-
-    /// User plus system CPU time the process has used so far.
-    fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc/<pid>/stat");
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let fields: Vec<u64> =
-            stat.rsplit_once(')').expect("stat format").1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-        let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Duration::from_secs_f64((fields[11] + fields[12]) as f64 / ticks_per_s)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
 const HEADER: [&str; 10] = [
     "nodes",
     "path",
@@ -357,12 +294,17 @@ fn print_point(nodes: usize, path: &str, p: &Point, direct: &Point) {
 }
 
 /// Every path at every load for one node count, printed as it goes.
-fn measure(nodes: usize, loads: &[Load], secs: Duration, reps: usize, etcd: &Etcd, env: &Arc<Environment>) -> Paths {
+fn measure(
+    nodes: usize,
+    loads: &[Load],
+    secs: Duration,
+    reps: usize,
+    etcd: &LocalEtcd,
+    env: &Arc<Environment>,
+) -> Paths {
     let prefix = format!("/bench/{nodes}/");
     let sinks: Vec<Sink> = (0..nodes).map(|_| Sink::counting()).collect();
-    for (i, s) in sinks.iter().enumerate() {
-        etcd.client().put(&format!("{prefix}n{i}"), s.addr.as_bytes(), None).unwrap();
-    }
+    register(etcd, &prefix, &sinks);
     let direct = Curve {
         points: loads
             .iter()
@@ -399,8 +341,8 @@ fn main() {
     let loads: Vec<Load> =
         env_list("FANOUT_IN_FLIGHT", &IN_FLIGHT).into_iter().map(|in_flight| Load { threads, in_flight }).collect();
     let node_counts = env_list("FANOUT_NODES", &NODE_COUNTS);
-    let etcd = Etcd::start();
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build());
+    let etcd = start_etcd();
+    let env = grpc_env();
     println!(
         "fanout: {threads} load-generator thread(s), {BODY_BYTES}-byte bodies, {secs:?} per run, median of {reps} runs \
          (about {} s)",
@@ -411,7 +353,6 @@ fn main() {
     let results: Vec<(usize, Paths)> =
         node_counts.iter().map(|&n| (n, measure(n, &loads, secs, reps, &etcd, &env))).collect();
     summarize(&results);
-    latency(&etcd, &env, reps);
 }
 
 /// Each path's best load by deliveries/s and by deliveries per push-manager CPU-second, then
@@ -451,59 +392,4 @@ fn summarize(results: &[(usize, Paths)]) {
             paths.same_load_ratio(heaviest),
         );
     }
-}
-
-/// Starts the body of a latency probe, followed by when it was sent (nanoseconds since `base`,
-/// little-endian); anything else a sink received (the discovery probe) is not one.
-const LATENCY_MARK: &[u8; 8] = b"latency:";
-
-/// Broadcast-to-arrival times, in microseconds, of the latency probes sent `since`.
-fn latencies(sinks: &[Sink], base: Instant, since: Duration) -> Vec<f64> {
-    sinks
-        .iter()
-        .flat_map(Sink::arrivals)
-        .filter_map(|(at, body)| {
-            let sent = body.strip_prefix(LATENCY_MARK)?.get(..8)?;
-            let sent = Duration::from_nanos(u64::from_le_bytes(sent.try_into().ok()?));
-            (sent >= since).then(|| (at.duration_since(base) - sent).as_secs_f64() * 1e6)
-        })
-        .collect()
-}
-
-/// p50/p99 from Broadcast to arrival at a sink, 4 nodes, default batching, LATENCY_RATE/s.
-fn latency(etcd: &Etcd, env: &Arc<Environment>, reps: usize) {
-    let nodes = 4;
-    let prefix = "/bench/latency/";
-    let sinks: Vec<Sink> = (0..nodes).map(|_| Sink::start()).collect();
-    for (i, s) in sinks.iter().enumerate() {
-        etcd.client().put(&format!("{prefix}n{i}"), s.addr.as_bytes(), None).unwrap();
-    }
-    let serve = Serve::start(etcd, env, prefix, nodes, 64);
-    let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(&serve.addr));
-    let base = Instant::now();
-    let count = LATENCY_RATE * 2;
-    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
-        let since = base.elapsed();
-        let start = Instant::now();
-        for i in 0..count {
-            let due = start + Duration::from_micros(i * 1_000_000 / LATENCY_RATE);
-            thread::sleep(due.saturating_duration_since(Instant::now()));
-            let mut body = LATENCY_MARK.to_vec();
-            body.extend((base.elapsed().as_nanos() as u64).to_le_bytes());
-            body.resize(BODY_BYTES, b'x');
-            client.broadcast(&request(body)).expect("broadcast");
-        }
-        let expected = count as usize * nodes;
-        wait_until("all arrive", Duration::from_secs(30), || latencies(&sinks, base, since).len() >= expected);
-        let mut micros = latencies(&sinks, base, since);
-        micros.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        p50s.push(micros[micros.len() / 2]);
-        p99s.push(micros[micros.len() * 99 / 100]);
-    }
-    println!(
-        "latency, {nodes} nodes, {LATENCY_RATE} broadcasts/s, Broadcast -> arrival: p50 {:.0} us, p99 {:.0} us",
-        median(p50s),
-        median(p99s)
-    );
 }

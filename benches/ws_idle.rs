@@ -8,16 +8,18 @@
 //!
 //! `cargo bench --bench ws_idle`; it stops by itself.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::{ChannelBuilder, EnvBuilder};
+use grpcio::ChannelBuilder;
 use push_manager::gateway::{raise_nofile_limit, Config, Gateway};
-use push_manager::proto::protocol::{BroadCastReq, Proto};
+use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol_grpc::ConnectNodeClient;
+use support::{env_or, grpc_env, vm_rss_kib};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
@@ -56,10 +58,7 @@ fn run_gateway() {
 type Error = Box<dyn std::error::Error>;
 
 fn run_clients() -> Result<(), Error> {
-    let wanted: usize = match std::env::var("WS_IDLE_CONNECTIONS") {
-        Ok(n) => n.parse().map_err(|e| format!("WS_IDLE_CONNECTIONS={n:?}: {e}"))?,
-        Err(_) => 10_000,
-    };
+    let wanted = env_or("WS_IDLE_CONNECTIONS", 10_000) as usize;
     let limit = raise_nofile_limit()? as usize;
     if wanted + 64 > limit {
         return Err(format!("{wanted} connections need more than this process's open-files limit ({limit})").into());
@@ -103,13 +102,11 @@ fn measure(child: &mut Child, wanted: usize, started: Instant) -> Result<(), Err
     let rss_idle = vm_rss_kib(pid)?;
 
     // One broadcast must reach every connection; retry while the last handshakes settle.
-    let node = ConnectNodeClient::new(
-        ChannelBuilder::new(Arc::new(EnvBuilder::new().cq_count(1).build())).connect(&grpc_addr.to_string()),
-    );
+    let node = ConnectNodeClient::new(ChannelBuilder::new(grpc_env()).connect(&grpc_addr.to_string()));
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let reply = node.broadcast(&broadcast(attempt))?;
+        let reply = node.broadcast(&broadcast_request(TOPIC, 1000, attempt, "are you there?"))?;
         if reply.delivered == wanted as u64 {
             break;
         }
@@ -153,18 +150,6 @@ fn connect(addr: SocketAddr) -> Result<WebSocket<TcpStream>, Error> {
     Ok(ws)
 }
 
-fn broadcast(seq: i32) -> BroadCastReq {
-    let mut proto = Proto::new();
-    proto.set_ver(1);
-    proto.set_op(1000);
-    proto.set_seq(seq);
-    proto.set_body(b"are you there?".to_vec());
-    let mut msg = BroadCastReq::new();
-    msg.set_topic(TOPIC.into());
-    msg.set_proto(proto);
-    msg
-}
-
 /// Reads deliveries until the one with `seq` (earlier attempts may have reached this client).
 fn read_until_seq(client: &mut WebSocket<TcpStream>, seq: i32) -> Result<(), Error> {
     loop {
@@ -179,12 +164,4 @@ fn read_until_seq(client: &mut WebSocket<TcpStream>, seq: i32) -> Result<(), Err
             other => return Err(format!("unexpected {other:?}").into()),
         }
     }
-}
-
-/// The child's resident set size, from /proc.
-fn vm_rss_kib(pid: u32) -> Result<u64, Error> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS line")?;
-    let kib = line.split_whitespace().nth(1).ok_or("empty VmRSS line")?;
-    Ok(kib.parse()?)
 }

@@ -1,0 +1,113 @@
+//! What the benchmark programs share: the real `push-manager serve` in a process of its own,
+//! sinks registered in a real etcd, the broadcast they send, settings from the environment, and
+//! what `/proc` says about a child process. Each program uses a part of this, hence `dead_code`.
+#![allow(dead_code)]
+
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpcio::{ChannelBuilder, EnvBuilder, Environment};
+use push_manager::proto::broadcast_request;
+use push_manager::proto::protocol::BroadCastReq;
+use push_manager::proto::protocol_grpc::PushServerClient;
+use push_manager::testkit::{signal, spawn_serve, wait_until, LocalEtcd, Sink};
+
+/// The `push-manager` binary cargo built for these benchmarks.
+pub const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
+/// The size of every broadcast's body.
+pub const BODY_BYTES: usize = 256;
+
+/// The number in environment variable `name`, or `default` when it is unset.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|e| panic!("{name}={v:?}: {e}")),
+        Err(_) => default,
+    }
+}
+
+/// The median of `v` (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// One gRPC environment with one completion-queue thread for all of a program's clients.
+pub fn grpc_env() -> Arc<Environment> {
+    Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build())
+}
+
+/// A real etcd of the program's own, killed and deleted on drop.
+pub fn start_etcd() -> LocalEtcd {
+    LocalEtcd::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Registers each of `sinks` in `etcd` under `prefix`, as node `n<i>`.
+pub fn register(etcd: &LocalEtcd, prefix: &str, sinks: &[Sink]) {
+    for (i, s) in sinks.iter().enumerate() {
+        etcd.client().put(&format!("{prefix}n{i}"), s.addr.as_bytes(), None).unwrap();
+    }
+}
+
+/// A broadcast of `body` to every user, as business servers send them.
+pub fn request(body: Vec<u8>) -> BroadCastReq {
+    broadcast_request("", 1000, 0, body)
+}
+
+/// `push-manager serve` in a process of its own, so its CPU time can be told from the load
+/// generator's and the sinks'. Stopped with SIGTERM (a clean drain) on drop.
+pub struct Serve {
+    child: Child,
+    pub addr: String,
+}
+
+impl Serve {
+    /// Starts it and waits until a broadcast reaches all `nodes`.
+    pub fn start(etcd: &LocalEtcd, env: &Arc<Environment>, prefix: &str, nodes: usize, batch_max: usize) -> Serve {
+        let flags = ["--batch-max", &batch_max.to_string(), "--log-level", "error"];
+        let (child, addr) = spawn_serve(BIN, &etcd.endpoint(), prefix, &flags, Stdio::inherit());
+        let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(&addr));
+        let probe = request(vec![b'x'; BODY_BYTES]);
+        wait_until("nodes discovered", Duration::from_secs(10), || {
+            client.broadcast(&probe).is_ok_and(|reply| reply.get_targeted() as usize == nodes)
+        });
+        Serve { child, addr }
+    }
+
+    /// User plus system CPU time the process has used so far.
+    pub fn cpu(&self) -> Duration {
+        cpu_time(self.child.id()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        signal(&self.child, libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// User plus system CPU time process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Result<Duration, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .ok_or("unexpected /proc/<pid>/stat format")?
+        .1
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf reads a configuration value; it takes an integer and touches no memory of ours.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(Duration::from_secs_f64((fields[11] + fields[12]) as f64 / ticks_per_s))
+}
+
+/// Resident set size of process `pid` in KiB, from `/proc/<pid>/status`.
+pub fn vm_rss_kib(pid: u32) -> Result<u64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS line")?;
+    let kib = line.split_whitespace().nth(1).ok_or("empty VmRSS line")?;
+    kib.parse().map_err(|e| format!("VmRSS {kib:?}: {e}"))
+}
