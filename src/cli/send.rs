@@ -2,7 +2,6 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
@@ -27,7 +26,7 @@ pub struct SendArgs {
     pub seq: i32,
     /// Deadline of the call.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    pub timeout: humantime::Duration,
     /// The message body; read from standard input when absent.
     pub body: Option<String>,
 }
@@ -56,7 +55,7 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
     let client = PushServerClient::new(ChannelBuilder::new(env).connect(&args.server));
     let reply = client
-        .broadcast_opt(&req, CallOption::default().timeout(args.timeout))
+        .broadcast_opt(&req, CallOption::default().timeout(args.timeout.into()))
         .map_err(|e| SendError::Rpc(describe(&args.server, e)))?;
     let dropped = reply.get_dropped();
     println!(
