@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::gateway::{start_gateway, wait_connections};
-use common::grpc::{batch, node_broadcast, node_client, OP};
+use common::grpc::{batch, batches_until_refused, node_broadcast, node_client, OP};
 use common::ws::{raw_exchange, upgrade_request, Client};
 use common::{wait_until, PATIENCE};
 use push_manager::gateway::Gateway;
@@ -427,21 +427,7 @@ fn a_backlogged_event_loop_makes_the_node_refuse_broadcasts_until_it_catches_up(
     let mut clients: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(gw.ws_addr(), "/ws?topic=busy")).collect();
     wait_connections(&gw, SUBSCRIBERS);
     let node = node_client(gw.grpc_addr());
-    let batch_from =
-        |first: i32| batch((first..first + 64).map(|seq| broadcast_request("busy", OP, seq, b"x")).collect());
-
-    let mut admitted = 0;
-    let status = loop {
-        match node.broadcast_batch(&batch_from(admitted)) {
-            Ok(reply) => {
-                assert_eq!(reply.get_received(), 64);
-                admitted += 64;
-                assert!(admitted < 64 * 20, "twenty batches in a row were admitted: the backlog is not bounded");
-            }
-            Err(grpcio::Error::RpcFailure(status)) => break status,
-            Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
-        }
-    };
+    let (admitted, status) = batches_until_refused(&node, 64, |seq| broadcast_request("busy", OP, seq, b"x"));
     assert_eq!(status.code(), grpcio::RpcStatusCode::RESOURCE_EXHAUSTED);
     assert!(status.message().contains("--max-loop-backlog"), "{}", status.message());
     assert!(gw.stats().refused_busy >= 1);

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use grpcio::{Channel, ChannelBuilder, EnvBuilder};
+use grpcio::{Channel, ChannelBuilder, EnvBuilder, RpcStatus};
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, BroadcastBatch, NodeReply};
 use push_manager::proto::protocol_grpc::{ConnectNodeClient, PushServerClient};
@@ -44,4 +44,28 @@ pub fn batch(messages: Vec<BroadCastReq>) -> BroadcastBatch {
     let mut batch = BroadcastBatch::new();
     batch.set_messages(messages.into());
     batch
+}
+
+/// Sends batches of `len` messages (`message(seq)`, `seq` counting up from 0) until the node
+/// refuses one; returns how many messages it admitted before, and the refusal. Fails the test if
+/// a batch is admitted short, if twenty in a row are admitted (nothing bounds what the node
+/// takes in), or if a call fails other than with a status.
+#[track_caller]
+pub fn batches_until_refused(
+    node: &ConnectNodeClient,
+    len: i32,
+    message: impl Fn(i32) -> BroadCastReq,
+) -> (i32, RpcStatus) {
+    let mut admitted = 0;
+    loop {
+        match node.broadcast_batch(&batch((admitted..admitted + len).map(&message).collect())) {
+            Ok(reply) => {
+                assert_eq!(reply.get_received(), len as u32);
+                admitted += len;
+                assert!(admitted < len * 20, "twenty batches in a row were admitted: the backlog is not bounded");
+            }
+            Err(grpcio::Error::RpcFailure(status)) => return (admitted, status),
+            Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
+        }
+    }
 }
