@@ -188,7 +188,7 @@ fn node_refuses_bad_flags_with_a_clear_message() {
         (&["--node-id", "a/b"], "--node-id"),
         (&["--advertise", "nonsense"], "--advertise"),
         (&["--ws-listen", "127.0.0.1:notaport"], "127.0.0.1:notaport"),
-        (&["--max-loop-backlog", "0"], "max_loop_backlog"),
+        (&["--max-loop-backlog", "0"], "--max-loop-backlog"),
     ];
     for (args, needle) in cases {
         let mut argv: Vec<String> =
