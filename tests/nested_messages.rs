@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::{
-    CallOption, Channel, ChannelBuilder, EnvBuilder, Marshaller, Method, MethodType, RpcStatusCode,
-};
+use grpcio::{CallOption, Channel, ChannelBuilder, EnvBuilder, Marshaller, Method, MethodType, RpcStatusCode};
 use push_manager::gateway::{self, Gateway};
 use push_manager::manager::{self, Manager};
 use push_manager::proto::protocol::{BroadCastReply, NodeReply};
@@ -17,6 +15,8 @@ use push_manager::testkit::free_port;
 /// thread's stack if each level were a recursive call.
 const DEPTH: usize = 200_000;
 
+// `&Vec`, not a slice: grpcio's `Marshaller::ser` takes `&T` of the request type.
+#[allow(clippy::ptr_arg)]
 fn ser_raw(bytes: &Vec<u8>, buf: &mut grpcio::GrpcSlice) -> grpcio::Result<()> {
     *buf = grpcio::GrpcSlice::from(bytes.clone());
     Ok(())
@@ -69,7 +69,11 @@ fn channel(addr: &str) -> Channel {
 /// Sends `payload` raw and returns the status it got: the call must be answered (with a reply or
 /// an error status), not break the connection or the server.
 #[track_caller]
-fn call_raw<R: protobuf::Message + Unpin>(channel: &Channel, method: &Method<Vec<u8>, R>, payload: &[u8]) -> RpcStatusCode {
+fn call_raw<R: protobuf::Message + Unpin>(
+    channel: &Channel,
+    method: &Method<Vec<u8>, R>,
+    payload: &[u8],
+) -> RpcStatusCode {
     let client = grpcio::Client::new(channel.clone());
     let opt = CallOption::default().timeout(Duration::from_secs(10));
     match client.unary_call(method, &payload.to_vec(), opt) {
