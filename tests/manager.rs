@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::grpc::{broadcast, push_client, OP};
-use common::wait_until;
+use common::{free_addr, wait_until};
 use grpcio::RpcStatusCode;
 use push_manager::etcd;
 use push_manager::manager::{Config, Manager, NodeStats};
@@ -125,14 +125,15 @@ fn a_deleted_node_is_removed_and_its_threads_joined() {
     let sinks = registered_sinks(&etcd, &["d1", "d2"]);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("both discovered", Duration::from_secs(5), || node_ids(&manager).len() == 2);
-    assert_eq!(threads_named("node-d1-"), 2, "routine_size workers for d1");
+    let d1_workers = format!("n{}-w", stats(&manager, "d1").number);
+    assert_eq!(threads_named(&d1_workers), 2, "routine_size workers for d1");
 
     unregister(&etcd, "d1");
     wait_until("d1 removed", Duration::from_secs(2), || node_ids(&manager) == ids(&["d2"]));
     // Retired nodes are joined on the next listing; the watch event of any change triggers one.
     register(&etcd, "d3", &sinks[0].addr);
     wait_until("d1's workers joined", Duration::from_secs(5), || {
-        threads_named("node-d1-") == 0 && manager.retiring_nodes().is_empty()
+        threads_named(&d1_workers) == 0 && manager.retiring_nodes().is_empty()
     });
     let reply = broadcast(&push_client(manager.addr()), "", "after");
     assert_eq!(reply.get_targeted(), 2);
@@ -352,4 +353,125 @@ fn invalid_configuration_is_refused_before_anything_starts() {
     assert!(err.to_string().contains("--routine-size"), "{err}");
     let err = Manager::start(Config { listen: "127.0.0.1:notaport".into(), ..config(&etcd) }).err().expect("refused");
     assert!(err.to_string().contains("127.0.0.1:notaport"), "{err}");
+}
+
+// ---- etcd records are untrusted input (issue #9) ----------------------------------------------
+
+#[test]
+fn a_key_with_a_nul_byte_is_skipped_and_discovery_keeps_working() {
+    let etcd = Etcd::start();
+    let sink = Sink::start();
+    let bad_key = format!("{PREFIX}evil\0id");
+    etcd.client().put(&bad_key, sink.addr.as_bytes(), None).unwrap();
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("the first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    assert!(node_ids(&manager).is_empty(), "the NUL id must be skipped: {:?}", node_ids(&manager));
+
+    // Discovery is alive: a node registered afterwards is found and served.
+    let good = Sink::start();
+    register(&etcd, "good", &good.addr);
+    wait_until("the good node is discovered", Duration::from_secs(5), || node_ids(&manager) == ids(&["good"]));
+    assert!(manager.discovery_running());
+    broadcast(&push_client(manager.addr()), "", "hello");
+    wait_until("the good node gets it", Duration::from_secs(5), || good.count() == 1);
+    assert_eq!(sink.count(), 0);
+}
+
+#[test]
+fn a_nested_key_cannot_take_over_another_nodes_traffic() {
+    let etcd = Etcd::start();
+    let (real, intruder) = (Sink::start(), Sink::start());
+    register(&etcd, "na", &real.addr);
+    register(&etcd, "anything/na", &intruder.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || manager.listings() >= 1 && !node_ids(&manager).is_empty());
+    assert_eq!(stats(&manager, "na").addr, real.addr);
+    assert_eq!(manager.nodes().len(), 1);
+    broadcast(&push_client(manager.addr()), "", "for na");
+    wait_until("the real na gets it", Duration::from_secs(5), || real.count() == 1);
+    assert_eq!(intruder.count(), 0);
+}
+
+#[test]
+fn two_ids_at_one_address_get_each_message_once() {
+    let etcd = Etcd::start();
+    let sink = Sink::start();
+    register(&etcd, "a", &sink.addr);
+    register(&etcd, "b", &sink.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || manager.listings() >= 1 && !node_ids(&manager).is_empty());
+    assert_eq!(node_ids(&manager), ids(&["a"]), "the first id keeps the address");
+    let reply = broadcast(&push_client(manager.addr()), "", "once");
+    assert_eq!(reply.get_targeted(), 1);
+    wait_until("delivered", Duration::from_secs(5), || sink.count() >= 1);
+    // Another broadcast after it proves nothing else was still on its way.
+    broadcast(&push_client(manager.addr()), "", "twice?");
+    wait_until("the second arrives", Duration::from_secs(5), || sink.count() >= 2);
+    assert_eq!(sink.bodies(), vec![b"once".to_vec(), b"twice?".to_vec()]);
+}
+
+#[test]
+fn a_prefix_larger_than_grpcs_receive_limit_is_still_listed() {
+    let etcd = Etcd::start();
+    let client = etcd.client();
+    // Six values of 1 MiB: 6 MiB under the prefix, past gRPC's default 4 MiB receive limit.
+    let junk = vec![b'x'; 1 << 20];
+    for i in 0..6 {
+        client.put(&format!("{PREFIX}junk-{i}"), &junk, None).unwrap();
+    }
+    let sink = Sink::start();
+    register(&etcd, "zz-real", &sink.addr);
+    let manager = Manager::start(config(&etcd)).unwrap();
+    wait_until("the real node is found", Duration::from_secs(10), || node_ids(&manager) == ids(&["zz-real"]));
+    assert!(manager.etcd_reachable());
+}
+
+#[test]
+fn a_node_that_moves_keeps_what_was_queued_for_it() {
+    let etcd = Etcd::start();
+    // Nothing listens at the first address: every RPC fails UNAVAILABLE and is retried.
+    let dead = free_addr();
+    register(&etcd, "mover", &dead);
+    let mut cfg = config(&etcd);
+    cfg.routine_size = 1;
+    cfg.retry.max_attempts = 50;
+    let manager = Manager::start(cfg).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    let client = push_client(manager.addr());
+    for i in 0..20 {
+        broadcast(&client, "", &format!("m{i}"));
+    }
+    wait_until("retrying against the dead address", Duration::from_secs(5), || stats(&manager, "mover").retried > 0);
+
+    let sink = Sink::start();
+    register(&etcd, "mover", &sink.addr);
+    wait_until("all 20 arrive at the new address", Duration::from_secs(10), || sink.count() == 20);
+    let s = stats(&manager, "mover");
+    assert_eq!((s.addr.as_str(), s.enqueued, s.sent, s.failed), (sink.addr.as_str(), 20, 20, 0), "{s:?}");
+}
+
+#[test]
+fn retries_during_a_shutdown_drain_keep_their_backoff() {
+    let etcd = Etcd::start();
+    let busy = Sink::start();
+    busy.refuse_with(Some(RpcStatusCode::RESOURCE_EXHAUSTED));
+    register(&etcd, "busy", &busy.addr);
+    let mut cfg = config(&etcd);
+    cfg.routine_size = 1;
+    // Attempts 2, 3 and 4 wait 100, 200 and 400 ms first.
+    cfg.retry.max_attempts = 4;
+    cfg.drain_timeout = Duration::from_secs(10);
+    let mut manager = Manager::start(cfg).unwrap();
+    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    broadcast(&push_client(manager.addr()), "", "busy");
+    wait_until("the first attempt is refused", Duration::from_secs(5), || busy.rpcs() >= 1);
+
+    // Shutdown drains with retries allowed: it must not cut the backoff short.
+    manager.shutdown();
+    let attempts: Vec<Instant> = busy.arrivals().into_iter().map(|(at, _)| at).collect();
+    assert_eq!(attempts.len(), 4, "every attempt was made before the drain deadline");
+    for (i, pair) in attempts.windows(2).enumerate() {
+        let backoff = Duration::from_millis(100 << i);
+        assert!(pair[1] - pair[0] >= backoff, "attempt {} came {:?} after the one before", i + 2, pair[1] - pair[0]);
+    }
 }

@@ -45,6 +45,8 @@ struct Counters {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStats {
     pub id: String,
+    /// The number its worker threads are named after (`n<number>-w<n>`).
+    pub number: u32,
     pub addr: String,
     /// Messages its queue accepted.
     pub enqueued: u64,
@@ -117,6 +119,7 @@ pub(crate) enum Retries {
 
 pub(crate) struct NodeClient {
     id: String,
+    number: u32,
     /// Where the node is now, and the client that calls it there: swapped together when the
     /// node re-registers at a new address, so its queue and counters carry over.
     target: Arc<RwLock<Target>>,
@@ -130,8 +133,10 @@ pub(crate) struct NodeClient {
 
 /// The name of worker `n` of the node numbered `number`: `n3-w0`. Numbers, not node ids, so
 /// that every worker keeps a distinct name within Linux's 15 bytes whatever the id is.
+/// Node numbers wrap at 10^8 so that with up to 1024 workers (`w1023`) a name always fits; a
+/// process adds far fewer nodes in its life.
 pub(crate) fn worker_name(number: u32, n: usize) -> String {
-    format!("n{number}-w{n}")
+    format!("n{}-w{n}", number % 100_000_000)
 }
 
 impl NodeClient {
@@ -163,6 +168,7 @@ impl NodeClient {
         });
         let node = NodeClient {
             id: id.to_string(),
+            number,
             target: target.clone(),
             env,
             sender: RwLock::new(Some(tx)),
@@ -280,6 +286,7 @@ impl NodeClient {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
             id: self.id.clone(),
+            number: self.number,
             addr: self.addr(),
             enqueued: load(&c.enqueued),
             dropped_full: load(&c.dropped_full),
@@ -489,7 +496,9 @@ mod tests {
     #[test]
     fn worker_names_stay_distinct_within_linux_limit() {
         assert_eq!(worker_name(3, 0), "n3-w0");
-        // The largest a name gets: a manager that has seen a billion nodes, 1024 workers each.
-        assert!(worker_name(999_999_999, 1023).len() <= crate::thread::MAX_NAME_BYTES);
+        // The largest a name gets: the last number before the wrap, the 1024th worker.
+        assert_eq!(worker_name(99_999_999, 1023), "n99999999-w1023");
+        assert!(worker_name(99_999_999, 1023).len() <= crate::thread::MAX_NAME_BYTES);
+        assert_eq!(worker_name(100_000_003, 0), "n3-w0");
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::{create_connect_node, ConnectNode};
 use grpcio::{
-    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, ServerBuilder,
-    ServerCredentials, ServiceBuilder, UnarySink,
+    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, RpcStatus,
+    RpcStatusCode, ServerBuilder, ServerCredentials, ServiceBuilder, UnarySink,
 };
 use parking_lot::Mutex;
 
@@ -30,6 +30,8 @@ struct State {
     /// Calls held unanswered while stalled.
     parked: Mutex<Vec<(UnarySink<NodeReply>, u32)>>,
     delay_ms: AtomicU64,
+    /// Answer every call with this status instead of a reply (a node that is busy or broken).
+    refusal: Mutex<Option<RpcStatusCode>>,
 }
 
 #[derive(Clone)]
@@ -41,6 +43,12 @@ impl Service {
         state.rpcs.fetch_add(1, Ordering::SeqCst);
         let n = messages.len() as u32;
         state.record(messages);
+        if let Some(code) = *state.refusal.lock() {
+            ctx.spawn(async move {
+                let _ = sink.fail(RpcStatus::with_message(code, "refused by the test sink".into())).await;
+            });
+            return;
+        }
         if state.stalled.load(Ordering::SeqCst) {
             state.parked.lock().push((sink, n));
             return;
@@ -231,6 +239,12 @@ impl Sink {
     /// Calls held unanswered right now.
     pub fn parked(&self) -> usize {
         self.state.parked.lock().len()
+    }
+
+    /// Answers every call from now on with `code` (`None`: answer normally again); what the
+    /// calls carried is still recorded, so each attempt shows in `arrivals`.
+    pub fn refuse_with(&self, code: Option<RpcStatusCode>) {
+        *self.state.refusal.lock() = code;
     }
 
     /// Each call is answered this long after it arrives.
