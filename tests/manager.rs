@@ -382,7 +382,8 @@ fn a_nested_key_cannot_take_over_another_nodes_traffic() {
     let etcd = Etcd::start();
     let (real, intruder) = (Sink::start(), Sink::start());
     register(&etcd, "na", &real.addr);
-    register(&etcd, "anything/na", &intruder.addr);
+    // Sorted after "na", so read as node "na" it would be the one that sticks.
+    register(&etcd, "zone-b/na", &intruder.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
     wait_until("discovered", Duration::from_secs(5), || manager.listings() >= 1 && !node_ids(&manager).is_empty());
     assert_eq!(stats(&manager, "na").addr, real.addr);
