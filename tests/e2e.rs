@@ -285,6 +285,38 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
 }
 
 #[test]
+fn subscribe_exits_zero_quietly_when_its_reader_closes_the_pipe() {
+    let etcd = Etcd::start();
+    let node = start_node(&etcd, "pipe");
+    let url = format!("ws://{}/ws", node.gateway.ws_addr());
+    // As `push-manager subscribe ... | head -1`: read one line, then close the pipe.
+    let mut child = Command::new(BIN)
+        .args(["subscribe", "--url", &url, "--topic", "news"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+    wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    node.gateway.hub().publish(&broadcast_request("news", OP, 0, "first"));
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("\"first\""), "{first:?}");
+    // The reader is gone; the next delivery is written into a closed pipe.
+    let mut status = None;
+    wait_until("subscribe exits", Duration::from_secs(10), || {
+        node.gateway.hub().publish(&broadcast_request("news", OP, 0, "more"));
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.unwrap().success(), "a closed pipe is not a failure: {stderr}");
+    assert!(!stderr.contains("push-manager:"), "nothing to report: {stderr}");
+}
+
+#[test]
 fn subscribe_to_a_dead_url_exits_non_zero_with_the_reason() {
     let out = Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", free_addr())]).output().unwrap();
     assert!(!out.status.success());
