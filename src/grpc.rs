@@ -1,13 +1,17 @@
-//! gRPC plumbing both roles and the etcd client share: which statuses mean "try again", and how
-//! a server is built, bound and started.
+//! gRPC plumbing both roles and the etcd client share: which statuses mean "try again", how a
+//! server is built, bound, started and stopped, and TLS credentials read from PEM files.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::bounded;
 
-use grpcio::{ChannelBuilder, Environment, RpcStatusCode, Server, ServerBuilder, ServerCredentials, Service};
+use grpcio::{
+    CertificateRequestType, ChannelBuilder, ChannelCredentials, ChannelCredentialsBuilder, Environment, RpcStatusCode,
+    Server, ServerBuilder, ServerCredentials, ServerCredentialsBuilder, Service,
+};
 
 use crate::thread::StoppableThread;
 
@@ -44,17 +48,107 @@ pub enum ServerError {
     /// The listen address could not be bound (in use, not local, no permission).
     #[error("cannot bind the gRPC listener on {addr}: {reason}")]
     Bind { addr: String, reason: String },
+    /// The server's certificate, key or client CA could not be read.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A certificate or key file that cannot be used. Names the file and the flag, never its
+/// contents (a key is a secret).
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {path}: {reason}")]
+pub struct TlsError {
+    pub flag: &'static str,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Reads a PEM file given with `flag`, checking that it holds a PEM block at all (gRPC would
+/// only find out at the first handshake, and say less).
+fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| TlsError { flag, path: path.into(), reason: e.to_string() })?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(TlsError { flag, path: path.into(), reason: "not a PEM file (no -----BEGIN line)".into() });
+    }
+    Ok(bytes)
+}
+
+/// A gRPC server's TLS: its certificate and key, and optionally the CA its clients' certificates
+/// must be signed by (mutual TLS: a client without such a certificate is refused in the
+/// handshake).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    /// `--tls-cert`: PEM certificate chain.
+    pub cert: PathBuf,
+    /// `--tls-key`: PEM private key.
+    pub key: PathBuf,
+    /// `--tls-client-ca`: PEM CA certificate(s); clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// Reads the files into gRPC server credentials.
+    pub fn credentials(&self) -> Result<ServerCredentials, TlsError> {
+        let mut builder = ServerCredentialsBuilder::new()
+            .add_cert(read_pem("--tls-cert", &self.cert)?, read_pem("--tls-key", &self.key)?);
+        if let Some(ca) = &self.client_ca {
+            let ca = read_pem("--tls-client-ca", ca)?;
+            builder = builder.root_cert(ca, CertificateRequestType::RequestAndRequireClientCertificateAndVerify);
+        }
+        Ok(builder.build())
+    }
+
+    /// Whether clients must present a certificate (mutual TLS).
+    pub fn verifies_clients(&self) -> bool {
+        self.client_ca.is_some()
+    }
+}
+
+/// A gRPC client's TLS: the CA that signed the server's certificate, and optionally our own
+/// certificate and key for servers that require one (mutual TLS). `flags` names the flags these
+/// came from in error messages (`--tls-ca` for `send`, `--node-tls-ca` for serve's node
+/// clients, `--etcd-ca` for etcd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    /// Certificate and key, both or neither.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    pub flags: ClientTlsFlags,
+}
+
+/// The flag names a [`ClientTls`] was given with, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientTlsFlags {
+    pub ca: &'static str,
+    pub cert: &'static str,
+    pub key: &'static str,
+}
+
+impl ClientTls {
+    /// Reads the files into gRPC channel credentials.
+    pub fn credentials(&self) -> Result<ChannelCredentials, TlsError> {
+        let mut builder = ChannelCredentialsBuilder::new().root_cert(read_pem(self.flags.ca, &self.ca)?);
+        if let Some((cert, key)) = &self.identity {
+            builder = builder.cert(read_pem(self.flags.cert, cert)?, read_pem(self.flags.key, key)?);
+        }
+        Ok(builder.build())
+    }
 }
 
 /// Builds a server for `service` on `listen` (`host:port`, port 0 picks one), accepting
-/// requests up to `max_receive_bytes`, starts it, and returns it with the address it is bound
-/// to.
+/// requests up to `max_receive_bytes`, over TLS when `tls` is given, starts it, and returns it
+/// with the address it is bound to.
 pub fn start_server(
     env: Arc<Environment>,
     listen: &str,
     max_receive_bytes: usize,
+    tls: Option<&ServerTls>,
     service: Service,
 ) -> Result<(Server, SocketAddr), ServerError> {
+    let credentials = match tls {
+        Some(tls) => tls.credentials()?,
+        None => ServerCredentials::insecure(),
+    };
     // gRPC sets SO_REUSEPORT by default, which would let a second server share the port
     // silently instead of failing to start.
     let args = ChannelBuilder::new(env.clone())
@@ -63,7 +157,7 @@ pub fn start_server(
         .build_args();
     let mut server = ServerBuilder::new(env).channel_args(args).register_service(service).build()?;
     let port = server
-        .add_listening_port(listen, ServerCredentials::insecure())
+        .add_listening_port(listen, credentials)
         .map_err(|e| ServerError::Bind { addr: listen.to_string(), reason: e.to_string() })?;
     server.start();
     Ok((server, bound_addr(listen, port)))
@@ -108,6 +202,14 @@ pub fn stop_server(mut server: Server, grace: Duration) -> bool {
     false
 }
 
+/// Whether `listen` (`host:port`) only accepts connections from this machine: a loopback IP or
+/// `localhost`. A wildcard (`0.0.0.0`, `[::]`) or any other address is reachable from elsewhere.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The address a server listening on `listen` is reachable at: its IP (loopback for a name
 /// gRPC resolved itself) with the port it was given.
 fn bound_addr(listen: &str, port: u16) -> SocketAddr {
@@ -137,6 +239,16 @@ mod tests {
         }
         assert!(is_retryable(&grpcio::Error::RemoteStopped));
         assert!(!is_retryable(&grpcio::Error::Codec("bad".into())));
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_from_open_ones() {
+        for local in ["127.0.0.1:0", "127.1.2.3:80", "[::1]:50053", "localhost:1"] {
+            assert!(is_loopback(local), "{local}");
+        }
+        for open in ["0.0.0.0:50053", "[::]:1", "10.0.0.1:80", "node-1.example:50061"] {
+            assert!(!is_loopback(open), "{open}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and pushes what it receives to its WebSocket subscribers.
 
 pub mod addr;
+pub mod auth;
 pub mod cli;
 pub mod discovery;
 pub mod etcd;
@@ -14,6 +15,7 @@ pub mod grpc;
 pub mod manager;
 pub mod proto;
 pub mod registry;
+pub mod secret;
 pub mod testkit;
 pub mod thread;
 pub mod topic;

@@ -32,7 +32,7 @@ const TOPIC: &str = "faults";
 fn manager_config(etcd: &Etcd) -> manager::Config {
     manager::Config {
         listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) },
+        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500), ..etcd::Config::default() },
         prefix: PREFIX.into(),
         routine_size: 2,
         queue_size: 100,

@@ -110,6 +110,7 @@ fn push_server_refuses_deeply_nested_requests_and_keeps_serving() {
         etcd: push_manager::etcd::Config {
             endpoints: vec![format!("127.0.0.1:{}", free_port())],
             timeout: Duration::from_millis(200),
+            ..push_manager::etcd::Config::default()
         },
         ..manager::Config::default()
     })

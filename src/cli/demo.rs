@@ -60,7 +60,11 @@ struct Received {
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     super::init_logging(args.log_level);
     let registry = start_registry()?;
-    let etcd_config = etcd::Config { endpoints: vec![registry.endpoint()], timeout: Duration::from_secs(2) };
+    let etcd_config = etcd::Config {
+        endpoints: vec![registry.endpoint()],
+        timeout: Duration::from_secs(2),
+        ..etcd::Config::default()
+    };
     let client = etcd::Client::connect(etcd_config.clone()).map_err(|e| e.to_string())?;
 
     let mut manager = Manager::start(manager::Config {

@@ -7,6 +7,7 @@ mod send;
 mod serve;
 mod subscribe;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
 use crate::etcd;
+use crate::grpc::{ClientTls, ServerTls};
+use crate::secret::Secret;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,7 +53,8 @@ pub struct LogArgs {
     pub log_level: LevelFilter,
 }
 
-/// Where connect-nodes register: shared by every subcommand that talks to etcd.
+/// Where connect-nodes register, and how to reach etcd: shared by every subcommand that talks
+/// to etcd.
 #[derive(Args, Debug, Clone)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated host:port.
@@ -62,11 +66,78 @@ pub struct EtcdArgs {
     /// etcd key prefix under which connect-nodes register.
     #[arg(long, default_value = crate::registry::DEFAULT_PREFIX)]
     pub prefix: String,
+    /// CA certificate (PEM) that signed etcd's: talk to etcd over TLS.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd started with --client-cert-auth (with --etcd-key).
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user to authenticate as; the password comes from --etcd-password-file or the
+    /// environment variable PUSH_MANAGER_ETCD_PASSWORD.
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// File holding --etcd-user's password (one line).
+    #[arg(long, requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
+/// A gRPC server's TLS flags, shared by `serve` and `node`.
+#[derive(Args, Debug, Clone)]
+pub struct ServerTlsArgs {
+    /// Certificate chain (PEM) to serve gRPC over TLS with (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM): callers must present a certificate it signed (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    pub fn config(&self) -> Option<ServerTls> {
+        let (cert, key) = self.tls_cert.clone().zip(self.tls_key.clone())?;
+        Some(ServerTls { cert, key, client_ca: self.tls_client_ca.clone() })
+    }
+}
+
+/// The environment variable `--etcd-user`'s password may come from.
+pub const ETCD_PASSWORD_ENV: &str = "PUSH_MANAGER_ETCD_PASSWORD";
+
 impl EtcdArgs {
-    pub fn config(&self) -> etcd::Config {
-        etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout.into() }
+    /// The etcd client config; reads the password (never shown in an error).
+    pub fn config(&self) -> Result<etcd::Config, String> {
+        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err("--etcd-cert and --etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into())
+            }
+            (Some(ca), cert, key) => {
+                Some(ClientTls { ca: ca.clone(), identity: cert.clone().zip(key.clone()), flags: etcd::TLS_FLAGS })
+            }
+        };
+        let auth = match &self.etcd_user {
+            None => None,
+            Some(user) => {
+                let password = match &self.etcd_password_file {
+                    Some(path) => Secret::from_file(path).map_err(|e| format!("--etcd-password-file {e}"))?,
+                    None => match std::env::var(ETCD_PASSWORD_ENV) {
+                        Ok(p) if !p.is_empty() => Secret::new(p),
+                        _ => {
+                            return Err(format!(
+                                "--etcd-user {user} needs a password: --etcd-password-file or {ETCD_PASSWORD_ENV}"
+                            ))
+                        }
+                    },
+                };
+                Some(etcd::Credentials { user: user.clone(), password })
+            }
+        };
+        Ok(etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout.into(), tls, auth })
     }
 }
 
@@ -82,7 +153,10 @@ const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))?;
     if d > MAX_DURATION {
-        return Err(format!("{s:?} is longer than the longest duration taken, {}", humantime::format_duration(MAX_DURATION)));
+        return Err(format!(
+            "{s:?} is longer than the longest duration taken, {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
     }
     Ok(d.into())
 }
@@ -148,19 +222,33 @@ pub enum Tick {
 }
 
 /// Blocks until SIGINT or SIGTERM (or a tick says `Stop`), calling `on_tick` every `tick`
-/// meanwhile (never if `None`). The signal handlers only write to a socket pair, which this
-/// thread reads with a timeout.
-pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut() -> Tick) -> std::io::Result<()> {
+/// meanwhile (never if `None`) and `on_reload` on each SIGHUP. The signal handlers only set a
+/// flag and write to a socket pair, which this thread reads with a timeout.
+pub fn run_until_signal(
+    tick: Option<Duration>,
+    mut on_tick: impl FnMut() -> Tick,
+    mut on_reload: impl FnMut(),
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     use std::io::{ErrorKind, Read};
     use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
     let (mut wake, on_signal) = UnixStream::pair()?;
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    let reload = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    signal_hook::flag::register(SIGHUP, reload.clone())?;
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::low_level::pipe::register(signal, on_signal.try_clone()?)?;
     }
     wake.set_read_timeout(tick)?;
     loop {
         match wake.read(&mut [0u8]) {
-            Ok(_) => return Ok(()),
+            Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if on_tick() == Tick::Stop {
                     return Ok(());
@@ -168,6 +256,12 @@ pub fn run_until_signal(tick: Option<Duration>, mut on_tick: impl FnMut() -> Tic
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
+        }
+        if reload.swap(false, Ordering::SeqCst) {
+            on_reload();
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
         }
     }
 }

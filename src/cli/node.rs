@@ -66,8 +66,8 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
-    pub fn config(&self) -> NodeConfig {
-        NodeConfig {
+    pub fn config(&self) -> Result<NodeConfig, String> {
+        Ok(NodeConfig {
             gateway: Config {
                 grpc_listen: self.grpc_listen.clone(),
                 ws_listen: self.ws_listen.clone(),
@@ -81,12 +81,12 @@ impl NodeArgs {
                 grpc_threads: self.grpc_threads,
                 max_loop_backlog: self.max_loop_backlog,
             },
-            etcd: self.registry.config(),
+            etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),
             node_id: self.node_id.clone(),
             advertise: self.advertise.clone(),
             lease_ttl: self.lease_ttl.into(),
-        }
+        })
     }
 }
 
@@ -112,7 +112,7 @@ pub fn hostname() -> String {
 
 pub fn run(args: NodeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
-    let config = args.config();
+    let config = args.config()?;
     config.validate()?;
     match gateway::raise_nofile_limit() {
         Ok(limit) => info!("open-file limit {limit}"),
@@ -132,14 +132,18 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     let client = etcd::Client::connect(config.etcd.clone())?;
     let mut registration = Registration::start(
         client,
-        RegistrationConfig { key: registry::node_key(&config.prefix, &node_id), addr: addr.clone(), ttl: config.lease_ttl },
+        RegistrationConfig {
+            key: registry::node_key(&config.prefix, &node_id),
+            addr: addr.clone(),
+            ttl: config.lease_ttl,
+        },
     )
     .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} registered as {addr}");
 
-    run_until_signal(None, || Tick::Continue).map_err(|e| format!("installing signal handlers: {e}"))?;
+    run_until_signal(None, || Tick::Continue, || {}).map_err(|e| format!("installing signal handlers: {e}"))?;
     info!("shutdown signal received: deregistering, then closing connections");
     registration.deregister();
     gateway.shutdown();

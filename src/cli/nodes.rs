@@ -16,7 +16,7 @@ pub struct NodesArgs {
 
 pub fn run(args: NodesArgs) -> super::CmdResult {
     let prefix = &args.registry.prefix;
-    let client = etcd::Client::connect(args.registry.config())?;
+    let client = etcd::Client::connect(args.registry.config()?)?;
     let listing = client.get_prefix(prefix)?;
     // Written, not printed: `nodes | head -1` closes the pipe, which is no error (see cli::run).
     let mut out = std::io::stdout().lock();

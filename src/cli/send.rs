@@ -1,14 +1,18 @@
 //! `push-manager send`: one Broadcast call, its reply printed.
 
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
 use super::parse_duration;
+use crate::auth::{bearer, KeyFile};
+use crate::grpc::{ClientTls, ClientTlsFlags};
 use crate::proto::broadcast_request;
 use crate::proto::protocol_grpc::PushServerClient;
+use crate::secret::Secret;
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
@@ -27,9 +31,28 @@ pub struct SendArgs {
     /// Deadline of the call.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: humantime::Duration,
+    /// CA certificate (PEM) that signed push-manager's: call it over TLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a push-manager that requires one (with --tls-key).
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File whose first key is sent as `authorization: Bearer <key>`; the environment variable
+    /// PUSH_MANAGER_API_KEY is used when this is absent.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
     /// The message body; read from standard input when absent.
     pub body: Option<String>,
 }
+
+/// The environment variable an API key may come from.
+pub const API_KEY_ENV: &str = "PUSH_MANAGER_API_KEY";
+
+/// The flag names of `send`'s TLS files.
+const TLS_FLAGS: ClientTlsFlags = ClientTlsFlags { ca: "--tls-ca", cert: "--tls-cert", key: "--tls-key" };
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -39,6 +62,9 @@ pub enum SendError {
     /// push-manager answered with an error status, or could not be reached.
     #[error("{0}")]
     Rpc(String),
+    /// The certificate files or the API key could not be read.
+    #[error("{0}")]
+    Credentials(String),
 }
 
 pub fn run(args: SendArgs) -> Result<(), SendError> {
@@ -53,10 +79,18 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     let req = broadcast_request(&args.topic, args.op, args.seq, body);
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
-    let client = PushServerClient::new(ChannelBuilder::new(env).connect(&args.server));
-    let reply = client
-        .broadcast_opt(&req, CallOption::default().timeout(args.timeout.into()))
-        .map_err(|e| SendError::Rpc(describe(&args.server, e)))?;
+    let mut channel = ChannelBuilder::new(env);
+    if let Some(ca) = &args.tls_ca {
+        let tls =
+            ClientTls { ca: ca.clone(), identity: args.tls_cert.clone().zip(args.tls_key.clone()), flags: TLS_FLAGS };
+        channel = channel.set_credentials(tls.credentials().map_err(|e| SendError::Credentials(e.to_string()))?);
+    }
+    let client = PushServerClient::new(channel.connect(&args.server));
+    let mut opt = CallOption::default().timeout(args.timeout.into());
+    if let Some(key) = api_key(&args).map_err(SendError::Credentials)? {
+        opt = opt.headers(bearer(&key));
+    }
+    let reply = client.broadcast_opt(&req, opt).map_err(|e| SendError::Rpc(describe(&args.server, e)))?;
     let dropped = reply.get_dropped();
     println!(
         "targeted {} node(s), accepted by {}, dropped by {}{}",
@@ -66,6 +100,14 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
         if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
     );
     Ok(())
+}
+
+/// The API key to send: the first of `--api-key-file`, else `PUSH_MANAGER_API_KEY`, else none.
+fn api_key(args: &SendArgs) -> Result<Option<Secret>, String> {
+    if let Some(path) = &args.api_key_file {
+        return KeyFile::load("--api-key-file", path).map(|keys| Some(keys.first()));
+    }
+    Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
 }
 
 fn describe(server: &str, e: grpcio::Error) -> String {

@@ -1,12 +1,14 @@
 //! `push-manager serve`: the push-manager role until SIGINT/SIGTERM.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use log::{error, info};
 
-use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, Tick};
-use crate::manager::{Config, Manager, NodeStats, RetryPolicy};
+use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, ServerTlsArgs, Tick};
+use crate::grpc::ClientTls;
+use crate::manager::{Config, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
 
 /// How often `serve` checks that its discovery thread is alive.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,14 +55,37 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = Config::default().drain_timeout.into(), value_parser = parse_duration)]
     pub drain_timeout: humantime::Duration,
     #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// File of API keys, one per line (# comments): callers must send one as gRPC metadata
+    /// `authorization: Bearer <key>`. Re-read on SIGHUP.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve a non-loopback --listen address with neither --api-key-file nor --tls-client-ca:
+    /// anyone who reaches the port may broadcast to every user.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// CA certificate (PEM) that signed the connect-nodes' certificates: call them over TLS.
+    #[arg(long)]
+    pub node_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for connect-nodes that require one (with --node-tls-key).
+    #[arg(long, requires = "node_tls_key", requires = "node_tls_ca")]
+    pub node_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --node-tls-cert.
+    #[arg(long, requires = "node_tls_cert")]
+    pub node_tls_key: Option<PathBuf>,
+    /// File holding the token sent to every connect-node (its first line; the nodes are given
+    /// the same file). Re-read on SIGHUP.
+    #[arg(long)]
+    pub node_token_file: Option<PathBuf>,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
 impl ServeArgs {
-    pub fn config(&self) -> Config {
-        Config {
+    pub fn config(&self) -> Result<Config, String> {
+        Ok(Config {
             listen: self.listen.clone(),
-            etcd: self.registry.config(),
+            etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),
             routine_size: self.routine_size,
             queue_size: self.queue_size,
@@ -72,13 +97,22 @@ impl ServeArgs {
             retry: RetryPolicy { max_attempts: self.max_attempts, ..RetryPolicy::default() },
             drain_timeout: self.drain_timeout.into(),
             grpc_threads: self.grpc_threads,
-        }
+            tls: self.tls.config(),
+            api_key_file: self.api_key_file.clone(),
+            allow_unauthenticated: self.allow_unauthenticated,
+            node_tls: self.node_tls_ca.clone().map(|ca| ClientTls {
+                ca,
+                identity: self.node_tls_cert.clone().zip(self.node_tls_key.clone()),
+                flags: NODE_TLS_FLAGS,
+            }),
+            node_token_file: self.node_token_file.clone(),
+        })
     }
 }
 
 pub fn run(args: ServeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
-    let mut manager = Manager::start(args.config())?;
+    let mut manager = Manager::start(args.config()?)?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
     let stats_interval: Duration = args.stats_interval.into();
@@ -86,17 +120,21 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     let mut last = Vec::new();
     let mut discovery_died = false;
     // Ticks often enough to notice a dead discovery thread within a second.
-    run_until_signal(Some(HEALTH_CHECK_INTERVAL), || {
-        if !manager.discovery_running() {
-            discovery_died = true;
-            return Tick::Stop;
-        }
-        if !stats_interval.is_zero() && Instant::now() >= next_stats {
-            log_changed_counters(&manager, &mut last);
-            next_stats = Instant::now() + stats_interval;
-        }
-        Tick::Continue
-    })
+    run_until_signal(
+        Some(HEALTH_CHECK_INTERVAL),
+        || {
+            if !manager.discovery_running() {
+                discovery_died = true;
+                return Tick::Stop;
+            }
+            if !stats_interval.is_zero() && Instant::now() >= next_stats {
+                log_changed_counters(&manager, &mut last);
+                next_stats = Instant::now() + stats_interval;
+            }
+            Tick::Continue
+        },
+        || manager.reload_credentials(),
+    )
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     if discovery_died {
         error!("the discovery thread stopped: the node set no longer follows etcd; shutting down");

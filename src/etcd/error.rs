@@ -32,6 +32,9 @@ pub enum Error {
     /// gRPC failed below etcd (call could not start, stream broke, undecodable message).
     #[error("gRPC transport error: {0}")]
     Transport(String),
+    /// etcd refused our user name or password.
+    #[error("etcd refused to authenticate user {user:?}: {reason} (check --etcd-user and its password)")]
+    Auth { user: String, reason: String },
     /// The OS refused to start a keep-alive or watch thread.
     #[error(transparent)]
     Spawn(#[from] crate::thread::SpawnError),
@@ -45,8 +48,19 @@ impl Error {
             // etcd uses UNAVAILABLE for leader changes and stopping servers as gRPC does for refused
             // connections; DEADLINE_EXCEEDED is most often a connect that never completed.
             Error::Rpc { code, .. } => crate::grpc::is_retryable_code(*code),
-            Error::InvalidConfig(_) | Error::LeaseNotFound(_) | Error::Compacted { .. } | Error::Spawn(_) => false,
+            Error::InvalidConfig(_)
+            | Error::LeaseNotFound(_)
+            | Error::Compacted { .. }
+            | Error::Spawn(_)
+            | Error::Auth { .. } => false,
         }
+    }
+}
+
+impl Error {
+    /// etcd no longer accepts the auth token sent (it expired, or etcd restarted): get a new one.
+    pub fn is_invalid_token(&self) -> bool {
+        matches!(self, Error::Rpc { code: RpcStatusCode::UNAUTHENTICATED, message } if message.contains("invalid auth token"))
     }
 }
 

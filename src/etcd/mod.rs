@@ -16,13 +16,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::{CallOption, Channel, ChannelBuilder, EnvBuilder, Environment, RpcStatusCode};
+use grpcio::{
+    CallOption, Channel, ChannelBuilder, ChannelCredentials, EnvBuilder, Environment, MetadataBuilder, RpcStatusCode,
+};
+use parking_lot::RwLock;
 
 use crate::proto::kv as mvccpb;
 use crate::proto::rpc::{
-    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
+    AuthenticateRequest, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest,
+    RangeRequest,
 };
-use crate::proto::rpc_grpc::{KvClient, LeaseClient};
+use crate::proto::rpc_grpc::{AuthClient, KvClient, LeaseClient};
+use crate::secret::Secret;
+
+pub use crate::grpc::{ClientTls, ClientTlsFlags};
 
 pub use error::{Error, Result};
 pub use lease::{KeepAlive, LeaseLost};
@@ -35,20 +42,35 @@ pub const LIST_PAGE_KEYS: i64 = 32;
 /// Largest response accepted from etcd (gRPC's default is 4 MiB).
 const MAX_RECEIVE_BYTES: i32 = 64 << 20;
 
-/// Where etcd is and how long a call may take.
+/// Where etcd is, how long a call may take, and how to prove who we are.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// etcd client endpoints as `host:port`, tried in order. Default `["127.0.0.1:2379"]`.
     pub endpoints: Vec<String>,
     /// Deadline of one call, failover included. Default 2 s.
     pub timeout: Duration,
+    /// TLS to etcd (`--etcd-ca`, and `--etcd-cert`/`--etcd-key` for a client certificate).
+    /// Default `None`: plaintext.
+    pub tls: Option<ClientTls>,
+    /// etcd's own user/password authentication. Default `None`.
+    pub auth: Option<Credentials>,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { endpoints: vec!["127.0.0.1:2379".to_owned()], timeout: Duration::from_secs(2) }
+        Config { endpoints: vec!["127.0.0.1:2379".to_owned()], timeout: Duration::from_secs(2), tls: None, auth: None }
     }
 }
+
+/// An etcd user and its password (`--etcd-user`, the password from a file or the environment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Secret,
+}
+
+/// The flag names etcd's TLS files are given with.
+pub const TLS_FLAGS: ClientTlsFlags = ClientTlsFlags { ca: "--etcd-ca", cert: "--etcd-cert", key: "--etcd-key" };
 
 impl Config {
     /// Checks that every endpoint is `host:port` and the timeout is not zero.
@@ -61,6 +83,11 @@ impl Config {
         }
         if self.timeout.is_zero() {
             return Err(Error::InvalidConfig("etcd timeout must be greater than zero".into()));
+        }
+        if let Some(auth) = &self.auth {
+            if auth.user.is_empty() || auth.password.is_empty() {
+                return Err(Error::InvalidConfig("--etcd-user needs a user name and a non-empty password".into()));
+            }
         }
         Ok(())
     }
@@ -125,20 +152,34 @@ struct Inner {
     /// Index of the endpoint that answered last; calls start there.
     preferred: AtomicUsize,
     timeout: Duration,
+    auth: Option<Credentials>,
+    /// etcd's token for `auth`, sent as `token` metadata with every call; renewed when etcd
+    /// says it is no longer valid (it expires after etcd's `--auth-token-ttl` of disuse).
+    token: RwLock<Option<Secret>>,
 }
 
 impl Client {
     /// Validates `config` and sets up one channel per endpoint; etcd need not be up yet.
+    /// Certificate files are read here, so a bad one is reported at once.
     pub fn connect(config: Config) -> Result<Client> {
         config.validate()?;
         let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("etcd-grpc").build());
-        let channels = config.endpoints.iter().map(|e| channel(&env, e)).collect();
+        let mut channels = Vec::with_capacity(config.endpoints.len());
+        for endpoint in &config.endpoints {
+            let credentials = match &config.tls {
+                Some(tls) => Some(tls.credentials().map_err(|e| Error::InvalidConfig(e.to_string()))?),
+                None => None,
+            };
+            channels.push(channel(&env, endpoint, credentials));
+        }
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoints: config.endpoints,
                 channels,
                 preferred: AtomicUsize::new(0),
                 timeout: config.timeout,
+                auth: config.auth,
+                token: RwLock::new(None),
             }),
         })
     }
@@ -280,10 +321,76 @@ impl Client {
         self.inner.preferred.store(idx, Ordering::Relaxed);
     }
 
+    /// A call option carrying the auth token, if there is one (`timeout` for unary calls; none
+    /// for a long-lived stream).
+    pub(crate) fn call_option(&self, timeout: Option<Duration>) -> CallOption {
+        let mut opt = CallOption::default();
+        if let Some(timeout) = timeout {
+            opt = opt.timeout(timeout);
+        }
+        if let Some(token) = &*self.inner.token.read() {
+            let mut headers = MetadataBuilder::new();
+            // A token is ASCII; etcd would refuse a call without it anyway.
+            if headers.add_str("token", token.expose()).is_ok() {
+                opt = opt.headers(headers.build());
+            }
+        }
+        opt
+    }
+
+    /// Gets a token if authentication is configured and there is none yet.
+    pub(crate) fn ensure_token(&self) -> Result<()> {
+        if self.inner.auth.is_some() && self.inner.token.read().is_none() {
+            self.authenticate()?;
+        }
+        Ok(())
+    }
+
+    /// Gets a fresh auth token for the configured user (no-op without `auth`).
+    fn authenticate(&self) -> Result<()> {
+        let Some(auth) = &self.inner.auth else { return Ok(()) };
+        *self.inner.token.write() = None;
+        let mut req = AuthenticateRequest::default();
+        req.set_name(auth.user.clone());
+        req.set_password(auth.password.expose().to_owned());
+        let resp = self.failover_once(|ch, opt| AuthClient::new(ch.clone()).authenticate_opt(&req, opt)).map_err(
+            |e| match e {
+                Error::Rpc { code: RpcStatusCode::INVALID_ARGUMENT, message } => {
+                    Error::Auth { user: auth.user.clone(), reason: message }
+                }
+                e => e,
+            },
+        )?;
+        *self.inner.token.write() = Some(Secret::new(resp.get_token()));
+        Ok(())
+    }
+
+    /// After a stream (watch) failed with `error`: renews the token if that is why.
+    pub(crate) fn renew_token_after(&self, error: &Error) {
+        if self.inner.auth.is_some() && error.is_invalid_token() {
+            if let Err(e) = self.authenticate() {
+                log::warn!("renewing the etcd auth token failed: {e}");
+            }
+        }
+    }
+
+    /// [`Client::failover_once`], authenticated: gets a token first if there is none, and once
+    /// more if etcd says the one sent is no longer valid.
+    fn with_failover<T>(&self, mut attempt: impl FnMut(&Channel, CallOption) -> grpcio::Result<T>) -> Result<T> {
+        self.ensure_token()?;
+        match self.failover_once(&mut attempt) {
+            Err(e) if self.inner.auth.is_some() && e.is_invalid_token() => {
+                self.authenticate()?;
+                self.failover_once(&mut attempt)
+            }
+            result => result,
+        }
+    }
+
     /// Runs `attempt` on the preferred endpoint, then on the others while failures are
     /// retryable, all within one `Config::timeout`. Each attempt gets an equal share of the time
     /// left, so one black-holed endpoint cannot eat the whole deadline.
-    fn with_failover<T>(&self, mut attempt: impl FnMut(&Channel, CallOption) -> grpcio::Result<T>) -> Result<T> {
+    fn failover_once<T>(&self, mut attempt: impl FnMut(&Channel, CallOption) -> grpcio::Result<T>) -> Result<T> {
         let deadline = Instant::now() + self.timeout();
         let n = self.inner.channels.len();
         let mut last_error = String::new();
@@ -293,7 +400,7 @@ impl Client {
                 return Err(Error::Timeout(self.timeout()));
             }
             let share = remaining / u32::try_from(n - i).unwrap_or(u32::MAX);
-            match attempt(channel, CallOption::default().timeout(share)).map_err(Error::from) {
+            match attempt(channel, self.call_option(Some(share))).map_err(Error::from) {
                 Ok(v) => {
                     self.prefer(idx);
                     return Ok(v);
@@ -332,8 +439,12 @@ fn lease_error(e: Error, lease_id: i64) -> Error {
     }
 }
 
-fn channel(env: &Arc<Environment>, endpoint: &str) -> Channel {
-    ChannelBuilder::new(env.clone())
+fn channel(env: &Arc<Environment>, endpoint: &str, tls: Option<ChannelCredentials>) -> Channel {
+    let mut builder = ChannelBuilder::new(env.clone());
+    if let Some(credentials) = tls {
+        builder = builder.set_credentials(credentials);
+    }
+    builder
         // Detects a dead etcd under a quiet watch stream. etcd answers pings more frequent than
         // every 5 s with GOAWAY, and without data it would stop us after 2 pings unless allowed.
         .keepalive_time(Duration::from_secs(10))

@@ -9,13 +9,13 @@ use futures::channel::oneshot;
 use futures::executor::block_on;
 use futures::future::{select as either, Either};
 use futures::{SinkExt, StreamExt};
-use grpcio::{CallOption, Channel, WriteFlags};
+use grpcio::{Channel, WriteFlags};
 
 use super::{keys, Client, Error, KeyValue, Result};
-use crate::thread::StoppableThread;
 use crate::proto::kv::Event_EventType;
 use crate::proto::rpc::{WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proto::rpc_grpc::WatchClient;
+use crate::thread::StoppableThread;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -57,8 +57,15 @@ impl Watcher {
         let (events_tx, events_rx) = unbounded();
         let (key, range_end) = keys::prefix_range(prefix.as_bytes());
         let thread = StoppableThread::spawn("etcd-watch", move |stop| {
-            let worker =
-                WatchLoop { client, key, range_end, next_revision: start_revision, events: events_tx, stop, connected: None };
+            let worker = WatchLoop {
+                client,
+                key,
+                range_end,
+                next_revision: start_revision,
+                events: events_tx,
+                stop,
+                connected: None,
+            };
             worker.run(stop_stream_rx)
         })?
         .with_wake(move || drop(stop_stream_tx));
@@ -133,22 +140,32 @@ impl WatchLoop {
             }
             Either::Right(_) => return End::Stop,
         }
-        let (mut tx, mut rx) = match WatchClient::new(channel.clone()).watch_opt(CallOption::default()) {
+        if let Err(e) = self.client.ensure_token() {
+            return End::Broken(e.to_string());
+        }
+        // An expired auth token breaks the stream: renew it before the next one.
+        let client = self.client.clone();
+        let broken = move |e: grpcio::Error| {
+            let e = Error::from(e);
+            client.renew_token_after(&e);
+            End::Broken(e.to_string())
+        };
+        let (mut tx, mut rx) = match WatchClient::new(channel.clone()).watch_opt(self.client.call_option(None)) {
             Ok(pair) => pair,
-            Err(e) => return End::Broken(Error::from(e).to_string()),
+            Err(e) => return broken(e),
         };
         let create = self.create_request();
         // tx stays alive until this returns: dropping it would cancel the stream.
         block_on(async {
             match either(tx.send((create, WriteFlags::default())), &mut *stop).await {
                 Either::Left((Ok(()), _)) => {}
-                Either::Left((Err(e), _)) => return End::Broken(Error::from(e).to_string()),
+                Either::Left((Err(e), _)) => return broken(e),
                 Either::Right(_) => return End::Stop,
             }
             loop {
                 let resp = match either(rx.next(), &mut *stop).await {
                     Either::Left((Some(Ok(resp)), _)) => resp,
-                    Either::Left((Some(Err(e)), _)) => return End::Broken(Error::from(e).to_string()),
+                    Either::Left((Some(Err(e)), _)) => return broken(e),
                     Either::Left((None, _)) => return End::Broken("etcd closed the watch stream".into()),
                     Either::Right(_) => return End::Stop,
                 };

@@ -194,7 +194,7 @@ const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 fn start_grpc(config: &Config, hub: Arc<Hub>) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub));
-    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, service)?)
+    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, None, service)?)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a node holds a socket per

@@ -1,9 +1,11 @@
 //! Configuration of the push-manager role: a plain struct with documented defaults.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::error::{Error, Result};
 use crate::etcd;
+use crate::grpc::{ClientTls, ClientTlsFlags, ServerTls};
 
 /// Everything `push-manager serve` can be told. Defaults match the CLI's.
 #[derive(Clone, Debug)]
@@ -37,7 +39,27 @@ pub struct Config {
     /// a small machine more pollers contend more than they help (measured on 2 cores: 1 gives
     /// ~20% more deliveries/s than 2 with 32 calls in flight, and no less with 128).
     pub grpc_threads: usize,
+    /// TLS for `PushServer` (`--tls-cert`, `--tls-key`, and `--tls-client-ca` to require client
+    /// certificates). Default `None`: plaintext.
+    pub tls: Option<ServerTls>,
+    /// `--api-key-file`: callers must send one of its keys as `authorization: Bearer <key>`.
+    /// Default `None`.
+    pub api_key_file: Option<PathBuf>,
+    /// `--allow-unauthenticated`: serve a non-loopback address with neither API keys nor mutual
+    /// TLS, so anyone who reaches the port may broadcast. Default off: such a serve refuses to
+    /// start.
+    pub allow_unauthenticated: bool,
+    /// TLS to the connect-nodes (`--node-tls-ca`, and `--node-tls-cert`/`--node-tls-key` for
+    /// nodes that require client certificates). Default `None`: plaintext.
+    pub node_tls: Option<ClientTls>,
+    /// `--node-token-file`: the token sent to every connect-node (the file's first key).
+    /// Default `None`.
+    pub node_token_file: Option<PathBuf>,
 }
+
+/// The flag names of the connect-node client's TLS files.
+pub const NODE_TLS_FLAGS: ClientTlsFlags =
+    ClientTlsFlags { ca: "--node-tls-ca", cert: "--node-tls-cert", key: "--node-tls-key" };
 
 /// Exponential backoff between attempts of one RPC.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +106,11 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(10),
             grpc_threads: 1,
+            tls: None,
+            api_key_file: None,
+            allow_unauthenticated: false,
+            node_tls: None,
+            node_token_file: None,
         }
     }
 }
@@ -126,6 +153,15 @@ impl Config {
         if self.grpc_threads == 0 {
             return bad("--grpc-threads must be at least 1".into());
         }
+        let authenticates = self.api_key_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
+        if !authenticates && !self.allow_unauthenticated && !crate::grpc::is_loopback(&self.listen) {
+            return bad(format!(
+                "--listen {} is reachable from other hosts and callers are not authenticated: give \
+                 --api-key-file or --tls-client-ca (mutual TLS), or --allow-unauthenticated to let anyone \
+                 who reaches the port broadcast to every user",
+                self.listen
+            ));
+        }
         self.etcd.validate().map_err(|e| Error::InvalidConfig(format!("--etcd: {e}")))
     }
 }
@@ -135,8 +171,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid() {
-        Config::default().validate().unwrap();
+    fn defaults_are_valid_on_loopback() {
+        Config { listen: "127.0.0.1:50053".into(), ..Config::default() }.validate().unwrap();
+    }
+
+    #[test]
+    fn an_open_address_needs_caller_authentication_or_the_explicit_flag() {
+        let open = Config::default();
+        let err = open.validate().unwrap_err().to_string();
+        assert!(err.contains("--allow-unauthenticated") && err.contains("--api-key-file"), "{err}");
+        Config { allow_unauthenticated: true, ..Config::default() }.validate().unwrap();
+        Config { api_key_file: Some("keys".into()), ..Config::default() }.validate().unwrap();
+        let mtls = ServerTls { cert: "c".into(), key: "k".into(), client_ca: Some("ca".into()) };
+        Config { tls: Some(mtls.clone()), ..Config::default() }.validate().unwrap();
+        let tls_only = ServerTls { client_ca: None, ..mtls };
+        assert!(Config { tls: Some(tls_only), ..Config::default() }.validate().is_err(), "TLS alone proves nothing");
     }
 
     #[test]
@@ -151,7 +200,7 @@ mod tests {
             (|c| c.retry.max_attempts = 0, "--max-attempts"),
         ];
         for (break_it, flag) in cases {
-            let mut config = Config::default();
+            let mut config = Config { listen: "127.0.0.1:0".into(), ..Config::default() };
             break_it(&mut config);
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(flag), "{err:?} should name {flag}");

@@ -15,6 +15,9 @@ pub enum Error {
     /// etcd refused something at start-up (the running service tolerates etcd outages).
     #[error("etcd: {0}")]
     Etcd(#[from] crate::etcd::Error),
+    /// A certificate or key for the connect-nodes could not be read.
+    #[error(transparent)]
+    Tls(#[from] crate::grpc::TlsError),
     /// A thread could not be spawned.
     #[error(transparent)]
     Spawn(#[from] crate::thread::SpawnError),
@@ -24,7 +27,7 @@ impl Error {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::InvalidConfig(_) | Error::Server(_) => false,
+            Error::InvalidConfig(_) | Error::Server(_) | Error::Tls(_) => false,
             Error::Spawn(_) => true,
             Error::Etcd(e) => e.is_retryable(),
         }

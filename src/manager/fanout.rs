@@ -8,13 +8,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use grpcio::Environment;
 use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
 use super::config::Config;
 use super::message::SharedMessage;
-use super::node::{NodeClient, NodeStats, Retries};
+use super::node::{NodeAccess, NodeClient, NodeStats, Retries};
 use crate::discovery::{diff, NodeAddrs};
 
 type NodeMap = BTreeMap<String, Arc<NodeClient>>;
@@ -34,17 +33,17 @@ pub(crate) struct Fanout {
     /// Serialises reconciliations (one writer at a time), never held by a broadcast; holds the
     /// number the next node client gets (its threads are named after it).
     reconciling: Mutex<u32>,
-    env: Arc<Environment>,
+    access: Arc<NodeAccess>,
     config: Arc<Config>,
 }
 
 impl Fanout {
-    pub(crate) fn new(env: Arc<Environment>, config: Arc<Config>) -> Fanout {
+    pub(crate) fn new(access: Arc<NodeAccess>, config: Arc<Config>) -> Fanout {
         Fanout {
             nodes: RwLock::new(Arc::new(NodeMap::new())),
             retiring: Mutex::new(Vec::new()),
             reconciling: Mutex::new(1),
-            env,
+            access,
             config,
         }
     }
@@ -92,7 +91,7 @@ impl Fanout {
             }
             for (id, addr) in &d.add {
                 // Started before the swap, without any lock held.
-                match NodeClient::start(*next_number, id, addr, self.env.clone(), &self.config) {
+                match NodeClient::start(*next_number, id, addr, &self.access, &self.config) {
                     Ok(node) => {
                         *next_number += 1;
                         next.insert(id.clone(), Arc::new(node));

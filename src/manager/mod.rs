@@ -18,16 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grpcio::EnvBuilder;
-use log::info;
+use log::{info, warn};
 
-pub use config::{Config, RetryPolicy};
+pub use config::{Config, RetryPolicy, NODE_TLS_FLAGS};
 pub use error::{Error, Result};
 pub use node::NodeStats;
 
+use crate::auth::KeyFile;
 use crate::discovery::{self, Discovery};
 use crate::etcd;
 use crate::proto::protocol_grpc::create_push_server;
 use fanout::Fanout;
+use node::NodeAccess;
 use server::PushService;
 
 /// How long calls in flight may take to end at shutdown before they are cancelled.
@@ -39,6 +41,8 @@ pub struct Manager {
     discovery: Option<Discovery>,
     fanout: Arc<Fanout>,
     addr: SocketAddr,
+    api_keys: Option<Arc<KeyFile>>,
+    node_token: Option<Arc<KeyFile>>,
 }
 
 impl Manager {
@@ -46,7 +50,14 @@ impl Manager {
     pub fn start(config: Config) -> Result<Manager> {
         config.validate()?;
         let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc").build());
-        let fanout = Arc::new(Fanout::new(env.clone(), Arc::new(config.clone())));
+        let api_keys = load_keys("--api-key-file", &config.api_key_file)?;
+        let node_token = load_keys("--node-token-file", &config.node_token_file)?;
+        if let Some(tls) = &config.node_tls {
+            // Read now so that a bad file stops start-up instead of every node later.
+            tls.credentials()?;
+        }
+        let access = Arc::new(NodeAccess { env: env.clone(), tls: config.node_tls.clone(), token: node_token.clone() });
+        let fanout = Arc::new(Fanout::new(access, Arc::new(config.clone())));
 
         // Discovery first, so the service can tell callers whether etcd is reachable. Until the
         // server starts, the nodes it finds just wait for traffic; if binding fails, dropping it
@@ -69,18 +80,20 @@ impl Manager {
             max_message_bytes: config.max_message_bytes,
             prefix: config.prefix.clone(),
             etcd_endpoints: config.etcd.endpoints.join(","),
+            api_keys: api_keys.clone(),
         };
         let (server, addr) = crate::grpc::start_server(
             env,
             &config.listen,
             receive_limit(config.max_message_bytes),
+            config.tls.as_ref(),
             create_push_server(service),
         )?;
         info!(
             "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}",
             config.etcd.endpoints, config.prefix
         );
-        Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr })
+        Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr, api_keys, node_token })
     }
 
     /// The address the gRPC server is bound to.
@@ -114,6 +127,18 @@ impl Manager {
         self.discovery.as_ref().map_or(0, |d| d.status().listings())
     }
 
+    /// Re-reads the API key and node token files (SIGHUP). Calls in flight are not disturbed; a
+    /// file that cannot be read keeps its old keys. Logs counts, never keys.
+    pub fn reload_credentials(&self) {
+        for (what, keys) in [("API keys", &self.api_keys), ("node token", &self.node_token)] {
+            let Some(keys) = keys else { continue };
+            match keys.reload() {
+                Ok((before, after)) => info!("reloaded {what}: {before} key(s) before, {after} now"),
+                Err(e) => warn!("reloading {what} failed, keeping the {} loaded before: {e}", keys.len()),
+            }
+        }
+    }
+
     /// Idempotent: stops accepting RPCs, stops discovery, drains every queue within the drain
     /// timeout, and joins every thread.
     pub fn shutdown(&mut self) {
@@ -132,6 +157,13 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+fn load_keys(flag: &'static str, path: &Option<std::path::PathBuf>) -> Result<Option<Arc<KeyFile>>> {
+    match path {
+        Some(path) => Ok(Some(Arc::new(KeyFile::load(flag, path).map_err(Error::InvalidConfig)?))),
+        None => Ok(None),
     }
 }
 

@@ -19,10 +19,13 @@ use log::{debug, info, warn};
 use parking_lot::{Mutex, RwLock};
 
 use super::config::Config;
+use super::error::Error;
 use super::message::{SharedMessage, BROADCAST, BROADCAST_BATCH};
 use super::throttle::Throttle;
+use crate::auth::{bearer, KeyFile};
 use crate::grpc::is_retryable;
-use crate::thread::{SpawnError, StoppableThread};
+use crate::grpc::{ClientTls, TlsError};
+use crate::thread::StoppableThread;
 
 /// A batch stops growing at this many encoded bytes (a single larger message still goes alone),
 /// well under gRPC's default 4 MiB receive limit on the connect-node.
@@ -123,7 +126,7 @@ pub(crate) struct NodeClient {
     /// Where the node is now, and the client that calls it there: swapped together when the
     /// node re-registers at a new address, so its queue and counters carry over.
     target: Arc<RwLock<Target>>,
-    env: Arc<Environment>,
+    access: Arc<NodeAccess>,
     sender: RwLock<Option<Sender<SharedMessage>>>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
@@ -146,10 +149,10 @@ impl NodeClient {
         number: u32,
         id: &str,
         addr: &str,
-        env: Arc<Environment>,
+        access: &Arc<NodeAccess>,
         config: &Arc<Config>,
-    ) -> Result<NodeClient, SpawnError> {
-        let target = Arc::new(RwLock::new(Target::new(&env, addr)));
+    ) -> Result<NodeClient, Error> {
+        let target = Arc::new(RwLock::new(Target::new(&access, addr)?));
         let (tx, rx) = bounded(config.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
@@ -170,7 +173,7 @@ impl NodeClient {
             id: id.to_string(),
             number,
             target: target.clone(),
-            env,
+            access: access.clone(),
             sender: RwLock::new(Some(tx)),
             counters: counters.clone(),
             lifecycle: lifecycle.clone(),
@@ -183,6 +186,7 @@ impl NodeClient {
             let worker = Worker {
                 node_id: node.id.clone(),
                 target: target.clone(),
+                access: access.clone(),
                 queue: rx.clone(),
                 pipeline: pipeline.clone(),
                 counters: counters.clone(),
@@ -197,7 +201,7 @@ impl NodeClient {
                 Err(e) => {
                     node.close(Duration::ZERO, Retries::Stop);
                     node.join();
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
@@ -222,7 +226,10 @@ impl NodeClient {
     /// it is still the same node to callers, so what is queued for it goes to the new address
     /// (and an RPC that fails at the old one is retried there) instead of being lost with it.
     pub(crate) fn move_to(&self, addr: &str) {
-        let target = Target::new(&self.env, addr);
+        let target = match Target::new(&self.access, addr) {
+            Ok(target) => target,
+            Err(e) => return warn!("node {}: cannot move to {addr} ({e}); keeps {}", self.id, self.addr()),
+        };
         let old = std::mem::replace(&mut *self.target.write(), target);
         info!("node {}: moved from {} to {addr}; its queue follows", self.id, old.addr);
     }
@@ -308,6 +315,27 @@ impl Drop for NodeClient {
     }
 }
 
+/// What every node client of one manager connects and authenticates with.
+pub(crate) struct NodeAccess {
+    /// The gRPC environment shared with the server.
+    pub(crate) env: Arc<Environment>,
+    /// TLS to the nodes; `None` for plaintext.
+    pub(crate) tls: Option<ClientTls>,
+    /// The node token, sent with every call; re-read on SIGHUP.
+    pub(crate) token: Option<Arc<KeyFile>>,
+}
+
+impl NodeAccess {
+    /// A call option with `timeout` and, if there is a node token, its bearer header.
+    fn call_option(&self, timeout: Duration) -> CallOption {
+        let opt = CallOption::default().timeout(timeout);
+        match &self.token {
+            Some(token) => opt.headers(bearer(&token.first())),
+            None => opt,
+        }
+    }
+}
+
 /// A node's address and the gRPC client connected (lazily) to it.
 struct Target {
     addr: String,
@@ -315,8 +343,12 @@ struct Target {
 }
 
 impl Target {
-    fn new(env: &Arc<Environment>, addr: &str) -> Target {
-        Target { addr: addr.to_string(), client: Client::new(ChannelBuilder::new(env.clone()).connect(addr)) }
+    fn new(access: &NodeAccess, addr: &str) -> Result<Target, TlsError> {
+        let mut builder = ChannelBuilder::new(access.env.clone());
+        if let Some(tls) = &access.tls {
+            builder = builder.set_credentials(tls.credentials()?);
+        }
+        Ok(Target { addr: addr.to_string(), client: Client::new(builder.connect(addr)) })
     }
 }
 
@@ -371,6 +403,7 @@ impl Batch {
 struct Worker {
     node_id: String,
     target: Arc<RwLock<Target>>,
+    access: Arc<NodeAccess>,
     queue: Receiver<SharedMessage>,
     pipeline: Arc<Pipeline>,
     counters: Arc<Counters>,
@@ -431,7 +464,7 @@ impl Worker {
                 self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
                 return;
             }
-            let opt = CallOption::default().timeout(self.lifecycle.rpc_timeout(self.config.rpc_timeout));
+            let opt = self.access.call_option(self.lifecycle.rpc_timeout(self.config.rpc_timeout));
             self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
             // Cloned (an Arc) so the lock is not held across the RPC.
             let client = self.target.read().client.clone();

@@ -10,6 +10,7 @@ use log::debug;
 
 use super::fanout::Fanout;
 use super::message::Outgoing;
+use crate::auth::KeyFile;
 use crate::discovery;
 use crate::proto::protocol::{BroadCastReply, BroadCastReq};
 use crate::proto::protocol_grpc::PushServer;
@@ -22,6 +23,8 @@ pub(crate) struct PushService {
     pub(crate) max_message_bytes: usize,
     pub(crate) prefix: String,
     pub(crate) etcd_endpoints: String,
+    /// Callers must send one of these; `None` when callers are not authenticated by key.
+    pub(crate) api_keys: Option<Arc<KeyFile>>,
 }
 
 /// Why a request is refused, as the caller will read it.
@@ -46,6 +49,11 @@ pub(crate) fn validate_topic(topic: &str) -> Result<(), String> {
 
 impl PushServer for PushService {
     fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<BroadCastReply>) {
+        if let Some(Err(refusal)) = self.api_keys.as_ref().map(|keys| keys.check(ctx.request_headers())) {
+            debug!("refused a broadcast from {}: {refusal}", ctx.peer());
+            ctx.spawn(reply_error(sink, RpcStatusCode::UNAUTHENTICATED, refusal.to_string()));
+            return;
+        }
         if let Err(msg) = validate(&req, self.max_message_bytes) {
             debug!("refused a broadcast from {}: {msg}", ctx.peer());
             ctx.spawn(reply_error(sink, RpcStatusCode::INVALID_ARGUMENT, msg));

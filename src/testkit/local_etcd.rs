@@ -11,7 +11,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::poll_until;
-use crate::etcd::{Client, Config};
+use super::Identity;
+use crate::etcd::{Client, ClientTls, Config};
 
 /// How long etcd may take to answer after being started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,18 +32,39 @@ pub struct LocalEtcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<EtcdTls>,
+}
+
+/// An etcd that speaks only TLS on its client port and requires client certificates
+/// (`--client-cert-auth`): its own identity, the CA both sides trust, and the client identity
+/// this handle's own calls (`config`, `client`, `etcdctl`) use.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server: Identity,
+    pub client: Identity,
 }
 
 impl LocalEtcd {
     /// Starts `etcd` (from PATH) on free ports and returns once it answers.
     pub fn start() -> Result<LocalEtcd, String> {
+        LocalEtcd::start_with(None)
+    }
+
+    /// [`LocalEtcd::start`], serving clients over TLS only, with client certificates required.
+    pub fn start_tls(tls: EtcdTls) -> Result<LocalEtcd, String> {
+        LocalEtcd::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Result<LocalEtcd, String> {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let dir = tempfile::Builder::new()
                 .prefix("push-manager-etcd-")
                 .tempdir()
                 .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-            let mut etcd = LocalEtcd { dir, client_port: free_port(), peer_port: free_port(), child: None };
+            let mut etcd =
+                LocalEtcd { dir, client_port: free_port(), peer_port: free_port(), child: None, tls: tls.clone() };
             match etcd.spawn_and_wait() {
                 Ok(()) => return Ok(etcd),
                 Err(e) if e.starts_with("cannot run etcd") => return Err(e),
@@ -57,13 +79,39 @@ impl LocalEtcd {
         format!("127.0.0.1:{}", self.client_port)
     }
 
-    /// A client config for this etcd with a 2 s deadline.
+    /// A client config for this etcd with a 2 s deadline (and TLS with the client identity).
     pub fn config(&self) -> Config {
-        Config { endpoints: vec![self.endpoint()], timeout: Duration::from_secs(2) }
+        Config {
+            endpoints: vec![self.endpoint()],
+            timeout: Duration::from_secs(2),
+            tls: self.tls.as_ref().map(|tls| ClientTls {
+                ca: tls.ca.clone(),
+                identity: Some((tls.client.cert.clone(), tls.client.key.clone())),
+                flags: crate::etcd::TLS_FLAGS,
+            }),
+            auth: None,
+        }
     }
 
     pub fn client(&self) -> Client {
         Client::connect(self.config()).expect("a loopback endpoint is a valid config")
+    }
+
+    /// Runs `etcdctl <args>` against this etcd (with its client certificate when TLS) and
+    /// returns its standard output; panics, with what it said, if it fails.
+    #[track_caller]
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let mut command = Command::new("etcdctl");
+        command.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint()));
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.client.cert.display()))
+                .arg(format!("--key={}", tls.client.key.display()));
+        }
+        let out = command.args(args).output().unwrap_or_else(|e| panic!("cannot run etcdctl: {e}"));
+        assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The process id, while it runs.
@@ -107,9 +155,18 @@ impl LocalEtcd {
             .open(self.log_path())
             .map_err(|e| format!("cannot open etcd's log: {e}"))?;
         let log_too = log.try_clone().map_err(|e| format!("cannot open etcd's log: {e}"))?;
-        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.server.cert.display()))
+                .arg(format!("--key-file={}", tls.server.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=t")
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -127,8 +184,8 @@ impl LocalEtcd {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let probe = Client::connect(Config { endpoints: vec![self.endpoint()], timeout: Duration::from_millis(200) })
-            .expect("a loopback endpoint is a valid config");
+        let probe = Client::connect(Config { timeout: Duration::from_millis(200), ..self.config() })
+            .expect("a loopback endpoint and readable certificates are a valid config");
         let child = &mut self.child;
         let mut exited = None;
         let answered = poll_until(START_TIMEOUT, || {
