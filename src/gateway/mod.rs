@@ -20,6 +20,7 @@ mod ws;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use grpcio::EnvBuilder;
 use log::{info, warn};
@@ -34,6 +35,10 @@ use crate::thread::StoppableThread;
 use hub::{LoopHandle, TopicCounts};
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
+
+/// How long gRPC calls in flight may take to end when the server stops, before they are
+/// cancelled. Handlers never block, so only a stalled client is still in a call by then.
+const GRPC_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
@@ -108,14 +113,13 @@ impl Gateway {
         &self.hub
     }
 
-    /// Stops accepting RPCs: waits for those in flight (they never block), then cancels the rest.
+    /// Stops accepting RPCs: waits a short while for those in flight (handlers never block),
+    /// then cancels the rest, so a client stalled mid-call cannot hold the node up.
     pub fn stop_grpc(&mut self) {
-        if let Some(mut server) = self.grpc.take() {
-            if let Err(e) = futures::executor::block_on(server.shutdown()) {
-                warn!("gRPC server shutdown: {e}");
-            }
+        if let Some(server) = self.grpc.take() {
             // Dropping the server (and with it the last handle on its environment) joins the
             // completion-queue threads.
+            crate::grpc::stop_server(server, GRPC_STOP_GRACE);
         }
     }
 
