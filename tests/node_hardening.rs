@@ -10,15 +10,37 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use base64::Engine;
 use common::etcd::Etcd;
-use common::grpc::{node_broadcast, node_client};
+use common::grpc::{node_broadcast, node_client, push_client, OP};
 use common::ws::Client;
-use common::{BIN, PATIENCE};
+use common::{wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
-use push_manager::testkit::poll_until;
+use push_manager::etcd;
+use push_manager::gateway;
+use push_manager::manager::{self, Manager};
+use push_manager::proto::broadcast_request;
+use push_manager::testkit::{poll_until, spawn_node};
+use serde_json::Value;
+use tungstenite::Message;
 
 const PREFIX: &str = "/hardening/nodes/";
 const TOPIC: &str = "hardening";
+
+fn manager_config(etcd: &Etcd) -> manager::Config {
+    manager::Config {
+        listen: "127.0.0.1:0".into(),
+        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500) },
+        prefix: PREFIX.into(),
+        routine_size: 2,
+        // Long: node changes come through the watch, and a removed node stays among the
+        // retiring ones (with its counters) until the next listing.
+        poll_interval: Duration::from_secs(60),
+        rpc_timeout: Duration::from_secs(2),
+        drain_timeout: Duration::from_secs(5),
+        ..manager::Config::default()
+    }
+}
 
 fn key(id: &str) -> String {
     format!("{PREFIX}{id}")
@@ -89,6 +111,57 @@ impl LoggedNode {
             panic!("timed out after {timeout:?} waiting until {what}; the node's log:\n{}", self.log.lock());
         }
     }
+}
+
+/// Reads the next text frame as raw text and JSON, skipping pings.
+#[track_caller]
+fn next_frame(client: &mut Client) -> (usize, Value) {
+    match client.next_message() {
+        Message::Text(text) => (text.len(), serde_json::from_str(text.as_str()).expect("JSON")),
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_largest_legal_broadcasts_reach_every_subscriber_whatever_their_encoded_size() {
+    let etcd = Etcd::start();
+    // Defaults on both sides: push-manager takes bodies up to 1 MiB, the node buffers 1 MiB.
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "big", &[]);
+    let _child = Reaped(node.child);
+    let manager = Manager::start(manager_config(&etcd)).unwrap();
+    wait_until("push-manager finds the node", PATIENCE, || manager.nodes().len() == 1);
+    // tungstenite's default limits (64 MiB messages, 16 MiB frames) take a 6 MiB delivery.
+    let mut subscribers = [Client::subscribed(node.ws_addr, &[TOPIC]), Client::subscribed(node.ws_addr, &[TOPIC])];
+    let client = push_client(manager.addr());
+    let max_out_buffer = gateway::Config::default().max_out_buffer;
+
+    let largest = 1 << 20;
+    let bodies: [(&str, Vec<u8>); 3] =
+        [("ASCII", vec![b'a'; largest]), ("control characters", vec![1; largest]), ("not UTF-8", vec![0xff; largest])];
+    for (seq, (what, body)) in bodies.iter().enumerate() {
+        let reply = client.broadcast(&broadcast_request(TOPIC, OP, seq as i32, body.clone())).unwrap();
+        assert_eq!((reply.get_accepted(), reply.get_targeted()), (1, 1), "{what}: {reply:?}");
+        for subscriber in &mut subscribers {
+            let (len, frame) = next_frame(subscriber);
+            assert!(len > max_out_buffer, "{what}: the frame ({len} bytes) is bigger than --max-out-buffer");
+            assert_eq!(frame["seq"], seq, "{what}");
+            let got = match frame["body"].as_str() {
+                Some(text) => text.as_bytes().to_vec(),
+                None => {
+                    base64::engine::general_purpose::STANDARD.decode(frame["body_base64"].as_str().unwrap()).unwrap()
+                }
+            };
+            assert!(got == *body, "{what}: the body arrived changed");
+        }
+    }
+    // Neither was closed: both get what comes next.
+    client.broadcast(&broadcast_request(TOPIC, OP, 3, "after")).unwrap();
+    for subscriber in &mut subscribers {
+        assert_eq!(next_frame(subscriber).1["body"], "after");
+    }
+    wait_until("push-manager's counters settle", PATIENCE, || manager.nodes()[0].settled());
+    let stats = &manager.nodes()[0];
+    assert_eq!((stats.sent, stats.failed), (4, 0), "{stats:?}");
 }
 
 #[test]

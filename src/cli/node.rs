@@ -39,7 +39,8 @@ pub struct NodeArgs {
     /// gRPC completion-queue threads.
     #[arg(long, default_value_t = Config::default().grpc_threads)]
     pub grpc_threads: usize,
-    /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer.
+    /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer
+    /// (one message of any size is always taken when nothing else waits).
     #[arg(long, default_value_t = Config::default().max_out_buffer)]
     pub max_out_buffer: usize,
     /// Largest frame or message accepted from a WebSocket client, in bytes.

@@ -21,7 +21,10 @@ pub struct Config {
     /// Event-loop threads (`ws-loop-<n>`) sharing the WebSocket connections. Default 2.
     pub event_loops: usize,
     /// Per connection, bytes of deliveries that may wait to be written; a delivery that would
-    /// pass it closes the connection with 4000. Default 1 MiB.
+    /// pass it closes the connection with 4000. A single delivery may always be queued on a
+    /// connection with nothing unsent, whatever its size (a broadcast push-manager accepted can
+    /// encode to several times this: 1 MiB of control characters is ~6 MiB of JSON escapes);
+    /// the bound applies to what waits behind it. Default 1 MiB.
     pub max_out_buffer: usize,
     /// Biggest frame or message accepted from a client, in bytes; bigger closes with 1009.
     /// Default 64 KiB.

@@ -35,7 +35,7 @@
 //! | 1008 | `unknown action "x"`, `empty topic`, `topic longer than ...`, `too many topics ...`, ... | a command that parses but is refused |
 //! | 1009 | `message too big ...` | a frame or message over `max_frame_bytes` |
 //! | 1002 | `protocol error: ...` | a WebSocket protocol violation (e.g. unmasked frame) |
-//! | 4000 | `slow consumer: outgoing buffer overflow` | the connection's unsent bytes would pass `max_out_buffer` |
+//! | 4000 | `slow consumer: outgoing buffer overflow` | a delivery came while bytes were unsent, and with it they would pass `max_out_buffer` (one delivery of any size is taken when nothing is unsent) |
 //!
 //! A client from which nothing (not even a pong) arrived for `pong_timeout` is dropped without a
 //! close frame: it is not listening anyway.

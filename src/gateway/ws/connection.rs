@@ -68,7 +68,8 @@ pub(crate) enum QueuedFrames {
     Discard,
 }
 
-/// A frame did not fit: the connection's unsent bytes would pass `max_out_buffer`.
+/// A frame did not fit: the connection had unsent bytes, and with the frame they would pass
+/// `max_out_buffer`.
 #[derive(Debug)]
 pub(crate) struct SlowConsumer {
     /// Bytes queued or handed to tungstenite and not yet written.
@@ -191,8 +192,9 @@ impl Connection {
         }
     }
 
-    /// Queues a frame on an active connection; refuses it if the connection's unsent bytes
-    /// would pass `max_out_buffer`.
+    /// Queues a frame on an active connection. A connection with nothing unsent takes any
+    /// frame, however big (a legal broadcast can encode to several times `max_out_buffer`);
+    /// past that the frame is refused if the unsent bytes would pass `max_out_buffer`.
     pub(crate) fn enqueue(
         &mut self,
         frame: &Utf8Bytes,
@@ -203,7 +205,7 @@ impl Connection {
             return Ok(Next::Keep);
         }
         let unsent = self.queued + self.in_flight;
-        if unsent + frame.len() > max_out_buffer {
+        if unsent > 0 && unsent + frame.len() > max_out_buffer {
             return Err(SlowConsumer { unsent });
         }
         self.queue.push_back(frame.clone());

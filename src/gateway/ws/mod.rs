@@ -9,7 +9,8 @@
 //! (or its `READ_BUDGET` for this turn, then it waits its next turn on `unread`, so one client
 //! sending without pause cannot hold up the others) and writes only while the socket takes
 //! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
-//! allowed to stall the loop or grow without bound.
+//! allowed to stall the loop or grow without bound (a single frame, whatever its size, is
+//! always taken by a connection with nothing unsent).
 
 mod connection;
 mod handshake;
