@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::etcd::Etcd;
 use common::grpc::{node_broadcast, node_client, push_client, OP};
-use common::ws::Client;
+use common::ws::{upgrade_request, Client};
 use common::{wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
 use push_manager::etcd;
@@ -208,4 +208,92 @@ fn a_node_started_while_etcd_is_down_serves_and_registers_once_etcd_is_back() {
     node.wait_for_log(&format!("registered {}", key("early")));
     assert_eq!(node_broadcast(&grpc, TOPIC, 2, b"after etcd").get_delivered(), 1);
     assert_eq!(user.next_json()["body"], "after etcd");
+}
+
+/// A text frame as a client sends it (masked), with a payload under 126 bytes.
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend(mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    frame
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_huge_delivery_to_many_connections_leaves_no_copy_of_it_behind_per_connection() {
+    let etcd = Etcd::start();
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "frugal", &[]);
+    let child = Reaped(node.child);
+    const SUBSCRIBERS: usize = 100;
+    let mut users: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(node.ws_addr, "/ws?topic=huge")).collect();
+    let grpc = node_client(&node.grpc);
+    // Subscribed once a broadcast counts them all; each attempt has its own seq.
+    let mut ready = 0;
+    wait_until("every user is subscribed", PATIENCE, || {
+        ready += 1;
+        grpc.broadcast(&broadcast_request("huge", OP, ready, "ready?")).unwrap().get_delivered() == SUBSCRIBERS as u64
+    });
+    for user in &mut users {
+        while next_frame(user).1["seq"] != ready {}
+    }
+    let before = resident_bytes(child.0.id());
+
+    // 1 MiB of control characters: a 6 MiB frame, for each of the hundred.
+    let huge = ready + 1;
+    let reply = grpc.broadcast(&broadcast_request("huge", OP, huge, vec![1u8; 1 << 20])).unwrap();
+    assert_eq!(reply.get_delivered(), SUBSCRIBERS as u64);
+    for user in &mut users {
+        let (len, frame) = next_frame(user);
+        assert!(len > 6 << 20, "{len}");
+        assert_eq!(frame["seq"], huge);
+    }
+    let grown = resident_bytes(child.0.id()).saturating_sub(before);
+    // A copy per connection would be 600 MiB; the shared frame and a few KiB each are ~10 MiB.
+    assert!(grown < 64 << 20, "the node grew by {} MiB delivering one 6 MiB frame", grown >> 20);
+}
+
+#[test]
+fn a_client_that_pings_without_reading_cannot_make_the_node_buffer_its_pongs_without_bound() {
+    let etcd = Etcd::start();
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "pinged", &[]);
+    let child = Reaped(node.child);
+    let mut socket = TcpStream::connect(node.ws_addr).unwrap();
+    socket.write_all(upgrade_request(node.ws_addr, "/ws").as_bytes()).unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(socket.read(&mut byte).unwrap(), 1, "the node answers the upgrade");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let before = resident_bytes(child.0.id());
+
+    // Masked pings with the largest payload a control frame carries, each answered by a pong
+    // the node cannot send: this client never reads.
+    let mut ping = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    ping.extend(std::iter::repeat_n(0u8, 125));
+    let chunk = ping.repeat((64 << 10) / ping.len());
+    let mut sent = 0;
+    while sent < 64 << 20 {
+        socket.write_all(&chunk).expect("the node keeps reading");
+        sent += chunk.len();
+    }
+    // Frames are read in order: once the node has taken this subscription, it has read every
+    // ping before it.
+    socket.write_all(&masked_text(br#"{"action":"subscribe","topics":["after-the-pings"]}"#)).unwrap();
+    let grpc = node_client(&node.grpc);
+    wait_until("the node has read the pings", PATIENCE, || {
+        node_broadcast(&grpc, "after-the-pings", 1, b"").get_delivered() == 1
+    });
+    let grown = resident_bytes(child.0.id()).saturating_sub(before);
+    // Unbounded, the pongs to 64 MiB of pings would take 62 MiB.
+    assert!(grown < 16 << 20, "the node grew by {} MiB answering pings nobody reads", grown >> 20);
 }

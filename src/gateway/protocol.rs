@@ -24,7 +24,8 @@
 //! `op`, `seq` and `ver` come from `BroadCastReq.proto` (`op` falls back to
 //! `BroadCastReq.protoOp` when `proto.op` is 0). `topic` is `""` for a broadcast to every
 //! connection. A body that is not valid UTF-8 is sent as `"body_base64":"..."` (standard
-//! alphabet, padded) instead of `"body"`.
+//! alphabet, padded) instead of `"body"`. A delivery longer than 4 KiB is sent as a fragmented
+//! WebSocket message, each fragment whole UTF-8 characters; WebSocket clients reassemble it.
 //!
 //! # Close codes
 //! | code | reason starts with | when |

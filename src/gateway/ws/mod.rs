@@ -33,7 +33,7 @@ use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
 use super::protocol::{self, AckKind, Command, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
-use connection::{Connection, Next, QueuedFrames, Read, READ_BUDGET, WRITE_BATCH};
+use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET, WRITE_BATCH};
 use handshake::{Handshaking, Step};
 use subscriptions::Subscriptions;
 
@@ -94,8 +94,13 @@ fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Allocated per connection up front; client commands are small.
         .read_buffer_size(2048)
-        // We flush after each batch ourselves; this only matters for a single huge frame.
+        // We flush after each batch ourselves, and hand big frames over a fragment at a time, so
+        // tungstenite's buffer stays within this and a batch.
         .write_buffer_size(2 * WRITE_BATCH)
+        // Room for the above and the odd control frame. tungstenite buffers a pong for each
+        // ping it reads, written or not: without a cap, a client that pings and never reads
+        // grows it without bound. At the cap, pongs wait (the latest replacing the others).
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes))
 }
