@@ -8,6 +8,22 @@ use super::error::{Error, Result};
 use crate::etcd;
 use crate::registry;
 
+/// Longest duration any field takes: far beyond a sensible timeout, and far enough from
+/// `Instant`'s range that adding it to the clock can never overflow. The same bound as the
+/// CLI's duration parser, so a config built in code is held to what a flag could say.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Refuses a duration past [`MAX_DURATION`], naming its flag.
+fn check_duration(flag: &str, value: Duration) -> Result<()> {
+    if value > MAX_DURATION {
+        return Err(Error::Config(format!(
+            "{flag} must be at most {} (ten years), got {value:?}",
+            humantime::format_duration(MAX_DURATION)
+        )));
+    }
+    Ok(())
+}
+
 /// How a connect-node listens and treats its clients. Plain data: build it, `validate()` it (as
 /// [`super::Gateway::start`] does) and pass it by value.
 #[derive(Debug, Clone)]
@@ -88,6 +104,9 @@ impl Config {
         if self.max_out_buffer < 1024 {
             return bad(format!("--max-out-buffer must be at least 1024 bytes, got {}", self.max_out_buffer));
         }
+        for (flag, value) in [("--ping-interval", self.ping_interval), ("--pong-timeout", self.pong_timeout)] {
+            check_duration(flag, value)?;
+        }
         if self.ping_interval.is_zero() {
             return bad("--ping-interval must be more than zero".into());
         }
@@ -155,6 +174,7 @@ impl NodeConfig {
         if let Some(addr) = &self.advertise {
             crate::addr::validate_host_port(addr).map_err(|e| Error::Config(format!("--advertise: {e}")))?;
         }
+        check_duration("--lease-ttl", self.lease_ttl)?;
         if self.lease_ttl < Duration::from_secs(1) {
             return bad("--lease-ttl must be at least 1s (etcd counts whole seconds)".into());
         }
@@ -187,6 +207,22 @@ mod tests {
         check(Config { max_topic_len: 0, ..Config::default() }, "--max-topic-len");
         check(Config { max_topics_per_connection: 0, ..Config::default() }, "--max-topics-per-connection");
         check(Config { max_loop_backlog: 0, ..Config::default() }, "--max-loop-backlog");
+    }
+
+    #[test]
+    fn durations_that_would_overflow_the_clock_are_refused() {
+        let check = |config: Config, flag: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains("at most"), "{err:?} should name {flag:?}");
+        };
+        check(Config { pong_timeout: Duration::MAX, ..Config::default() }, "--pong-timeout");
+        check(
+            Config { ping_interval: Duration::MAX, pong_timeout: Duration::MAX, ..Config::default() },
+            "--ping-interval",
+        );
+        let err = NodeConfig { lease_ttl: Duration::MAX, ..NodeConfig::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("--lease-ttl"), "{err}");
+        Config { pong_timeout: MAX_DURATION, ..Config::default() }.validate().unwrap();
     }
 
     #[test]
