@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -18,9 +19,9 @@ use common::{wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
 use push_manager::etcd;
 use push_manager::gateway;
-use push_manager::manager::{self, Manager};
+use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{poll_until, spawn_node};
+use push_manager::testkit::{poll_until, signal, spawn_node, wait_exit};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -208,6 +209,65 @@ fn a_node_started_while_etcd_is_down_serves_and_registers_once_etcd_is_back() {
     node.wait_for_log(&format!("registered {}", key("early")));
     assert_eq!(node_broadcast(&grpc, TOPIC, 2, b"after etcd").get_delivered(), 1);
     assert_eq!(user.next_json()["body"], "after etcd");
+}
+
+#[test]
+fn sigterm_delivers_everything_push_manager_sent_then_closes_with_1001() {
+    let etcd = Etcd::start();
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "leaving", &[]);
+    let mut child = Reaped(node.child);
+    let manager = Manager::start(manager_config(&etcd)).unwrap();
+    wait_until("push-manager finds the node", PATIENCE, || manager.nodes().len() == 1);
+    let mut user = Client::subscribed(node.ws_addr, &[TOPIC]);
+
+    // Traffic flows, without pause, until the user is closed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (stop, client) = (stop.clone(), push_client(manager.addr()));
+        thread::spawn(move || {
+            let mut seq = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match client.broadcast(&broadcast_request(TOPIC, OP, seq, format!("m{seq}"))) {
+                    Ok(reply) if reply.get_targeted() > 0 => seq += 1,
+                    // push-manager dropped the node: there is no one left to send to.
+                    _ => return,
+                }
+            }
+        })
+    };
+    let mut received: Vec<i64> = Vec::new();
+    let read = |user: &mut Client| -> Option<i64> {
+        match user.next_message() {
+            Message::Text(text) => {
+                let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                Some(frame["seq"].as_i64().unwrap())
+            }
+            Message::Close(Some(close)) => {
+                assert_eq!(u16::from(close.code), 1001, "{close:?}");
+                None
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    while received.len() < 200 {
+        received.push(read(&mut user).expect("deliveries before the stop"));
+    }
+    signal(&child.0, libc::SIGTERM);
+    while let Some(seq) = read(&mut user) {
+        received.push(seq);
+    }
+    stop.store(true, Ordering::SeqCst);
+    publisher.join().unwrap();
+    let status = wait_exit(&mut child.0, PATIENCE);
+    assert!(status.success(), "node exited with {status}");
+
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "in order, each once");
+    let retired = || manager.retiring_nodes().into_iter().find(|n| n.id == "leaving");
+    wait_until("push-manager's counters for the node settle", PATIENCE, || retired().is_some_and(|n| n.settled()));
+    let stats: NodeStats = retired().unwrap();
+    assert_eq!(stats.enqueued, stats.sent + stats.failed + stats.abandoned, "{stats:?}");
+    assert_eq!((stats.failed, stats.abandoned), (0, 0), "nothing push-manager had queued was lost: {stats:?}");
+    assert_eq!(received.len() as u64, stats.sent, "every message the node took reached its user before 1001");
 }
 
 /// A text frame as a client sends it (masked), with a payload under 126 bytes.

@@ -1,6 +1,8 @@
 //! `push-manager node`: the connect-node role. Serves `protocol.ConnectNode` and WebSocket users,
-//! registers in etcd under a lease, and on SIGINT/SIGTERM deregisters first (so push-manager
-//! stops sending at once), then closes every connection with a close frame and exits 0.
+//! registers in etcd under a lease (in the background while etcd is unreachable), and on
+//! SIGINT/SIGTERM deregisters first (so push-manager stops sending), keeps delivering what
+//! push-manager had already queued for it until its calls stop (at most `--shutdown-grace`),
+//! then closes every connection with a close frame and exits 0.
 
 use std::net::SocketAddr;
 
@@ -33,6 +35,10 @@ pub struct NodeArgs {
     /// TTL of the registration lease; a node that dies unannounced disappears after it.
     #[arg(long, default_value_t = NodeConfig::default().lease_ttl.into(), value_parser = parse_duration)]
     pub lease_ttl: humantime::Duration,
+    /// On SIGINT/SIGTERM, after deregistering: longest time to keep delivering what push-manager
+    /// still sends (it stops sooner once no call came for 500ms).
+    #[arg(long, default_value_t = NodeConfig::default().shutdown_grace.into(), value_parser = parse_duration)]
+    pub shutdown_grace: humantime::Duration,
     /// WebSocket event-loop threads.
     #[arg(long, default_value_t = Config::default().event_loops)]
     pub event_loops: usize,
@@ -87,6 +93,7 @@ impl NodeArgs {
             node_id: self.node_id.clone(),
             advertise: self.advertise.clone(),
             lease_ttl: self.lease_ttl.into(),
+            shutdown_grace: self.shutdown_grace.into(),
         }
     }
 }
@@ -138,11 +145,17 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
-    info!("connect-node {node_id} registered as {addr}");
+    info!("connect-node {node_id} serving, advertised as {addr}");
 
     run_until_signal(None, || Tick::Continue).map_err(|e| format!("installing signal handlers: {e}"))?;
-    info!("shutdown signal received: deregistering, then closing connections");
+    info!("shutdown signal received: deregistering, then delivering what push-manager still sends");
     registration.deregister();
+    let grace = config.shutdown_grace;
+    if gateway.wait_until_quiet(grace) {
+        info!("push-manager stopped sending; closing connections");
+    } else {
+        warn!("ConnectNode calls still arriving after --shutdown-grace {grace:?}; stopping anyway");
+    }
     gateway.shutdown();
     let stats = gateway.stats();
     info!("connect-node {node_id} stopped: {stats:?}");

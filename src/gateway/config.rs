@@ -144,6 +144,10 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     /// How long the key outlives a node that died without deregistering. Default 10 s.
     pub lease_ttl: Duration,
+    /// On SIGINT/SIGTERM, after deregistering: how long the node may keep taking and delivering
+    /// broadcasts while push-manager sends what it had queued for it. It stops sooner once no
+    /// ConnectNode call came for [`super::QUIET_BEFORE_STOP`]. Default 5 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for NodeConfig {
@@ -155,6 +159,7 @@ impl Default for NodeConfig {
             node_id: None,
             advertise: None,
             lease_ttl: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -178,7 +183,7 @@ impl NodeConfig {
         if self.lease_ttl < Duration::from_secs(1) {
             return bad("--lease-ttl must be at least 1s (etcd counts whole seconds)".into());
         }
-        Ok(())
+        check_duration("--shutdown-grace", self.shutdown_grace)
     }
 }
 
@@ -220,6 +225,8 @@ mod tests {
             Config { ping_interval: Duration::MAX, pong_timeout: Duration::MAX, ..Config::default() },
             "--ping-interval",
         );
+        let err = NodeConfig { shutdown_grace: Duration::MAX, ..NodeConfig::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("--shutdown-grace"), "{err}");
         let err = NodeConfig { lease_ttl: Duration::MAX, ..NodeConfig::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("--lease-ttl"), "{err}");
         Config { pong_timeout: MAX_DURATION, ..Config::default() }.validate().unwrap();

@@ -5,7 +5,9 @@
 //! completion-queue threads (`grpc-gateway-*`) run the service, `ws-accept` takes WebSocket
 //! connections and deals them to `ws-loop-<n>` event loops, which own the connections and their
 //! subscriptions (see `protocol.rs` for the wire format, close codes and commands). Registering
-//! the node in etcd is the caller's business; dropping the [`Gateway`] stops everything.
+//! the node in etcd is the caller's business ([`Registration`]); a caller that deregistered
+//! lets push-manager finish sending with [`Gateway::wait_until_quiet`] before stopping.
+//! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
 
 mod accept;
 mod config;
@@ -20,7 +22,7 @@ mod ws;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use grpcio::EnvBuilder;
 use log::{info, warn};
@@ -33,8 +35,14 @@ pub use stats::StatsSnapshot;
 
 use crate::thread::StoppableThread;
 use hub::{LoopHandle, TopicCounts};
+use service::Activity;
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
+
+/// How long no ConnectNode call may have arrived before a stopping node takes push-manager to
+/// have stopped sending ([`Gateway::wait_until_quiet`]): push-manager hears of a deregistration
+/// through its etcd watch within milliseconds, then sends what it had queued back to back.
+pub const QUIET_BEFORE_STOP: Duration = Duration::from_millis(500);
 
 /// How long gRPC calls in flight may take to end when the server stops, before they are
 /// cancelled. Handlers never block, so only a stalled client is still in a call by then.
@@ -43,6 +51,7 @@ const GRPC_STOP_GRACE: Duration = Duration::from_secs(2);
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
     grpc: Option<grpcio::Server>,
+    activity: Arc<Activity>,
     grpc_addr: SocketAddr,
     ws_addr: SocketAddr,
     hub: Arc<Hub>,
@@ -74,6 +83,7 @@ impl Gateway {
         // From here on, an error drops `gateway`, which stops what was started.
         let mut gateway = Gateway {
             grpc: None,
+            activity: Arc::new(Activity::new()),
             grpc_addr: "0.0.0.0:0".parse().expect("literal"),
             ws_addr,
             hub,
@@ -86,7 +96,7 @@ impl Gateway {
         let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
         gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 
-        let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone())?;
+        let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone(), gateway.activity.clone())?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
         info!("gateway up: gRPC on {grpc_addr}, WebSocket on ws://{ws_addr}{}", ws::WS_PATH);
@@ -111,6 +121,27 @@ impl Gateway {
     /// Publishes without gRPC (tests, demos).
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// Waits, for at most `grace`, until no ConnectNode call has arrived for
+    /// [`QUIET_BEFORE_STOP`] (counted from this call at the earliest): once deregistered, a
+    /// node keeps taking what push-manager had queued for it until that has come. Returns
+    /// whether it went quiet within `grace`.
+    pub fn wait_until_quiet(&self, grace: Duration) -> bool {
+        let start = Instant::now();
+        let deadline = start + grace;
+        loop {
+            let quiet_from = self.activity.last_call().max(start) + QUIET_BEFORE_STOP;
+            let now = Instant::now();
+            if now >= quiet_from {
+                return true;
+            }
+            if now >= deadline {
+                return false;
+            }
+            // Not a poll: until then the answer cannot change.
+            std::thread::sleep(quiet_from.min(deadline) - now);
+        }
     }
 
     /// Stops accepting RPCs: waits a short while for those in flight (handlers never block),
@@ -195,9 +226,9 @@ fn wake_to_stop(waker: Arc<mio::Waker>) -> impl FnOnce() + Send + 'static {
 /// large bodies.
 const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 
-fn start_grpc(config: &Config, hub: Arc<Hub>) -> Result<(grpcio::Server, SocketAddr)> {
+fn start_grpc(config: &Config, hub: Arc<Hub>, activity: Arc<Activity>) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
-    let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub));
+    let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub, activity));
     Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, service)?)
 }
 
