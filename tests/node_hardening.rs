@@ -9,16 +9,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::etcd::Etcd;
+use common::gateway::start_gateway;
 use common::grpc::{node_broadcast, node_client, push_client, OP};
-use common::ws::{upgrade_request, Client};
-use common::{wait_until, BIN, PATIENCE};
+use common::ws::{raw_exchange, upgrade_request, Client};
+use common::{free_addr, wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
 use push_manager::etcd;
-use push_manager::gateway;
+use push_manager::gateway::{self, Gateway};
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
 use push_manager::testkit::{poll_until, signal, spawn_node, wait_exit};
@@ -268,6 +269,112 @@ fn sigterm_delivers_everything_push_manager_sent_then_closes_with_1001() {
     assert_eq!(stats.enqueued, stats.sent + stats.failed + stats.abandoned, "{stats:?}");
     assert_eq!((stats.failed, stats.abandoned), (0, 0), "nothing push-manager had queued was lost: {stats:?}");
     assert_eq!(received.len() as u64, stats.sent, "every message the node took reached its user before 1001");
+}
+
+#[test]
+fn connections_past_max_connections_are_answered_503_while_the_others_keep_receiving() {
+    let gw = start_gateway(|c| c.max_connections = 3);
+    let mut users = vec![Client::subscribed(gw.ws_addr(), &["a"]), Client::subscribed(gw.ws_addr(), &["a"])];
+    // A socket still in its handshake holds a place too.
+    let _handshaking = TcpStream::connect(gw.ws_addr()).unwrap();
+    wait_until("three sockets held", PATIENCE, || gw.stats().connections_held == 3);
+
+    let answer = raw_exchange(gw.ws_addr(), upgrade_request(gw.ws_addr(), "/ws").as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer:?}");
+    assert!(answer.ends_with("connect-node at its limit of 3 connections; try again later\n"), "{answer:?}");
+    match Client::try_connect(gw.ws_addr(), "/ws") {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(e) => panic!("expected HTTP 503, got {e}"),
+        Ok(_) => panic!("a fourth connection was upgraded"),
+    }
+    assert_eq!(gw.stats().refused_max_connections, 2);
+
+    gw.hub().publish(&broadcast_request("a", OP, 1, "still served"));
+    for user in &mut users {
+        assert_eq!(user.next_json()["body"], "still served");
+    }
+    // A place that frees up is taken again.
+    users.pop();
+    wait_until("the closed one is let go", PATIENCE, || gw.stats().connections_held == 2);
+    let mut late = Client::subscribed(gw.ws_addr(), &["a"]);
+    gw.hub().publish(&broadcast_request("a", OP, 2, "welcome"));
+    assert_eq!(late.next_json()["body"], "welcome");
+    assert_eq!(users[0].next_json()["body"], "welcome");
+}
+
+/// Everything a raw socket gets until the node closes it.
+#[track_caller]
+fn read_until_closed(socket: &mut TcpStream) -> String {
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = Vec::new();
+    match socket.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the node did not close the socket: {e}"),
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn a_handshake_not_done_within_the_handshake_timeout_is_answered_408_closed_and_counted() {
+    let timeout = Duration::from_millis(300);
+    let gw = start_gateway(|c| c.handshake_timeout = timeout);
+    let mut bystander = Client::subscribed(gw.ws_addr(), &["a"]);
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(gw.ws_addr()).unwrap();
+    let mut partial = TcpStream::connect(gw.ws_addr()).unwrap();
+    partial.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").unwrap();
+
+    for socket in [&mut silent, &mut partial] {
+        let answer = read_until_closed(socket);
+        assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer:?}");
+        assert!(answer.contains("must complete within 300ms"), "{answer:?}");
+    }
+    assert!(started.elapsed() >= timeout, "closed before its time");
+    wait_until("both are counted and let go", PATIENCE, || {
+        let stats = gw.stats();
+        stats.closed_handshake_timeout == 2 && stats.connections_held == 1
+    });
+    gw.hub().publish(&broadcast_request("a", OP, 1, "unaffected"));
+    assert_eq!(bystander.next_json()["body"], "unaffected");
+}
+
+#[test]
+fn bad_flag_values_are_refused_with_a_message_naming_the_flag() {
+    let cases: &[(&str, &str)] = &[
+        ("--max-connections", "0"),
+        ("--handshake-timeout", "0s"),
+        ("--handshake-timeout", "soon"),
+        ("--shutdown-grace", "11years"),
+    ];
+    for (flag, value) in cases {
+        let out = Command::new(BIN)
+            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", &free_addr()])
+            .args([flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value} should be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr:?} should name the flag");
+    }
+    // A config built in code is held to the same bounds: durations that would overflow the clock
+    // are refused before any thread starts.
+    type BreakIt = fn(&mut gateway::Config);
+    let absurd: [(BreakIt, &str); 3] = [
+        (|c| c.handshake_timeout = Duration::MAX, "--handshake-timeout"),
+        (|c| c.pong_timeout = Duration::MAX, "--pong-timeout"),
+        (|c| c.max_connections = 0, "--max-connections"),
+    ];
+    for (break_it, flag) in absurd {
+        let mut config = gateway::Config {
+            grpc_listen: "127.0.0.1:0".into(),
+            ws_listen: "127.0.0.1:0".into(),
+            ..gateway::Config::default()
+        };
+        break_it(&mut config);
+        let err = Gateway::start(config).expect_err("refused").to_string();
+        assert!(err.contains(flag), "{err:?} should name {flag}");
+    }
 }
 
 /// A text frame as a client sends it (masked), with a payload under 126 bytes.

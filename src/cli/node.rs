@@ -49,6 +49,9 @@ pub struct NodeArgs {
     /// (one message of any size is always taken when nothing else waits).
     #[arg(long, default_value_t = Config::default().max_out_buffer)]
     pub max_out_buffer: usize,
+    /// WebSocket sockets held at once (handshaking, open, closing); more are answered HTTP 503.
+    #[arg(long, default_value_t = Config::default().max_connections)]
+    pub max_connections: usize,
     /// Largest frame or message accepted from a WebSocket client, in bytes.
     #[arg(long, default_value_t = Config::default().max_frame_bytes)]
     pub max_frame_bytes: usize,
@@ -68,6 +71,9 @@ pub struct NodeArgs {
     /// A connection silent (no pong, no frame) for this long is dropped.
     #[arg(long, default_value_t = Config::default().pong_timeout.into(), value_parser = parse_duration)]
     pub pong_timeout: humantime::Duration,
+    /// Time a new connection has to complete its WebSocket upgrade (then HTTP 408 and closed).
+    #[arg(long, default_value_t = Config::default().handshake_timeout.into(), value_parser = parse_duration)]
+    pub handshake_timeout: humantime::Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -83,6 +89,8 @@ impl NodeArgs {
                 max_frame_bytes: self.max_frame_bytes,
                 ping_interval: self.ping_interval.into(),
                 pong_timeout: self.pong_timeout.into(),
+                handshake_timeout: self.handshake_timeout.into(),
+                max_connections: self.max_connections,
                 max_topic_len: self.max_topic_len,
                 max_topics_per_connection: self.max_topics_per_connection,
                 grpc_threads: self.grpc_threads,
@@ -122,7 +130,12 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
     let config = args.config();
     config.validate()?;
+    let max_connections = config.gateway.max_connections as u64;
     match gateway::raise_nofile_limit() {
+        Ok(limit) if limit <= max_connections => warn!(
+            "open-file limit {limit} is below --max-connections {max_connections}: past it new connections wait \
+             in the listen backlog instead of being answered 503"
+        ),
         Ok(limit) => info!("open-file limit {limit}"),
         Err(e) => warn!("cannot raise the open-file limit ({e}); fewer connections fit"),
     }
@@ -140,7 +153,11 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     let client = etcd::Client::connect(config.etcd.clone())?;
     let mut registration = Registration::start(
         client,
-        RegistrationConfig { key: registry::node_key(&config.prefix, &node_id), addr: addr.clone(), ttl: config.lease_ttl },
+        RegistrationConfig {
+            key: registry::node_key(&config.prefix, &node_id),
+            addr: addr.clone(),
+            ttl: config.lease_ttl,
+        },
     )
     .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.

@@ -47,9 +47,15 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// How often each connection is pinged. Default 20 s.
     pub ping_interval: Duration,
-    /// A connection from which nothing (pong or any frame) arrived for this long is dropped;
-    /// also the time allowed for the handshake. Default 60 s.
+    /// A connection from which nothing (pong or any frame) arrived for this long is dropped.
+    /// Default 60 s.
     pub pong_timeout: Duration,
+    /// Time a new socket has to complete its HTTP upgrade; past it the node answers HTTP 408
+    /// (if the request has not been read yet) and closes it. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// WebSocket sockets the node holds at once: handshaking, open and closing ones. Past it a
+    /// new connection is answered HTTP 503 and closed. Default 100,000.
+    pub max_connections: usize,
     /// Longest topic name, in bytes. Default 128.
     pub max_topic_len: usize,
     /// Most topics one connection may hold. Default 64.
@@ -72,6 +78,8 @@ impl Default for Config {
             max_frame_bytes: 64 << 10,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
             max_topic_len: crate::topic::MAX_TOPIC_BYTES,
             max_topics_per_connection: 64,
             grpc_threads: 2,
@@ -104,11 +112,21 @@ impl Config {
         if self.max_out_buffer < 1024 {
             return bad(format!("--max-out-buffer must be at least 1024 bytes, got {}", self.max_out_buffer));
         }
-        for (flag, value) in [("--ping-interval", self.ping_interval), ("--pong-timeout", self.pong_timeout)] {
+        for (flag, value) in [
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+        ] {
             check_duration(flag, value)?;
         }
         if self.ping_interval.is_zero() {
             return bad("--ping-interval must be more than zero".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("--handshake-timeout must be more than zero".into());
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1".into());
         }
         if self.pong_timeout <= self.ping_interval {
             return bad(format!(
@@ -212,6 +230,8 @@ mod tests {
         check(Config { max_topic_len: 0, ..Config::default() }, "--max-topic-len");
         check(Config { max_topics_per_connection: 0, ..Config::default() }, "--max-topics-per-connection");
         check(Config { max_loop_backlog: 0, ..Config::default() }, "--max-loop-backlog");
+        check(Config { max_connections: 0, ..Config::default() }, "--max-connections");
+        check(Config { handshake_timeout: Duration::ZERO, ..Config::default() }, "--handshake-timeout");
     }
 
     #[test]
@@ -220,6 +240,7 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(flag) && err.contains("at most"), "{err:?} should name {flag:?}");
         };
+        check(Config { handshake_timeout: Duration::MAX, ..Config::default() }, "--handshake-timeout");
         check(Config { pong_timeout: Duration::MAX, ..Config::default() }, "--pong-timeout");
         check(
             Config { ping_interval: Duration::MAX, pong_timeout: Duration::MAX, ..Config::default() },
@@ -229,7 +250,7 @@ mod tests {
         assert!(err.to_string().contains("--shutdown-grace"), "{err}");
         let err = NodeConfig { lease_ttl: Duration::MAX, ..NodeConfig::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("--lease-ttl"), "{err}");
-        Config { pong_timeout: MAX_DURATION, ..Config::default() }.validate().unwrap();
+        Config { handshake_timeout: MAX_DURATION, pong_timeout: MAX_DURATION, ..Config::default() }.validate().unwrap();
     }
 
     #[test]

@@ -92,7 +92,8 @@ impl Gateway {
             loops,
         };
 
-        let (acceptor, waker) = accept::Acceptor::new(listener, handles, gateway.stats.clone())?;
+        let (acceptor, waker) =
+            accept::Acceptor::new(listener, handles, gateway.stats.clone(), config.max_connections)?;
         let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
         gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 

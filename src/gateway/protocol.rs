@@ -5,7 +5,9 @@
 //! # Connecting
 //! `GET /ws` with a WebSocket upgrade; `?topic=a&topic=b` (form-encoded: `%XX` escapes of UTF-8,
 //! `+` for a space) subscribes at connect time. Another path gets HTTP 404, a request without
-//! an upgrade gets HTTP 426, a bad query topic gets HTTP 400.
+//! an upgrade gets HTTP 426, a bad query topic gets HTTP 400. A connection made while the node
+//! holds `max_connections` sockets gets HTTP 503; one whose request has not arrived whole
+//! within `handshake_timeout` gets HTTP 408. Each of these answers is closed after it is sent.
 //!
 //! # Client commands (text frames)
 //! ```json

@@ -10,7 +10,8 @@
 //! sending without pause cannot hold up the others) and writes only while the socket takes
 //! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
 //! allowed to stall the loop or grow without bound (a single frame, whatever its size, is
-//! always taken by a connection with nothing unsent).
+//! always taken by a connection with nothing unsent). Every socket a loop is handed counts in
+//! `connections_held` until the loop lets go of it, which is what `max_connections` bounds.
 
 mod connection;
 mod handshake;
@@ -37,7 +38,7 @@ use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BU
 use handshake::{Handshaking, Step};
 use subscriptions::Subscriptions;
 
-pub(crate) use handshake::WS_PATH;
+pub(crate) use handshake::{http_response, WS_PATH};
 
 /// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
 /// never reach it.
@@ -56,8 +57,10 @@ pub(crate) struct LoopConfig {
     max_out_buffer: usize,
     /// How often each connection is pinged.
     ping_interval: Duration,
-    /// Silence that drops a connection; also the handshake's deadline.
+    /// Silence that drops a connection.
     pong_timeout: Duration,
+    /// Time a socket has to complete its handshake.
+    handshake_timeout: Duration,
     /// Topic length and count limits, for query strings and commands.
     limits: TopicLimits,
 }
@@ -69,6 +72,7 @@ impl LoopConfig {
             max_out_buffer: config.max_out_buffer,
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
+            handshake_timeout: config.handshake_timeout,
             limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
         }
     }
@@ -261,6 +265,8 @@ impl EventLoop {
             Ok(handshaking) => handshaking,
             Err(e) => {
                 warn!("dropping a new connection: cannot start its handshake: {e}");
+                Stats::inc(&self.stats.dropped_unserved);
+                Stats::dec(&self.stats.connections_held);
                 return;
             }
         };
@@ -275,11 +281,9 @@ impl EventLoop {
             Step::Open(conn, topics) => self.open(key, conn, topics),
             Step::Refused => {
                 Stats::inc(&self.stats.http_rejected);
-                self.conns.remove(key);
+                self.remove(key);
             }
-            Step::Abandoned => {
-                self.conns.remove(key);
-            }
+            Step::Abandoned => self.remove(key),
         }
     }
 
@@ -422,8 +426,15 @@ impl EventLoop {
 
     fn drop_conn(&mut self, key: usize) {
         self.leave_active(key);
+        self.remove(key);
+    }
+
+    /// Lets go of a socket: the one place a slab entry is removed.
+    fn remove(&mut self, key: usize) {
         // Dropping the socket closes it, which also removes it from the poll.
-        self.conns.try_remove(key);
+        if self.conns.try_remove(key).is_some() {
+            Stats::dec(&self.stats.connections_held);
+        }
     }
 
     /// Pings connections due for one, drops those silent for `pong_timeout` and those whose
@@ -432,7 +443,11 @@ impl EventLoop {
         let mut due = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             let next = match conn {
-                Conn::Handshaking(handshaking) if handshaking.expired(now) => Next::Drop,
+                Conn::Handshaking(handshaking) if handshaking.expired(now) => {
+                    handshaking.time_out(self.config.handshake_timeout);
+                    Stats::inc(&self.stats.closed_handshake_timeout);
+                    Next::Drop
+                }
                 Conn::Handshaking(_) => Next::Keep,
                 Conn::Open(conn) => conn.tick(now, &self.config, &self.stats),
             };
@@ -449,7 +464,7 @@ impl EventLoop {
 
 /// How often a loop looks at its timers: often enough to honour the shortest of them.
 fn sweep_interval(config: &LoopConfig) -> Duration {
-    let shortest = config.ping_interval.min(config.pong_timeout);
+    let shortest = config.ping_interval.min(config.pong_timeout).min(config.handshake_timeout);
     (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
@@ -464,10 +479,13 @@ mod tests {
             max_out_buffer: 1 << 20,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
             limits: TopicLimits { max_len: 8, max_per_connection: 2 },
         };
         assert_eq!(sweep_interval(&config), Duration::from_secs(1));
         config.ping_interval = Duration::from_millis(100);
         assert_eq!(sweep_interval(&config), Duration::from_millis(25));
+        config.handshake_timeout = Duration::from_millis(40);
+        assert_eq!(sweep_interval(&config), Duration::from_millis(10));
     }
 }
