@@ -1,4 +1,7 @@
-//! The connect-node's edges (issue #9), each through the real thing: real etcd, real
+//! The connect-node's edges (issue #9), each through the real thing: legal broadcasts whose
+//! frames outgrow `--max-out-buffer`, a registration deleted, overwritten or attempted while
+//! etcd is down, a stop that delivers what push-manager had sent, bounded sockets and
+//! handshakes, byte-bounded loop backlogs, and bad flag values. Real etcd, real
 //! `push-manager node` processes or in-process gateways, real WebSocket and gRPC clients.
 
 mod common;
@@ -13,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::etcd::Etcd;
-use common::gateway::start_gateway;
-use common::grpc::{node_broadcast, node_client, push_client, OP};
+use common::gateway::{start_gateway, wait_connections};
+use common::grpc::{batch, node_broadcast, node_client, push_client, OP};
 use common::ws::{raw_exchange, upgrade_request, Client};
 use common::{free_addr, wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
@@ -346,6 +349,7 @@ fn bad_flag_values_are_refused_with_a_message_naming_the_flag() {
         ("--handshake-timeout", "0s"),
         ("--handshake-timeout", "soon"),
         ("--shutdown-grace", "11years"),
+        ("--max-loop-backlog-bytes", "0"),
     ];
     for (flag, value) in cases {
         let out = Command::new(BIN)
@@ -375,6 +379,41 @@ fn bad_flag_values_are_refused_with_a_message_naming_the_flag() {
         let err = Gateway::start(config).expect_err("refused").to_string();
         assert!(err.contains(flag), "{err:?} should name {flag}");
     }
+}
+
+#[test]
+fn a_backlog_heavy_in_bytes_makes_the_node_refuse_broadcasts_until_it_catches_up() {
+    // The delivery count stays far below --max-loop-backlog; only the bytes can refuse.
+    let gw = start_gateway(|c| {
+        c.event_loops = 1;
+        c.max_loop_backlog_bytes = 1 << 20;
+    });
+    // Subscribers that never read make each delivery cost the loop a write per connection.
+    const SUBSCRIBERS: usize = 100;
+    let _users: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(gw.ws_addr(), "/ws?topic=heavy")).collect();
+    wait_connections(&gw, SUBSCRIBERS);
+    let node = node_client(gw.grpc_addr());
+    let body = vec![b'x'; 64 << 10];
+    let heavy_batch =
+        |first: i32| batch((first..first + 16).map(|seq| broadcast_request("heavy", OP, seq, body.clone())).collect());
+
+    let mut admitted = 0;
+    let status = loop {
+        match node.broadcast_batch(&heavy_batch(admitted)) {
+            Ok(_) => {
+                admitted += 16;
+                assert!(admitted < 16 * 20, "twenty 1 MiB batches in a row were admitted: bytes are not bounded");
+            }
+            Err(grpcio::Error::RpcFailure(status)) => break status,
+            Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
+        }
+    };
+    assert_eq!(status.code(), grpcio::RpcStatusCode::RESOURCE_EXHAUSTED);
+    assert!(status.message().contains("--max-loop-backlog-bytes"), "{}", status.message());
+    assert!(gw.stats().refused_busy >= 1);
+    wait_until("the node admits broadcasts again", PATIENCE, || {
+        node.broadcast(&broadcast_request("heavy", OP, 9999, "light")).is_ok()
+    });
 }
 
 /// A text frame as a client sends it (masked), with a payload under 126 bytes.

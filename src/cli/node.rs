@@ -65,6 +65,9 @@ pub struct NodeArgs {
     /// (RESOURCE_EXHAUSTED, which push-manager retries).
     #[arg(long, default_value_t = Config::default().max_loop_backlog)]
     pub max_loop_backlog: usize,
+    /// Bytes of deliveries that may wait in one event loop before broadcasts are refused as busy.
+    #[arg(long, default_value_t = Config::default().max_loop_backlog_bytes)]
+    pub max_loop_backlog_bytes: usize,
     /// How often idle connections are pinged.
     #[arg(long, default_value_t = Config::default().ping_interval.into(), value_parser = parse_duration)]
     pub ping_interval: humantime::Duration,
@@ -95,6 +98,7 @@ impl NodeArgs {
                 max_topics_per_connection: self.max_topics_per_connection,
                 grpc_threads: self.grpc_threads,
                 max_loop_backlog: self.max_loop_backlog,
+                max_loop_backlog_bytes: self.max_loop_backlog_bytes,
             },
             etcd: self.registry.config(),
             prefix: self.registry.prefix.clone(),

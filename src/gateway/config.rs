@@ -66,6 +66,10 @@ pub struct Config {
     /// node refuses broadcasts with RESOURCE_EXHAUSTED (push-manager retries them with backoff)
     /// rather than let its queues grow without bound. Default 10,000.
     pub max_loop_backlog: usize,
+    /// Bytes of message frames that may wait in one event loop's queue, with the same effect
+    /// as `max_loop_backlog`: a few large broadcasts weigh as much as many small ones. A
+    /// broadcast is admitted whenever the backlog is under it. Default 64 MiB.
+    pub max_loop_backlog_bytes: usize,
 }
 
 impl Default for Config {
@@ -84,6 +88,7 @@ impl Default for Config {
             max_topics_per_connection: 64,
             grpc_threads: 2,
             max_loop_backlog: 10_000,
+            max_loop_backlog_bytes: 64 << 20,
         }
     }
 }
@@ -142,6 +147,9 @@ impl Config {
         }
         if self.max_loop_backlog == 0 {
             return bad("--max-loop-backlog must be at least 1".into());
+        }
+        if self.max_loop_backlog_bytes == 0 {
+            return bad("--max-loop-backlog-bytes must be at least 1".into());
         }
         Ok(())
     }
@@ -230,6 +238,7 @@ mod tests {
         check(Config { max_topic_len: 0, ..Config::default() }, "--max-topic-len");
         check(Config { max_topics_per_connection: 0, ..Config::default() }, "--max-topics-per-connection");
         check(Config { max_loop_backlog: 0, ..Config::default() }, "--max-loop-backlog");
+        check(Config { max_loop_backlog_bytes: 0, ..Config::default() }, "--max-loop-backlog-bytes");
         check(Config { max_connections: 0, ..Config::default() }, "--max-connections");
         check(Config { handshake_timeout: Duration::ZERO, ..Config::default() }, "--handshake-timeout");
     }

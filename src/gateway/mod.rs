@@ -20,7 +20,7 @@ mod stats;
 mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ pub use registration::{Registration, RegistrationConfig};
 pub use stats::StatsSnapshot;
 
 use crate::thread::StoppableThread;
-use hub::{LoopHandle, TopicCounts};
+use hub::{BacklogLimits, LoopHandle, TopicCounts};
 use service::Activity;
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
@@ -79,7 +79,8 @@ impl Gateway {
             loops.push(thread);
             handles.push(handle);
         }
-        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), config.max_loop_backlog));
+        let limits = BacklogLimits { deliveries: config.max_loop_backlog, bytes: config.max_loop_backlog_bytes };
+        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), limits));
         // From here on, an error drops `gateway`, which stops what was started.
         let mut gateway = Gateway {
             grpc: None,
@@ -201,17 +202,19 @@ fn spawn_loop(
     // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
     let wake_pending = Arc::new(AtomicBool::new(false));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let parts = LoopParts {
         poll,
         waker: waker.clone(),
         inbox,
         wake_pending: wake_pending.clone(),
+        inbox_bytes: queued_bytes.clone(),
         counts,
         stats,
         config: LoopConfig::new(config),
     };
     let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
-    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending }))
+    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, queued_bytes }))
 }
 
 /// The wake-up that makes a thread sleeping in a mio poll look at its stop channel.

@@ -55,7 +55,7 @@ pub struct StatsSnapshot {
     /// connection, plus the acks of subscribe/unsubscribe commands.
     pub frames_sent: u64,
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
-    /// `max_loop_backlog`.
+    /// `max_loop_backlog` deliveries or `max_loop_backlog_bytes`.
     pub refused_busy: u64,
 }
 

@@ -18,7 +18,7 @@ mod handshake;
 mod subscriptions;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,8 @@ pub(crate) struct LoopParts {
     pub(crate) waker: Arc<Waker>,
     pub(crate) inbox: Receiver<LoopMsg>,
     pub(crate) wake_pending: Arc<AtomicBool>,
+    /// The hub's count of frame bytes in `inbox` ([`super::hub::LoopHandle::queued_bytes`]).
+    pub(crate) inbox_bytes: Arc<AtomicUsize>,
     pub(crate) counts: Arc<TopicCounts>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) config: LoopConfig,
@@ -116,6 +118,7 @@ pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
         _waker: parts.waker,
         inbox: parts.inbox,
         wake_pending: parts.wake_pending,
+        inbox_bytes: parts.inbox_bytes,
         conns: Slab::new(),
         subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
         stats: parts.stats,
@@ -137,6 +140,7 @@ struct EventLoop {
     _waker: Arc<Waker>,
     inbox: Receiver<LoopMsg>,
     wake_pending: Arc<AtomicBool>,
+    inbox_bytes: Arc<AtomicUsize>,
     conns: Slab<Conn>,
     subscriptions: Subscriptions,
     stats: Arc<Stats>,
@@ -216,6 +220,7 @@ impl EventLoop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
                 Ok(LoopMsg::Publish(broadcast)) => {
+                    self.inbox_bytes.fetch_sub(broadcast.frame.len(), Ordering::Relaxed);
                     self.deliver(&broadcast);
                     published += 1;
                     // Write as we go, so a long backlog is not judged against one buffer.
