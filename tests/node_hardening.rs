@@ -61,60 +61,88 @@ impl Drop for Reaped {
     }
 }
 
-/// `push-manager node` with its log (standard error, level info) collected as it comes.
+/// A child's standard error, collected line by line as it comes.
+struct Log {
+    text: Arc<Mutex<String>>,
+    _reader: JoinHandle<()>,
+}
+
+impl Log {
+    fn collect(child: &mut Child) -> Log {
+        let text = Arc::new(Mutex::new(String::new()));
+        let stderr = BufReader::new(child.stderr.take().expect("standard error is piped"));
+        let lines = text.clone();
+        let reader = thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let mut text = lines.lock();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Log { text, _reader: reader }
+    }
+
+    #[track_caller]
+    fn wait_for(&self, needle: &str) {
+        self.wait_until(&format!("the node logs {needle:?}"), PATIENCE, || self.text.lock().contains(needle));
+    }
+
+    /// [`wait_until`], showing the log when it times out.
+    #[track_caller]
+    fn wait_until(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+        if !poll_until(timeout, done) {
+            panic!("timed out after {timeout:?} waiting until {what}; the node's log:\n{}", self.text.lock());
+        }
+    }
+}
+
+/// Starts `push-manager node` at log level info, collecting its log; it may not serve yet.
+fn start_logged_node(etcd_endpoint: &str, id: &str, extra: &[&str]) -> (Reaped, Log) {
+    let mut child = Command::new(BIN)
+        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
+        .args(["--prefix", PREFIX, "--node-id", id, "--log-level", "info"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let log = Log::collect(&mut child);
+    (Reaped(child), log)
+}
+
+/// `push-manager node` serving, with its log collected.
 struct LoggedNode {
     /// Held to kill the node when the test ends.
     _child: Reaped,
     grpc: String,
     ws_addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    _reader: JoinHandle<()>,
+    log: Log,
 }
 
 impl LoggedNode {
+    /// Starts the node and waits for the line it prints once it serves.
     #[track_caller]
     fn spawn(etcd_endpoint: &str, id: &str, extra: &[&str]) -> LoggedNode {
-        let mut child = Command::new(BIN)
-            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
-            .args(["--prefix", PREFIX, "--node-id", id, "--log-level", "info"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let lines = log.clone();
-        let reader = thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let mut log = lines.lock();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let (mut child, log) = start_logged_node(etcd_endpoint, id, extra);
         let mut first = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
-        let child = Reaped(child);
+        BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
         // "node <id> grpc <addr> ws ws://<addr>/ws"
         let words: Vec<&str> = first.split_whitespace().collect();
         let [_, _, _, grpc, _, ws_url] = words[..] else {
-            panic!("unexpected first line {first:?}; log:\n{}", log.lock())
+            panic!("unexpected first line {first:?}; log:\n{}", log.text.lock())
         };
         let ws_addr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws").parse().unwrap();
-        LoggedNode { _child: child, grpc: grpc.to_string(), ws_addr, log, _reader: reader }
+        LoggedNode { _child: child, grpc: grpc.to_string(), ws_addr, log }
     }
 
     #[track_caller]
     fn wait_for_log(&self, needle: &str) {
-        self.wait_until(&format!("the node logs {needle:?}"), PATIENCE, || self.log.lock().contains(needle));
+        self.log.wait_for(needle);
     }
 
-    /// [`wait_until`], showing the node's log when it times out.
     #[track_caller]
     fn wait_until(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
-        if !poll_until(timeout, done) {
-            panic!("timed out after {timeout:?} waiting until {what}; the node's log:\n{}", self.log.lock());
-        }
+        self.log.wait_until(what, timeout, done);
     }
 }
 
@@ -213,6 +241,19 @@ fn a_node_started_while_etcd_is_down_serves_and_registers_once_etcd_is_back() {
     node.wait_for_log(&format!("registered {}", key("early")));
     assert_eq!(node_broadcast(&grpc, TOPIC, 2, b"after etcd").get_delivered(), 1);
     assert_eq!(user.next_json()["body"], "after etcd");
+}
+
+#[test]
+fn a_node_signalled_while_it_starts_still_stops_the_orderly_way() {
+    // An etcd that takes connections and never answers: registering waits out --etcd-timeout.
+    let silent_etcd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = silent_etcd.local_addr().unwrap().to_string();
+    let (mut child, log) = start_logged_node(&endpoint, "hasty", &["--etcd-timeout", "3s"]);
+    log.wait_for("gateway up");
+    signal(&child.0, libc::SIGTERM);
+    let status = wait_exit(&mut child.0, PATIENCE);
+    assert!(status.success(), "node exited with {status}; its log:\n{}", log.text.lock());
+    log.wait_for("shutdown signal received");
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //! then closes every connection with a close frame and exits 0.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use log::{info, warn};
@@ -110,6 +113,9 @@ impl NodeArgs {
     }
 }
 
+/// How often the wait for a signal looks whether one came before it began.
+const EARLY_SIGNAL_CHECK: Duration = Duration::from_millis(250);
+
 /// The address to advertise for a bound one: a wildcard host is not callable from elsewhere.
 pub fn advertised(bound: SocketAddr) -> String {
     if bound.ip().is_unspecified() {
@@ -134,6 +140,14 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
     let config = args.config();
     config.validate()?;
+    // From here on SIGINT/SIGTERM stop the node the orderly way, even one that comes while it
+    // starts (registering can take the etcd timeout): without this, a signal sent before
+    // run_until_signal installs its handlers killed the node without deregistering it.
+    let early_signal = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, early_signal.clone())
+            .map_err(|e| format!("installing signal handlers: {e}"))?;
+    }
     let max_connections = config.gateway.max_connections as u64;
     match gateway::raise_nofile_limit() {
         Ok(limit) if limit <= max_connections => warn!(
@@ -168,7 +182,8 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} serving, advertised as {addr}");
 
-    run_until_signal(None, || Tick::Continue).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let came_early = || if early_signal.load(Ordering::SeqCst) { Tick::Stop } else { Tick::Continue };
+    run_until_signal(Some(EARLY_SIGNAL_CHECK), came_early).map_err(|e| format!("installing signal handlers: {e}"))?;
     info!("shutdown signal received: deregistering, then delivering what push-manager still sends");
     registration.deregister();
     let grace = config.shutdown_grace;
