@@ -9,6 +9,7 @@ pub mod addr;
 pub mod auth;
 pub mod cli;
 pub mod discovery;
+pub mod duration;
 pub mod etcd;
 pub mod gateway;
 pub mod grpc;

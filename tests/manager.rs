@@ -210,7 +210,10 @@ fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything()
     let queue_size = 10;
     // One worker: the slow node's is stuck in its first call, so exactly queue_size more fit.
     // Batching stays on so the fast node keeps up however loaded the machine is.
-    let manager = Manager::start(Config { queue_size, routine_size: 1, ..config(&etcd) }).unwrap();
+    // A deadline far longer than the test: the held call must not time out and free the worker
+    // (and with it a queue slot) while the broadcasts below are counted, however slow the machine.
+    let rpc_timeout = Duration::from_secs(60);
+    let manager = Manager::start(Config { queue_size, routine_size: 1, rpc_timeout, ..config(&etcd) }).unwrap();
     wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
     let client = push_client(manager.addr());
 

@@ -9,6 +9,8 @@ mod subscribe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -145,17 +147,13 @@ fn parse_level(s: &str) -> Result<LevelFilter, String> {
     s.parse().map_err(|_| format!("{s:?} is not a log level; use error, warn, info, debug or trace"))
 }
 
-/// Longest duration a flag takes: far beyond any sensible timeout, and far enough from
-/// `Instant`'s range that adding it to the clock can never overflow later.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
 /// Durations like `3s`, `500ms`, `1m`, up to ten years.
 pub fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))?;
-    if d > MAX_DURATION {
+    if d > crate::duration::MAX_DURATION {
         return Err(format!(
             "{s:?} is longer than the longest duration taken, {}",
-            humantime::format_duration(MAX_DURATION)
+            humantime::format_duration(crate::duration::MAX_DURATION)
         ));
     }
     Ok(d.into())
@@ -213,7 +211,7 @@ fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// What a `run_until_signal` tick asks for.
+/// What a [`Signals::wait`] tick asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tick {
     Continue,
@@ -221,47 +219,60 @@ pub enum Tick {
     Stop,
 }
 
-/// Blocks until SIGINT or SIGTERM (or a tick says `Stop`), calling `on_tick` every `tick`
-/// meanwhile (never if `None`) and `on_reload` on each SIGHUP. The signal handlers only set a
-/// flag and write to a socket pair, which this thread reads with a timeout.
-pub fn run_until_signal(
-    tick: Option<Duration>,
-    mut on_tick: impl FnMut() -> Tick,
-    mut on_reload: impl FnMut(),
-) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    use std::io::{ErrorKind, Read};
-    use std::os::unix::net::UnixStream;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+/// SIGINT, SIGTERM and SIGHUP, noted from the moment [`Signals::install`] returns, so that a
+/// signal that comes while a role starts (binding, registering) is not lost, and neither kills the
+/// process before its orderly shutdown nor goes unanswered. The handlers only set a flag and write
+/// a byte to a socket pair, which [`Signals::wait`] reads with a timeout.
+pub struct Signals {
+    wake: std::os::unix::net::UnixStream,
+    stop: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+}
 
-    let (mut wake, on_signal) = UnixStream::pair()?;
-    let reload = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGINT, SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())?;
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let (wake, on_signal) = std::os::unix::net::UnixStream::pair()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reload = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::flag::register(signal, stop.clone())?;
+        }
+        signal_hook::flag::register(SIGHUP, reload.clone())?;
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
+            signal_hook::low_level::pipe::register(signal, on_signal.try_clone()?)?;
+        }
+        Ok(Signals { wake, stop, reload })
     }
-    signal_hook::flag::register(SIGHUP, reload.clone())?;
-    for signal in [SIGINT, SIGTERM, SIGHUP] {
-        signal_hook::low_level::pipe::register(signal, on_signal.try_clone()?)?;
-    }
-    wake.set_read_timeout(tick)?;
-    loop {
-        match wake.read(&mut [0u8]) {
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if on_tick() == Tick::Stop {
-                    return Ok(());
-                }
+
+    /// Blocks until SIGINT or SIGTERM (one that came before this call included) or a tick says
+    /// `Stop`, calling `on_tick` every `tick` meanwhile (never if `None`) and `on_reload` on each
+    /// SIGHUP.
+    pub fn wait(
+        &mut self,
+        tick: Option<Duration>,
+        mut on_tick: impl FnMut() -> Tick,
+        mut on_reload: impl FnMut(),
+    ) -> std::io::Result<()> {
+        use std::io::{ErrorKind, Read};
+        self.wake.set_read_timeout(tick)?;
+        loop {
+            if self.reload.swap(false, Ordering::SeqCst) {
+                on_reload();
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-        if reload.swap(false, Ordering::SeqCst) {
-            on_reload();
-        }
-        if stop.load(Ordering::SeqCst) {
-            return Ok(());
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match self.wake.read(&mut [0u8]) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if on_tick() == Tick::Stop {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 }

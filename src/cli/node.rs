@@ -1,13 +1,16 @@
 //! `push-manager node`: the connect-node role. Serves `protocol.ConnectNode` and WebSocket users,
-//! registers in etcd under a lease, and on SIGINT/SIGTERM deregisters first (so push-manager
-//! stops sending at once), then closes every connection with a close frame and exits 0.
+//! registers in etcd under a lease (in the background while etcd is unreachable), and on
+//! SIGINT/SIGTERM deregisters first (so push-manager stops sending), keeps delivering what
+//! push-manager had already queued for it until its calls stop (at most `--shutdown-grace`),
+//! then closes every connection with a close frame and exits 0.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::Args;
 use log::{info, warn};
 
-use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, Tick};
+use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
 use crate::etcd;
 use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig};
 use crate::registry;
@@ -33,15 +36,23 @@ pub struct NodeArgs {
     /// TTL of the registration lease; a node that dies unannounced disappears after it.
     #[arg(long, default_value_t = NodeConfig::default().lease_ttl.into(), value_parser = parse_duration)]
     pub lease_ttl: humantime::Duration,
+    /// On SIGINT/SIGTERM, after deregistering: longest time to keep delivering what push-manager
+    /// still sends (it stops sooner once no call came for 500ms).
+    #[arg(long, default_value_t = NodeConfig::default().shutdown_grace.into(), value_parser = parse_duration)]
+    pub shutdown_grace: humantime::Duration,
     /// WebSocket event-loop threads.
     #[arg(long, default_value_t = Config::default().event_loops)]
     pub event_loops: usize,
     /// gRPC completion-queue threads.
     #[arg(long, default_value_t = Config::default().grpc_threads)]
     pub grpc_threads: usize,
-    /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer.
+    /// Bytes a connection may have waiting to be sent before it is dropped as a slow consumer
+    /// (one message of any size is always taken when nothing else waits).
     #[arg(long, default_value_t = Config::default().max_out_buffer)]
     pub max_out_buffer: usize,
+    /// WebSocket sockets held at once (handshaking, open, closing); more are answered HTTP 503.
+    #[arg(long, default_value_t = Config::default().max_connections)]
+    pub max_connections: usize,
     /// Largest frame or message accepted from a WebSocket client, in bytes.
     #[arg(long, default_value_t = Config::default().max_frame_bytes)]
     pub max_frame_bytes: usize,
@@ -55,12 +66,34 @@ pub struct NodeArgs {
     /// (RESOURCE_EXHAUSTED, which push-manager retries).
     #[arg(long, default_value_t = Config::default().max_loop_backlog)]
     pub max_loop_backlog: usize,
+    /// Bytes of deliveries that may wait in one event loop before broadcasts are refused as busy.
+    #[arg(long, default_value_t = Config::default().max_loop_backlog_bytes)]
+    pub max_loop_backlog_bytes: usize,
     /// How often idle connections are pinged.
     #[arg(long, default_value_t = Config::default().ping_interval.into(), value_parser = parse_duration)]
     pub ping_interval: humantime::Duration,
     /// A connection silent (no pong, no frame) for this long is dropped.
     #[arg(long, default_value_t = Config::default().pong_timeout.into(), value_parser = parse_duration)]
     pub pong_timeout: humantime::Duration,
+    /// Time a new connection has to complete its WebSocket upgrade (then HTTP 408 and closed).
+    #[arg(long, default_value_t = Config::default().handshake_timeout.into(), value_parser = parse_duration)]
+    pub handshake_timeout: humantime::Duration,
+    /// Largest broadcast body a ConnectNode call may carry, in bytes (as serve's).
+    #[arg(long, default_value_t = Config::default().max_message_bytes)]
+    pub max_message_bytes: usize,
+    /// Most messages in one ConnectNode batch.
+    #[arg(long, default_value_t = Config::default().max_batch_messages)]
+    pub max_batch_messages: usize,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// File of node tokens, one per line (# comments): push-manager must send one as gRPC
+    /// metadata `authorization: Bearer <token>` (give serve the same file). Re-read on SIGHUP.
+    #[arg(long)]
+    pub node_token_file: Option<PathBuf>,
+    /// Serve a non-loopback --grpc-listen address with neither --node-token-file nor
+    /// --tls-client-ca: anyone who reaches the port may push to every user.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -76,16 +109,25 @@ impl NodeArgs {
                 max_frame_bytes: self.max_frame_bytes,
                 ping_interval: self.ping_interval.into(),
                 pong_timeout: self.pong_timeout.into(),
+                handshake_timeout: self.handshake_timeout.into(),
+                max_connections: self.max_connections,
                 max_topic_len: self.max_topic_len,
                 max_topics_per_connection: self.max_topics_per_connection,
                 grpc_threads: self.grpc_threads,
                 max_loop_backlog: self.max_loop_backlog,
+                max_loop_backlog_bytes: self.max_loop_backlog_bytes,
+                tls: self.tls.config(),
+                node_token_file: self.node_token_file.clone(),
+                allow_unauthenticated: self.allow_unauthenticated,
+                max_message_bytes: self.max_message_bytes,
+                max_batch_messages: self.max_batch_messages,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),
             node_id: self.node_id.clone(),
             advertise: self.advertise.clone(),
             lease_ttl: self.lease_ttl.into(),
+            shutdown_grace: self.shutdown_grace.into(),
         })
     }
 }
@@ -114,7 +156,15 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
     let config = args.config()?;
     config.validate()?;
+    // From here on SIGINT/SIGTERM stop the node the orderly way, even one that comes while it
+    // starts (registering can take the etcd timeout).
+    let mut signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+    let max_connections = config.gateway.max_connections as u64;
     match gateway::raise_nofile_limit() {
+        Ok(limit) if limit <= max_connections => warn!(
+            "open-file limit {limit} is below --max-connections {max_connections}: past it new connections wait \
+             in the listen backlog instead of being answered 503"
+        ),
         Ok(limit) => info!("open-file limit {limit}"),
         Err(e) => warn!("cannot raise the open-file limit ({e}); fewer connections fit"),
     }
@@ -141,11 +191,17 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
-    info!("connect-node {node_id} registered as {addr}");
+    info!("connect-node {node_id} serving, advertised as {addr}");
 
-    run_until_signal(None, || Tick::Continue, || {}).map_err(|e| format!("installing signal handlers: {e}"))?;
-    info!("shutdown signal received: deregistering, then closing connections");
+    signals.wait(None, || Tick::Continue, || gateway.reload_credentials())?;
+    info!("shutdown signal received: deregistering, then delivering what push-manager still sends");
     registration.deregister();
+    let grace = config.shutdown_grace;
+    if gateway.wait_until_quiet(grace) {
+        info!("push-manager stopped sending; closing connections");
+    } else {
+        warn!("ConnectNode calls still arriving after --shutdown-grace {grace:?}; stopping anyway");
+    }
     gateway.shutdown();
     let stats = gateway.stats();
     info!("connect-node {node_id} stopped: {stats:?}");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use log::{error, info};
 
-use super::{parse_duration, run_until_signal, EtcdArgs, LogArgs, ServerTlsArgs, Tick};
+use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
 use crate::grpc::ClientTls;
 use crate::manager::{Config, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
 
@@ -112,6 +112,8 @@ impl ServeArgs {
 
 pub fn run(args: ServeArgs) -> super::CmdResult {
     super::init_logging(args.log.log_level);
+    // Before anything starts, so a SIGTERM during start-up still stops serve the orderly way.
+    let mut signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
     let mut manager = Manager::start(args.config()?)?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
@@ -120,7 +122,7 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     let mut last = Vec::new();
     let mut discovery_died = false;
     // Ticks often enough to notice a dead discovery thread within a second.
-    run_until_signal(
+    signals.wait(
         Some(HEALTH_CHECK_INTERVAL),
         || {
             if !manager.discovery_running() {
@@ -134,8 +136,7 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
             Tick::Continue
         },
         || manager.reload_credentials(),
-    )
-    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    )?;
     if discovery_died {
         error!("the discovery thread stopped: the node set no longer follows etcd; shutting down");
         manager.shutdown();

@@ -277,9 +277,12 @@ mod tests {
     #[test]
     fn a_dead_discovery_thread_shows_as_not_running() {
         let etcd = InProcessEtcd::start().unwrap();
-        let client =
-            etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(2), ..etcd::Config::default() })
-                .unwrap();
+        let client = etcd::Client::connect(etcd::Config {
+            endpoints: vec![etcd.endpoint()],
+            timeout: Duration::from_secs(2),
+            ..etcd::Config::default()
+        })
+        .unwrap();
         let config = Config { prefix: "/t/".into(), poll_interval: Duration::from_secs(3600), watch: false };
         let discovery = Discovery::start(client, config, |_| panic!("reconciling failed")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);

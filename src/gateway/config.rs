@@ -2,11 +2,18 @@
 //! default is written (the CLI shows and uses these), and whose `validate()` names the flag.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::error::{Error, Result};
 use crate::etcd;
+use crate::grpc::ServerTls;
 use crate::registry;
+
+/// Refuses a duration past [`crate::duration::MAX_DURATION`], naming its flag.
+fn check_duration(flag: &str, value: Duration) -> Result<()> {
+    crate::duration::check(flag, value).map_err(Error::Config)
+}
 
 /// How a connect-node listens and treats its clients. Plain data: build it, `validate()` it (as
 /// [`super::Gateway::start`] does) and pass it by value.
@@ -21,16 +28,25 @@ pub struct Config {
     /// Event-loop threads (`ws-loop-<n>`) sharing the WebSocket connections. Default 2.
     pub event_loops: usize,
     /// Per connection, bytes of deliveries that may wait to be written; a delivery that would
-    /// pass it closes the connection with 4000. Default 1 MiB.
+    /// pass it closes the connection with 4000. A single delivery may always be queued on a
+    /// connection with nothing unsent, whatever its size (a broadcast push-manager accepted can
+    /// encode to several times this: 1 MiB of control characters is ~6 MiB of JSON escapes);
+    /// the bound applies to what waits behind it. Default 1 MiB.
     pub max_out_buffer: usize,
     /// Biggest frame or message accepted from a client, in bytes; bigger closes with 1009.
     /// Default 64 KiB.
     pub max_frame_bytes: usize,
     /// How often each connection is pinged. Default 20 s.
     pub ping_interval: Duration,
-    /// A connection from which nothing (pong or any frame) arrived for this long is dropped;
-    /// also the time allowed for the handshake. Default 60 s.
+    /// A connection from which nothing (pong or any frame) arrived for this long is dropped.
+    /// Default 60 s.
     pub pong_timeout: Duration,
+    /// Time a new socket has to complete its HTTP upgrade; past it the node answers HTTP 408
+    /// (if the request has not been read yet) and closes it. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// WebSocket sockets the node holds at once: handshaking, open and closing ones. Past it a
+    /// new connection is answered HTTP 503 and closed. Default 100,000.
+    pub max_connections: usize,
     /// Longest topic name, in bytes. Default 128.
     pub max_topic_len: usize,
     /// Most topics one connection may hold. Default 64.
@@ -41,6 +57,27 @@ pub struct Config {
     /// node refuses broadcasts with RESOURCE_EXHAUSTED (push-manager retries them with backoff)
     /// rather than let its queues grow without bound. Default 10,000.
     pub max_loop_backlog: usize,
+    /// Bytes of message frames that may wait in one event loop's queue, with the same effect
+    /// as `max_loop_backlog`: a few large broadcasts weigh as much as many small ones. A
+    /// broadcast is admitted whenever the backlog is under it. Default 64 MiB.
+    pub max_loop_backlog_bytes: usize,
+    /// TLS for `ConnectNode` (`--tls-cert`, `--tls-key`, and `--tls-client-ca` to require
+    /// push-manager to present a certificate). Default `None`: plaintext.
+    pub tls: Option<ServerTls>,
+    /// `--node-token-file`: push-manager must send one of its tokens as
+    /// `authorization: Bearer <token>`. Default `None`.
+    pub node_token_file: Option<PathBuf>,
+    /// `--allow-unauthenticated`: serve a non-loopback `--grpc-listen` with neither a node
+    /// token nor mutual TLS, so anyone who reaches the port can push to every user. Default off:
+    /// such a node refuses to start.
+    pub allow_unauthenticated: bool,
+    /// Largest `proto.body` a `ConnectNode` call may carry, in bytes: the same limit as
+    /// push-manager's `--max-message-bytes`, so nothing reaches users that push-manager would
+    /// have refused. Default 1 MiB.
+    pub max_message_bytes: usize,
+    /// Most messages in one `BroadcastBatch`. Default 1024 (push-manager sends at most
+    /// `--batch-max`, 64 by default).
+    pub max_batch_messages: usize,
 }
 
 impl Default for Config {
@@ -53,10 +90,18 @@ impl Default for Config {
             max_frame_bytes: 64 << 10,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
             max_topic_len: crate::topic::MAX_TOPIC_BYTES,
             max_topics_per_connection: 64,
             grpc_threads: 2,
             max_loop_backlog: 10_000,
+            max_loop_backlog_bytes: 64 << 20,
+            tls: None,
+            node_token_file: None,
+            allow_unauthenticated: false,
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 1024,
         }
     }
 }
@@ -85,8 +130,21 @@ impl Config {
         if self.max_out_buffer < 1024 {
             return bad(format!("--max-out-buffer must be at least 1024 bytes, got {}", self.max_out_buffer));
         }
+        for (flag, value) in [
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+        ] {
+            check_duration(flag, value)?;
+        }
         if self.ping_interval.is_zero() {
             return bad("--ping-interval must be more than zero".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("--handshake-timeout must be more than zero".into());
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1".into());
         }
         if self.pong_timeout <= self.ping_interval {
             return bad(format!(
@@ -102,6 +160,25 @@ impl Config {
         }
         if self.max_loop_backlog == 0 {
             return bad("--max-loop-backlog must be at least 1".into());
+        }
+        if self.max_loop_backlog_bytes == 0 {
+            return bad("--max-loop-backlog-bytes must be at least 1".into());
+        }
+        if self.max_message_bytes == 0 {
+            return bad("--max-message-bytes must be at least 1".into());
+        }
+        if self.max_batch_messages == 0 {
+            return bad("--max-batch-messages must be at least 1".into());
+        }
+        let authenticates =
+            self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
+        if !authenticates && !self.allow_unauthenticated && !crate::grpc::is_loopback(&self.grpc_listen) {
+            return bad(format!(
+                "--grpc-listen {} is reachable from other hosts and callers are not authenticated: give \
+                 --node-token-file (the same file as push-manager's) or --tls-client-ca (mutual TLS), or \
+                 --allow-unauthenticated to let anyone who reaches the port push to every user",
+                self.grpc_listen
+            ));
         }
         Ok(())
     }
@@ -122,6 +199,10 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     /// How long the key outlives a node that died without deregistering. Default 10 s.
     pub lease_ttl: Duration,
+    /// On SIGINT/SIGTERM, after deregistering: how long the node may keep taking and delivering
+    /// broadcasts while push-manager sends what it had queued for it. It stops sooner once no
+    /// ConnectNode call came for [`super::QUIET_BEFORE_STOP`]. Default 5 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for NodeConfig {
@@ -133,6 +214,7 @@ impl Default for NodeConfig {
             node_id: None,
             advertise: None,
             lease_ttl: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -152,10 +234,11 @@ impl NodeConfig {
         if let Some(addr) = &self.advertise {
             crate::addr::validate_host_port(addr).map_err(|e| Error::Config(format!("--advertise: {e}")))?;
         }
+        check_duration("--lease-ttl", self.lease_ttl)?;
         if self.lease_ttl < Duration::from_secs(1) {
             return bad("--lease-ttl must be at least 1s (etcd counts whole seconds)".into());
         }
-        Ok(())
+        check_duration("--shutdown-grace", self.shutdown_grace)
     }
 }
 
@@ -163,10 +246,29 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
+    /// The defaults on loopback, where callers need not authenticate.
+    fn local() -> Config {
+        Config { grpc_listen: "127.0.0.1:50061".into(), ..Config::default() }
+    }
+
+    fn local_node() -> NodeConfig {
+        NodeConfig { gateway: local(), ..NodeConfig::default() }
+    }
+
+    #[test]
+    fn an_open_grpc_address_needs_caller_authentication_or_the_explicit_flag() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("--allow-unauthenticated") && err.contains("--node-token-file"), "{err}");
+        Config { allow_unauthenticated: true, ..Config::default() }.validate().unwrap();
+        Config { node_token_file: Some("token".into()), ..Config::default() }.validate().unwrap();
+        let mtls = ServerTls { cert: "c".into(), key: "k".into(), client_ca: Some("ca".into()) };
+        Config { tls: Some(mtls), ..Config::default() }.validate().unwrap();
+    }
+
     #[test]
     fn defaults_are_valid() {
-        Config::default().validate().unwrap();
-        NodeConfig::default().validate().unwrap();
+        local().validate().unwrap();
+        local_node().validate().unwrap();
     }
 
     #[test]
@@ -175,15 +277,40 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(flag), "{err:?} should name {flag:?}");
         };
-        check(Config { ws_listen: "localhost".into(), ..Config::default() }, "--ws-listen");
-        check(Config { event_loops: 0, ..Config::default() }, "--event-loops");
-        check(Config { grpc_threads: 0, ..Config::default() }, "--grpc-threads");
-        check(Config { max_frame_bytes: 10, ..Config::default() }, "--max-frame-bytes");
-        check(Config { max_out_buffer: 10, ..Config::default() }, "--max-out-buffer");
-        check(Config { pong_timeout: Duration::from_secs(1), ..Config::default() }, "--pong-timeout");
-        check(Config { max_topic_len: 0, ..Config::default() }, "--max-topic-len");
-        check(Config { max_topics_per_connection: 0, ..Config::default() }, "--max-topics-per-connection");
-        check(Config { max_loop_backlog: 0, ..Config::default() }, "--max-loop-backlog");
+        check(Config { ws_listen: "localhost".into(), ..local() }, "--ws-listen");
+        check(Config { event_loops: 0, ..local() }, "--event-loops");
+        check(Config { grpc_threads: 0, ..local() }, "--grpc-threads");
+        check(Config { max_frame_bytes: 10, ..local() }, "--max-frame-bytes");
+        check(Config { max_out_buffer: 10, ..local() }, "--max-out-buffer");
+        check(Config { pong_timeout: Duration::from_secs(1), ..local() }, "--pong-timeout");
+        check(Config { max_topic_len: 0, ..local() }, "--max-topic-len");
+        check(Config { max_topics_per_connection: 0, ..local() }, "--max-topics-per-connection");
+        check(Config { max_loop_backlog: 0, ..local() }, "--max-loop-backlog");
+        check(Config { max_loop_backlog_bytes: 0, ..local() }, "--max-loop-backlog-bytes");
+        check(Config { max_connections: 0, ..local() }, "--max-connections");
+        check(Config { handshake_timeout: Duration::ZERO, ..local() }, "--handshake-timeout");
+    }
+
+    #[test]
+    fn durations_that_would_overflow_the_clock_are_refused() {
+        let check = |config: Config, flag: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains("at most"), "{err:?} should name {flag:?}");
+        };
+        check(Config { handshake_timeout: Duration::MAX, ..local() }, "--handshake-timeout");
+        check(Config { pong_timeout: Duration::MAX, ..local() }, "--pong-timeout");
+        check(Config { ping_interval: Duration::MAX, pong_timeout: Duration::MAX, ..local() }, "--ping-interval");
+        let err = NodeConfig { shutdown_grace: Duration::MAX, ..local_node() }.validate().unwrap_err();
+        assert!(err.to_string().contains("--shutdown-grace"), "{err}");
+        let err = NodeConfig { lease_ttl: Duration::MAX, ..local_node() }.validate().unwrap_err();
+        assert!(err.to_string().contains("--lease-ttl"), "{err}");
+        Config {
+            handshake_timeout: crate::duration::MAX_DURATION,
+            pong_timeout: crate::duration::MAX_DURATION,
+            ..local()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]
@@ -192,14 +319,14 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(flag), "{err:?} should name {flag:?}");
         };
-        check(NodeConfig { node_id: Some("a/b".into()), ..NodeConfig::default() }, "--node-id");
-        check(NodeConfig { node_id: Some(String::new()), ..NodeConfig::default() }, "--node-id");
-        check(NodeConfig { advertise: Some("nonsense".into()), ..NodeConfig::default() }, "--advertise");
-        check(NodeConfig { lease_ttl: Duration::from_millis(500), ..NodeConfig::default() }, "--lease-ttl");
-        check(NodeConfig { prefix: String::new(), ..NodeConfig::default() }, "--prefix");
+        check(NodeConfig { node_id: Some("a/b".into()), ..local_node() }, "--node-id");
+        check(NodeConfig { node_id: Some(String::new()), ..local_node() }, "--node-id");
+        check(NodeConfig { advertise: Some("nonsense".into()), ..local_node() }, "--advertise");
+        check(NodeConfig { lease_ttl: Duration::from_millis(500), ..local_node() }, "--lease-ttl");
+        check(NodeConfig { prefix: String::new(), ..local_node() }, "--prefix");
         let no_etcd = etcd::Config { endpoints: vec![], ..etcd::Config::default() };
-        check(NodeConfig { etcd: no_etcd, ..NodeConfig::default() }, "--etcd");
-        let gateway = Config { event_loops: 0, ..Config::default() };
-        check(NodeConfig { gateway, ..NodeConfig::default() }, "--event-loops");
+        check(NodeConfig { etcd: no_etcd, ..local_node() }, "--etcd");
+        let gateway = Config { event_loops: 0, ..local() };
+        check(NodeConfig { gateway, ..local_node() }, "--event-loops");
     }
 }

@@ -41,7 +41,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Bind { .. } | Error::Grpc(ServerError::Bind { .. }) | Error::Spawn(_) | Error::Io(_) => true,
-            Error::Config(_) | Error::Grpc(ServerError::Build(_)) => false,
+            Error::Config(_) | Error::Grpc(ServerError::Build(_) | ServerError::Tls(_)) => false,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! only keeps subscriber counts (updated by the loops) to answer "how many will get it" at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -40,6 +40,9 @@ pub(crate) struct LoopHandle {
     /// Set by the first sender after the loop last looked at its queue; only that sender pays
     /// for the wake-up syscall. The loop clears it *before* draining the queue.
     pub(crate) wake_pending: Arc<AtomicBool>,
+    /// Bytes of message frames in `tx` not yet taken by the loop: added here before sending,
+    /// taken off by the loop as it takes each one.
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
 }
 
 impl LoopHandle {
@@ -84,37 +87,57 @@ impl TopicCounts {
     }
 }
 
+/// How much may wait in one event loop's queue before broadcasts are refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BacklogLimits {
+    pub(crate) deliveries: usize,
+    pub(crate) bytes: usize,
+}
+
 /// Fans broadcasts out to the event loops; shared by the gRPC service and the [`super::Gateway`].
 pub struct Hub {
     loops: Vec<LoopHandle>,
     counts: Arc<TopicCounts>,
     stats: Arc<Stats>,
-    /// `Config::max_loop_backlog`.
-    max_backlog: usize,
+    /// `Config::max_loop_backlog` and `Config::max_loop_backlog_bytes`.
+    limits: BacklogLimits,
     /// Held while a broadcast is handed to every loop, so that two concurrent publishers cannot
     /// interleave differently on different loops: all connections see one order.
     order: Mutex<()>,
 }
 
 impl Hub {
-    pub(crate) fn new(loops: Vec<LoopHandle>, counts: Arc<TopicCounts>, stats: Arc<Stats>, max_backlog: usize) -> Hub {
-        Hub { loops, counts, stats, max_backlog, order: Mutex::new(()) }
+    pub(crate) fn new(
+        loops: Vec<LoopHandle>,
+        counts: Arc<TopicCounts>,
+        stats: Arc<Stats>,
+        limits: BacklogLimits,
+    ) -> Hub {
+        Hub { loops, counts, stats, limits, order: Mutex::new(()) }
     }
 
-    /// Admits a broadcast unless an event loop has `max_backlog` or more deliveries waiting;
-    /// a refusal is counted and says why. Called before publishing, so a refused batch delivers
-    /// nothing; the queues can still pass the limit by what broadcasts admitted meanwhile carry.
+    /// Admits a broadcast unless an event loop has `limits.deliveries` or more deliveries, or
+    /// `limits.bytes` or more bytes of frames, waiting; a refusal is counted and says why.
+    /// Called before publishing, so a refused batch delivers nothing; the queues can still pass
+    /// the limits by what broadcasts admitted meanwhile carry.
     pub(crate) fn admit(&self) -> Result<(), String> {
         let backlog = self.loops.iter().map(|l| l.tx.len()).max().unwrap_or(0);
-        if backlog < self.max_backlog {
+        let bytes = self.loops.iter().map(|l| l.queued_bytes.load(Ordering::Relaxed)).max().unwrap_or(0);
+        let why = if backlog >= self.limits.deliveries {
+            format!(
+                "{backlog} deliveries wait in one of its event loops (limit {}, --max-loop-backlog)",
+                self.limits.deliveries
+            )
+        } else if bytes >= self.limits.bytes {
+            format!(
+                "{bytes} bytes of deliveries wait in one of its event loops (limit {}, --max-loop-backlog-bytes)",
+                self.limits.bytes
+            )
+        } else {
             return Ok(());
-        }
+        };
         Stats::inc(&self.stats.refused_busy);
-        Err(format!(
-            "connect-node busy: {backlog} deliveries wait in one of its event loops (limit {}, --max-loop-backlog); \
-             retry later",
-            self.max_backlog
-        ))
+        Err(format!("connect-node busy: {why}; retry later"))
     }
 
     /// Delivers `msg` to every connection subscribed to its topic (every connection for an
@@ -128,10 +151,14 @@ impl Hub {
         let delivered = if topic.is_empty() { self.connections() as u64 } else { self.counts.get(topic) };
         let frame = Utf8Bytes::from(protocol::encode_message_frame(msg));
         let broadcast = Arc::new(EncodedBroadcast { topic: topic.into(), frame });
+        let bytes = broadcast.frame.len();
         let _order = self.order.lock();
         for handle in &self.loops {
+            handle.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
             // A loop that is gone (gateway shutting down) has no connections left to reach.
-            handle.send(LoopMsg::Publish(broadcast.clone()));
+            if !handle.send(LoopMsg::Publish(broadcast.clone())) {
+                handle.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
         }
         delivered
     }

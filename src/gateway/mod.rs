@@ -5,7 +5,9 @@
 //! completion-queue threads (`grpc-gateway-*`) run the service, `ws-accept` takes WebSocket
 //! connections and deals them to `ws-loop-<n>` event loops, which own the connections and their
 //! subscriptions (see `protocol.rs` for the wire format, close codes and commands). Registering
-//! the node in etcd is the caller's business; dropping the [`Gateway`] stops everything.
+//! the node in etcd is the caller's business ([`Registration`]); a caller that deregistered
+//! lets push-manager finish sending with [`Gateway::wait_until_quiet`] before stopping.
+//! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
 
 mod accept;
 mod config;
@@ -18,8 +20,9 @@ mod stats;
 mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use grpcio::EnvBuilder;
 use log::{info, warn};
@@ -30,26 +33,44 @@ pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig};
 pub use stats::StatsSnapshot;
 
+use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
-use hub::{LoopHandle, TopicCounts};
+use hub::{BacklogLimits, LoopHandle, TopicCounts};
+use service::Activity;
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
+
+/// How long no ConnectNode call may have arrived before a stopping node takes push-manager to
+/// have stopped sending ([`Gateway::wait_until_quiet`]): push-manager hears of a deregistration
+/// through its etcd watch within milliseconds, then sends what it had queued back to back.
+pub const QUIET_BEFORE_STOP: Duration = Duration::from_millis(500);
+
+/// How long gRPC calls in flight may take to end when the server stops, before they are
+/// cancelled. Handlers never block, so only a stalled client is still in a call by then.
+const GRPC_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
     grpc: Option<grpcio::Server>,
+    activity: Arc<Activity>,
     grpc_addr: SocketAddr,
     ws_addr: SocketAddr,
     hub: Arc<Hub>,
     stats: Arc<Stats>,
     accept: Option<StoppableThread>,
     loops: Vec<StoppableThread>,
+    /// The node token callers must send, re-read on SIGHUP.
+    token: Option<Arc<KeyFile>>,
 }
 
 impl Gateway {
     /// Binds the WebSocket and gRPC listeners and starts every thread.
     pub fn start(config: Config) -> Result<Gateway> {
         config.validate()?;
+        let token = match &config.node_token_file {
+            Some(path) => Some(Arc::new(KeyFile::load("--node-token-file", path).map_err(Error::Config)?)),
+            None => None,
+        };
         let stats = Arc::new(Stats::default());
         let counts = Arc::new(TopicCounts::default());
 
@@ -65,27 +86,46 @@ impl Gateway {
             loops.push(thread);
             handles.push(handle);
         }
-        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), config.max_loop_backlog));
+        let limits = BacklogLimits { deliveries: config.max_loop_backlog, bytes: config.max_loop_backlog_bytes };
+        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), limits));
         // From here on, an error drops `gateway`, which stops what was started.
         let mut gateway = Gateway {
             grpc: None,
+            activity: Arc::new(Activity::new()),
             grpc_addr: "0.0.0.0:0".parse().expect("literal"),
             ws_addr,
             hub,
             stats,
             accept: None,
             loops,
+            token: token.clone(),
         };
 
-        let (acceptor, waker) = accept::Acceptor::new(listener, handles, gateway.stats.clone())?;
+        let (acceptor, waker) =
+            accept::Acceptor::new(listener, handles, gateway.stats.clone(), config.max_connections)?;
         let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
         gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 
-        let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone())?;
+        let admission = service::Admission {
+            token,
+            max_message_bytes: config.max_message_bytes,
+            max_batch_messages: config.max_batch_messages,
+        };
+        let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone(), gateway.activity.clone(), admission)?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
         info!("gateway up: gRPC on {grpc_addr}, WebSocket on ws://{ws_addr}{}", ws::WS_PATH);
         Ok(gateway)
+    }
+
+    /// Re-reads the node token file (SIGHUP): calls in flight are not disturbed, and a file
+    /// that cannot be read keeps the tokens loaded before. Logs counts, never tokens.
+    pub fn reload_credentials(&self) {
+        let Some(token) = &self.token else { return };
+        match token.reload() {
+            Ok((before, after)) => info!("reloaded the node token file: {before} token(s) before, {after} now"),
+            Err(e) => warn!("reloading the node token file failed, keeping the {} loaded before: {e}", token.len()),
+        }
     }
 
     /// The address the gRPC service is bound to (the real port when 0 was asked for).
@@ -108,14 +148,34 @@ impl Gateway {
         &self.hub
     }
 
-    /// Stops accepting RPCs: waits for those in flight (they never block), then cancels the rest.
-    pub fn stop_grpc(&mut self) {
-        if let Some(mut server) = self.grpc.take() {
-            if let Err(e) = futures::executor::block_on(server.shutdown()) {
-                warn!("gRPC server shutdown: {e}");
+    /// Waits, for at most `grace`, until no ConnectNode call has arrived for
+    /// [`QUIET_BEFORE_STOP`] (counted from this call at the earliest): once deregistered, a
+    /// node keeps taking what push-manager had queued for it until that has come. Returns
+    /// whether it went quiet within `grace`.
+    pub fn wait_until_quiet(&self, grace: Duration) -> bool {
+        let start = Instant::now();
+        let deadline = start + grace;
+        loop {
+            let quiet_from = self.activity.last_call().max(start) + QUIET_BEFORE_STOP;
+            let now = Instant::now();
+            if now >= quiet_from {
+                return true;
             }
+            if now >= deadline {
+                return false;
+            }
+            // Not a poll: until then the answer cannot change.
+            std::thread::sleep(quiet_from.min(deadline) - now);
+        }
+    }
+
+    /// Stops accepting RPCs: waits a short while for those in flight (handlers never block),
+    /// then cancels the rest, so a client stalled mid-call cannot hold the node up.
+    pub fn stop_grpc(&mut self) {
+        if let Some(server) = self.grpc.take() {
             // Dropping the server (and with it the last handle on its environment) joins the
             // completion-queue threads.
+            crate::grpc::stop_server(server, GRPC_STOP_GRACE);
         }
     }
 
@@ -165,17 +225,19 @@ fn spawn_loop(
     // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
     let wake_pending = Arc::new(AtomicBool::new(false));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let parts = LoopParts {
         poll,
         waker: waker.clone(),
         inbox,
         wake_pending: wake_pending.clone(),
+        inbox_bytes: queued_bytes.clone(),
         counts,
         stats,
         config: LoopConfig::new(config),
     };
     let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
-    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending }))
+    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, queued_bytes }))
 }
 
 /// The wake-up that makes a thread sleeping in a mio poll look at its stop channel.
@@ -191,10 +253,16 @@ fn wake_to_stop(waker: Arc<mio::Waker>) -> impl FnOnce() + Send + 'static {
 /// large bodies.
 const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 
-fn start_grpc(config: &Config, hub: Arc<Hub>) -> Result<(grpcio::Server, SocketAddr)> {
+fn start_grpc(
+    config: &Config,
+    hub: Arc<Hub>,
+    activity: Arc<Activity>,
+    admission: service::Admission,
+) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
-    let service = crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub));
-    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, None, service)?)
+    let service =
+        crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub, activity, admission));
+    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, config.tls.as_ref(), service)?)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a node holds a socket per

@@ -5,7 +5,9 @@
 //! # Connecting
 //! `GET /ws` with a WebSocket upgrade; `?topic=a&topic=b` (form-encoded: `%XX` escapes of UTF-8,
 //! `+` for a space) subscribes at connect time. Another path gets HTTP 404, a request without
-//! an upgrade gets HTTP 426, a bad query topic gets HTTP 400.
+//! an upgrade gets HTTP 426, a bad query topic gets HTTP 400. A connection made while the node
+//! holds `max_connections` sockets gets HTTP 503; one whose request has not arrived whole
+//! within `handshake_timeout` gets HTTP 408. Each of these answers is closed after it is sent.
 //!
 //! # Client commands (text frames)
 //! ```json
@@ -24,7 +26,8 @@
 //! `op`, `seq` and `ver` come from `BroadCastReq.proto` (`op` falls back to
 //! `BroadCastReq.protoOp` when `proto.op` is 0). `topic` is `""` for a broadcast to every
 //! connection. A body that is not valid UTF-8 is sent as `"body_base64":"..."` (standard
-//! alphabet, padded) instead of `"body"`.
+//! alphabet, padded) instead of `"body"`. A delivery longer than 4 KiB is sent as a fragmented
+//! WebSocket message, each fragment whole UTF-8 characters; WebSocket clients reassemble it.
 //!
 //! # Close codes
 //! | code | reason starts with | when |
@@ -35,7 +38,7 @@
 //! | 1008 | `unknown action "x"`, `empty topic`, `topic longer than ...`, `too many topics ...`, ... | a command that parses but is refused |
 //! | 1009 | `message too big ...` | a frame or message over `max_frame_bytes` |
 //! | 1002 | `protocol error: ...` | a WebSocket protocol violation (e.g. unmasked frame) |
-//! | 4000 | `slow consumer: outgoing buffer overflow` | the connection's unsent bytes would pass `max_out_buffer` |
+//! | 4000 | `slow consumer: outgoing buffer overflow` | a delivery came while bytes were unsent, and with it they would pass `max_out_buffer` (one delivery of any size is taken when nothing is unsent) |
 //!
 //! A client from which nothing (not even a pong) arrived for `pong_timeout` is dropped without a
 //! close frame: it is not listening anyway.

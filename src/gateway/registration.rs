@@ -1,16 +1,25 @@
 //! Registration: a connect-node announces itself in etcd as `<prefix><node-id>` = its gRPC
-//! address, under a lease it keeps alive. If the lease is lost (etcd unreachable for longer than
-//! the TTL, or the lease revoked behind our back) the `etcd-register` thread registers again
-//! under a new lease, retrying with backoff. Deregistering revokes the lease, so push-manager's
+//! address, under a lease it keeps alive. The `etcd-register` thread keeps it so whatever
+//! happens to etcd: it registers in the background while etcd cannot be reached (a node starts
+//! and serves without etcd), registers again under a new lease when the lease is lost (etcd
+//! unreachable for longer than the TTL, or the lease revoked behind our back), and puts the
+//! record back under the live lease when the key is deleted or overwritten, all with backoff
+//! and a log line for each change of state. Deregistering revokes the lease, so push-manager's
 //! watch removes the node at once rather than after the TTL.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, never, select, Receiver};
-use log::{info, warn};
+use crossbeam_channel::{at, never, select, tick, Receiver};
+use log::{debug, info, warn};
 
-use crate::etcd::{self, KeepAlive, LeaseLost};
+use crate::etcd::{self, KeepAlive, KeyValue, LeaseLost};
 use crate::thread::StoppableThread;
+
+/// How often the node reads its own key back, to restore it if it was deleted or overwritten.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// First wait before registering again after a failure; doubled up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where and how long a node registers.
 #[derive(Clone, Debug)]
@@ -23,7 +32,7 @@ pub struct RegistrationConfig {
     pub ttl: Duration,
 }
 
-/// A live registration; dropping it deregisters.
+/// A registration kept alive by its thread; dropping it deregisters.
 pub struct Registration {
     client: etcd::Client,
     /// `etcd-register`; ends with the keep-alive it holds, if any, for us to revoke.
@@ -42,24 +51,40 @@ fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<
 }
 
 impl Registration {
-    /// Registers once (so the node is discoverable when this returns), then keeps it so.
+    /// Registers once, so that the node is discoverable when this returns if etcd is up; if
+    /// etcd cannot be reached, says so and goes on registering in the background.
     ///
-    /// Fails like any etcd call, or with [`etcd::Error::Spawn`] naming the thread that could
-    /// not start (the lease then expires by itself).
+    /// Fails only when etcd refuses the registration for good (a request it will never
+    /// accept, such as one without the rights to write the key), or with
+    /// [`etcd::Error::Spawn`] naming the thread that could not start (the lease then expires by
+    /// itself).
     pub fn start(client: etcd::Client, config: RegistrationConfig) -> etcd::Result<Registration> {
-        let keep_alive = register(&client, &config)?;
-        info!("registered {} = {} (lease {:x}, ttl {:?})", config.key, config.addr, keep_alive.lease().id, config.ttl);
-        let thread_client = client.clone();
-        let thread = StoppableThread::spawn("etcd-register", move |stop| {
-            keep_registered(thread_client, config, keep_alive, stop)
-        })?;
+        let first = match register(&client, &config) {
+            Ok(keep_alive) => {
+                info!(
+                    "registered {} = {} (lease {:x}, ttl {:?})",
+                    config.key,
+                    config.addr,
+                    keep_alive.lease().id,
+                    config.ttl
+                );
+                Some(keep_alive)
+            }
+            Err(e) if is_transient(&e) => {
+                warn!("cannot register {} yet ({e}); serving unregistered, retrying in the background", config.key);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let keeper = Keeper { client: client.clone(), config };
+        let thread = StoppableThread::spawn("etcd-register", move |stop| keeper.run(first, stop))?;
         Ok(Registration { client, thread })
     }
 
     /// Idempotent: stops re-registering and revokes the lease, which deletes the key now.
     pub fn deregister(&mut self) {
-        // `None`: deregistered before, registering again was failing, or the thread panicked
-        // (logged by the handle); there is no lease to revoke.
+        // `None`: deregistered before, never registered, registering again was failing, or the
+        // thread panicked (logged by the handle); there is no lease to revoke.
         let Some(Some(mut keep_alive)) = self.thread.shutdown() else { return };
         let id = keep_alive.lease().id;
         keep_alive.shutdown();
@@ -76,50 +101,108 @@ impl Drop for Registration {
     }
 }
 
-/// Runs until `stop` disconnects; returns the live keep-alive (if any) so the caller can revoke
-/// it.
-fn keep_registered(
+/// Whether registering may work later. A lease that vanished between grant and put is as
+/// transient as an unreachable etcd.
+fn is_transient(e: &etcd::Error) -> bool {
+    e.is_retryable() || matches!(e, etcd::Error::LeaseNotFound(_))
+}
+
+/// The body of `etcd-register`.
+struct Keeper {
     client: etcd::Client,
     config: RegistrationConfig,
-    keep_alive: KeepAlive,
-    stop: Receiver<()>,
-) -> Option<KeepAlive> {
-    let mut current = Some(keep_alive);
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let lost = current.as_ref().map_or(never(), |k| k.lost().clone());
-        let retry = if current.is_some() { never() } else { after(backoff) };
-        select! {
-            recv(stop) -> _ => return current,
-            recv(lost) -> why => {
-                let why = why.map_or("keep-alive stopped".to_string(), |w| match w {
-                    LeaseLost::Expired => "the lease expired".to_string(),
-                    LeaseLost::Unreachable { for_ } => format!("etcd unreachable for {for_:?}"),
-                });
-                warn!("registration of {} lost ({why}); registering again", config.key);
-                drop(current.take()); // stops the old keep-alive thread
-                backoff = Duration::from_millis(200);
-                current = try_register(&client, &config);
-            }
-            recv(retry) -> _ => {
-                current = try_register(&client, &config);
-                if current.is_none() {
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+}
+
+impl Keeper {
+    /// Runs until `stop` disconnects; returns the live keep-alive (if any) so the caller can
+    /// revoke it.
+    fn run(self, first: Option<KeepAlive>, stop: Receiver<()>) -> Option<KeepAlive> {
+        let mut current = first;
+        let mut backoff = INITIAL_BACKOFF;
+        // A deadline, not a fresh timer per turn: the checks in between must not postpone it.
+        let mut retry_at = Instant::now() + backoff;
+        let checks = tick(CHECK_INTERVAL);
+        loop {
+            let lost = current.as_ref().map_or(never(), |k| k.lost().clone());
+            let retry = if current.is_some() { never() } else { at(retry_at) };
+            let lease_gone = select! {
+                recv(stop) -> _ => return current,
+                recv(lost) -> why => {
+                    let why = why.map_or("keep-alive stopped".to_string(), |w| match w {
+                        LeaseLost::Expired => "the lease expired".to_string(),
+                        LeaseLost::Unreachable { for_ } => format!("etcd unreachable for {for_:?}"),
+                    });
+                    warn!("registration of {} lost ({why}); registering again", self.config.key);
+                    true
                 }
+                recv(retry) -> _ => {
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    current = self.try_register(backoff);
+                    retry_at = Instant::now() + backoff;
+                    false
+                }
+                recv(checks) -> _ => current.as_ref().is_some_and(|k| !self.check(k)),
+            };
+            if lease_gone {
+                drop(current.take()); // stops the old keep-alive thread
+                backoff = INITIAL_BACKOFF;
+                current = self.try_register(backoff);
+                retry_at = Instant::now() + backoff;
+            }
+        }
+    }
+
+    /// One attempt; a failure is logged with when the next one comes.
+    fn try_register(&self, next_in: Duration) -> Option<KeepAlive> {
+        match register(&self.client, &self.config) {
+            Ok(k) => {
+                info!("registered {} = {} (lease {:x})", self.config.key, self.config.addr, k.lease().id);
+                Some(k)
+            }
+            Err(e) => {
+                warn!("registering {} failed ({e}); unregistered, retrying in {next_in:?}", self.config.key);
+                None
+            }
+        }
+    }
+
+    /// Reads our key back and puts our record back under our lease if anyone deleted or
+    /// overwrote it. False when the lease turned out to be gone: register from scratch.
+    fn check(&self, keep_alive: &KeepAlive) -> bool {
+        let key = &self.config.key;
+        let lease = keep_alive.lease().id;
+        let found = match self.client.get(key) {
+            Ok(found) => found,
+            Err(e) => {
+                // The keep-alive reports the lease lost if this lasts.
+                debug!("cannot read {key} back ({e})");
+                return true;
+            }
+        };
+        let what = match &found {
+            Some(kv) if kv.value == self.config.addr.as_bytes() && kv.lease == lease => return true,
+            None => "deleted".to_string(),
+            Some(kv) => format!("overwritten with {}", describe(kv)),
+        };
+        match self.client.put(key, self.config.addr.as_bytes(), Some(lease)) {
+            Ok(_) => {
+                warn!("registration {key} was {what}; restored it as {} under lease {lease:x}", self.config.addr);
+                true
+            }
+            Err(etcd::Error::LeaseNotFound(_)) => {
+                warn!("registration {key} was {what} and lease {lease:x} is gone; registering again");
+                false
+            }
+            Err(e) => {
+                warn!("registration {key} was {what}; restoring it failed ({e}), trying again in {CHECK_INTERVAL:?}");
+                true
             }
         }
     }
 }
 
-fn try_register(client: &etcd::Client, config: &RegistrationConfig) -> Option<KeepAlive> {
-    match register(client, config) {
-        Ok(k) => {
-            info!("registered {} again (lease {:x})", config.key, k.lease().id);
-            Some(k)
-        }
-        Err(e) => {
-            warn!("registering {} failed ({e}); retrying", config.key);
-            None
-        }
-    }
+/// A key's value and lease, for a log line.
+fn describe(kv: &KeyValue) -> String {
+    let lease = if kv.lease == 0 { "no lease".to_string() } else { format!("lease {:x}", kv.lease) };
+    format!("{:?} ({lease})", String::from_utf8_lossy(&kv.value))
 }

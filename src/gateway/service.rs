@@ -2,52 +2,111 @@
 //! broadcasts. Publishing only encodes and queues, so the handlers run directly on grpcio's
 //! completion-queue threads without blocking them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
 use log::debug;
 
 use super::hub::Hub;
+use crate::auth::KeyFile;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::ConnectNode;
+use crate::proto::validate_broadcast;
+
+/// When the last ConnectNode call arrived: how a stopping node tells that push-manager has
+/// stopped sending to it.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    since: Instant,
+    /// Milliseconds from `since` to the last call; 0 before any.
+    last_call_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity { since: Instant::now(), last_call_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_call_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When the last call arrived, to the millisecond (the start for none yet).
+    pub(crate) fn last_call(&self) -> Instant {
+        self.since + Duration::from_millis(self.last_call_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// What a `ConnectNode` call must satisfy before anything of it is delivered.
+#[derive(Clone, Debug)]
+pub(crate) struct Admission {
+    /// push-manager must send one of these; `None` when callers are not authenticated by token.
+    pub(crate) token: Option<Arc<KeyFile>>,
+    /// `Config::max_message_bytes`.
+    pub(crate) max_message_bytes: usize,
+    /// `Config::max_batch_messages`.
+    pub(crate) max_batch_messages: usize,
+}
 
 /// `ConnectNode` over a [`Hub`]; cloned by grpcio once per completion queue.
 #[derive(Clone)]
 pub(crate) struct ConnectNodeService {
     hub: Arc<Hub>,
+    activity: Arc<Activity>,
+    admission: Admission,
 }
 
 impl ConnectNodeService {
-    pub(crate) fn new(hub: Arc<Hub>) -> ConnectNodeService {
-        ConnectNodeService { hub }
+    pub(crate) fn new(hub: Arc<Hub>, activity: Arc<Activity>, admission: Admission) -> ConnectNodeService {
+        ConnectNodeService { hub, activity, admission }
+    }
+
+    /// The caller's token, then every message against the same rule as `PushServer`'s (all or
+    /// nothing for a batch), then the event loops' backlog.
+    fn admit(&self, ctx: &RpcContext, messages: &[BroadCastReq]) -> Result<(), (RpcStatusCode, String)> {
+        if let Some(Err(refusal)) = self.admission.token.as_ref().map(|t| t.check(ctx.request_headers())) {
+            return Err((RpcStatusCode::UNAUTHENTICATED, refusal.to_string()));
+        }
+        if messages.len() > self.admission.max_batch_messages {
+            return Err((
+                RpcStatusCode::INVALID_ARGUMENT,
+                format!(
+                    "the batch holds {} messages; the limit is {} (--max-batch-messages)",
+                    messages.len(),
+                    self.admission.max_batch_messages
+                ),
+            ));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if let Err(why) = validate_broadcast(m, self.admission.max_message_bytes) {
+                let which = if messages.len() == 1 { String::new() } else { format!("messages[{i}]: ") };
+                return Err((RpcStatusCode::INVALID_ARGUMENT, format!("{which}{why}")));
+            }
+        }
+        self.hub.admit().map_err(|busy| (RpcStatusCode::RESOURCE_EXHAUSTED, busy))
     }
 }
 
 impl ConnectNode for ConnectNodeService {
     fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<NodeReply>) {
-        if !req.has_proto() {
-            return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, "BroadCastReq.proto is required".into());
-        }
-        if let Err(busy) = self.hub.admit() {
-            return fail(&ctx, sink, RpcStatusCode::RESOURCE_EXHAUSTED, busy);
+        self.activity.touch();
+        let messages = std::slice::from_ref(&req);
+        if let Err((code, why)) = self.admit(&ctx, messages) {
+            return fail(&ctx, sink, code, why);
         }
         let delivered = self.hub.publish(&req);
         succeed(&ctx, sink, 1, delivered);
     }
 
     fn broadcast_batch(&mut self, ctx: RpcContext, batch: BroadcastBatch, sink: UnarySink<NodeReply>) {
+        self.activity.touch();
         // All or nothing: a bad message refuses the batch before any of it is delivered.
-        if let Some(i) = batch.get_messages().iter().position(|m| !m.has_proto()) {
-            return fail(
-                &ctx,
-                sink,
-                RpcStatusCode::INVALID_ARGUMENT,
-                format!("BroadcastBatch.messages[{i}].proto is required"),
-            );
-        }
-        if let Err(busy) = self.hub.admit() {
-            return fail(&ctx, sink, RpcStatusCode::RESOURCE_EXHAUSTED, busy);
+        if let Err((code, why)) = self.admit(&ctx, batch.get_messages()) {
+            return fail(&ctx, sink, code, why);
         }
         let delivered = batch.get_messages().iter().map(|m| self.hub.publish(m)).sum();
         succeed(&ctx, sink, batch.get_messages().len() as u32, delivered);

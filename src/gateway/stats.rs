@@ -7,7 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) connections_open: AtomicU64,
+    pub(crate) connections_held: AtomicU64,
     pub(crate) accepted: AtomicU64,
+    pub(crate) refused_max_connections: AtomicU64,
+    pub(crate) dropped_unserved: AtomicU64,
+    pub(crate) closed_handshake_timeout: AtomicU64,
     pub(crate) closed_slow: AtomicU64,
     pub(crate) closed_timeout: AtomicU64,
     pub(crate) closed_bad_input: AtomicU64,
@@ -22,8 +26,20 @@ pub(crate) struct Stats {
 pub struct StatsSnapshot {
     /// WebSocket connections past the handshake and not yet closing (a gauge).
     pub connections_open: u64,
-    /// TCP connections accepted on the WebSocket port (handshake not yet done).
+    /// Sockets the event loops hold: handshaking, open and closing; what `max_connections`
+    /// bounds (a gauge).
+    pub connections_held: u64,
+    /// TCP connections accepted on the WebSocket port (handshake not yet done), refused ones
+    /// included.
     pub accepted: u64,
+    /// Connections answered HTTP 503 and closed because `max_connections` sockets were held.
+    pub refused_max_connections: u64,
+    /// Accepted sockets closed without an answer because no event loop could take them (the
+    /// node was stopping, or the OS refused to register or duplicate the socket); each is
+    /// logged.
+    pub dropped_unserved: u64,
+    /// Sockets closed because their handshake did not finish within `handshake_timeout`.
+    pub closed_handshake_timeout: u64,
     /// Connections closed with 4000 because their outgoing buffer would overflow.
     pub closed_slow: u64,
     /// Connections dropped because nothing arrived from them for `pong_timeout`.
@@ -39,7 +55,7 @@ pub struct StatsSnapshot {
     /// connection, plus the acks of subscribe/unsubscribe commands.
     pub frames_sent: u64,
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
-    /// `max_loop_backlog`.
+    /// `max_loop_backlog` deliveries or `max_loop_backlog_bytes`.
     pub refused_busy: u64,
 }
 
@@ -55,7 +71,11 @@ impl Stats {
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             connections_open: self.connections_open.load(Relaxed),
+            connections_held: self.connections_held.load(Relaxed),
             accepted: self.accepted.load(Relaxed),
+            refused_max_connections: self.refused_max_connections.load(Relaxed),
+            dropped_unserved: self.dropped_unserved.load(Relaxed),
+            closed_handshake_timeout: self.closed_handshake_timeout.load(Relaxed),
             closed_slow: self.closed_slow.load(Relaxed),
             closed_timeout: self.closed_timeout.load(Relaxed),
             closed_bad_input: self.closed_bad_input.load(Relaxed),

@@ -14,7 +14,7 @@ use crate::auth::KeyFile;
 use crate::discovery;
 use crate::proto::protocol::{BroadCastReply, BroadCastReq};
 use crate::proto::protocol_grpc::PushServer;
-use crate::topic::{self, MAX_TOPIC_BYTES};
+use crate::proto::validate_broadcast;
 
 #[derive(Clone)]
 pub(crate) struct PushService {
@@ -27,26 +27,6 @@ pub(crate) struct PushService {
     pub(crate) api_keys: Option<Arc<KeyFile>>,
 }
 
-/// Why a request is refused, as the caller will read it.
-pub(crate) fn validate(req: &BroadCastReq, max_message_bytes: usize) -> Result<(), String> {
-    if !req.has_proto() {
-        return Err("proto is required: BroadCastReq.proto carries the body to deliver".into());
-    }
-    let body = req.get_proto().get_body().len();
-    if body > max_message_bytes {
-        return Err(format!("proto.body is {body} bytes; the limit is {max_message_bytes} (--max-message-bytes)"));
-    }
-    validate_topic(req.get_topic())
-}
-
-/// Empty (everyone), or a topic as `crate::topic` defines it.
-pub(crate) fn validate_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Ok(());
-    }
-    topic::validate(topic, MAX_TOPIC_BYTES)
-}
-
 impl PushServer for PushService {
     fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<BroadCastReply>) {
         if let Some(Err(refusal)) = self.api_keys.as_ref().map(|keys| keys.check(ctx.request_headers())) {
@@ -54,7 +34,7 @@ impl PushServer for PushService {
             ctx.spawn(reply_error(sink, RpcStatusCode::UNAUTHENTICATED, refusal.to_string()));
             return;
         }
-        if let Err(msg) = validate(&req, self.max_message_bytes) {
+        if let Err(msg) = validate_broadcast(&req, self.max_message_bytes) {
             debug!("refused a broadcast from {}: {msg}", ctx.peer());
             ctx.spawn(reply_error(sink, RpcStatusCode::INVALID_ARGUMENT, msg));
             return;
@@ -88,35 +68,4 @@ impl PushServer for PushService {
 
 async fn reply_error(sink: UnarySink<BroadCastReply>, code: RpcStatusCode, msg: String) {
     let _ = sink.fail(RpcStatus::with_message(code, msg)).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::protocol::Proto;
-
-    fn req(topic: &str, body: usize) -> BroadCastReq {
-        let mut p = Proto::new();
-        p.set_body(vec![0; body]);
-        let mut r = BroadCastReq::new();
-        r.set_proto(p);
-        r.set_topic(topic.into());
-        r
-    }
-
-    #[test]
-    fn accepts_plain_requests() {
-        validate(&req("", 10), 10).unwrap();
-        validate(&req("room-1/a.b", 0), 10).unwrap();
-        validate(&req(&"t".repeat(MAX_TOPIC_BYTES), 0), 10).unwrap();
-    }
-
-    #[test]
-    fn refuses_with_a_reason() {
-        assert!(validate(&BroadCastReq::new(), 10).unwrap_err().contains("proto is required"));
-        assert!(validate(&req("", 11), 10).unwrap_err().contains("--max-message-bytes"));
-        assert!(validate(&req(&"t".repeat(MAX_TOPIC_BYTES + 1), 0), 10).unwrap_err().contains("longer than 128 bytes"));
-        assert!(validate(&req("a b", 0), 10).unwrap_err().contains("whitespace"));
-        assert!(validate(&req("a\u{7}", 0), 10).unwrap_err().contains("control"));
-    }
 }

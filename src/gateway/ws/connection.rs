@@ -5,6 +5,11 @@
 //! index; a connection owns its socket and its counters. So each method here does the
 //! connection's own I/O and bookkeeping and returns a [`Next`] saying what the loop must do
 //! about it, instead of the loop reaching into the connection's fields.
+//!
+//! tungstenite copies each frame it is given into a write buffer of its own, per connection,
+//! which never shrinks. So a message bigger than [`FRAGMENT_BYTES`] is handed over as a
+//! fragmented WebSocket message, a slice of the shared frame at a time: a 6 MiB broadcast to
+//! 10,000 connections costs one 6 MiB frame and a few KiB per connection, not 60 GB.
 
 use std::collections::VecDeque;
 use std::io::{self, Read as _};
@@ -14,7 +19,8 @@ use std::time::{Duration, Instant};
 use log::debug;
 use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
+use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
@@ -27,6 +33,17 @@ const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// Bytes of queued frames handed to tungstenite before each flush: bounds both the syscalls per
 /// burst and the write buffer tungstenite keeps (it never shrinks) per connection.
 pub(crate) const WRITE_BATCH: usize = 4096;
+/// A message longer than this goes out in fragments of this size, so that it takes no more of
+/// tungstenite's write buffer than a batch of small ones.
+const FRAGMENT_BYTES: usize = WRITE_BATCH;
+/// Most bytes tungstenite may hold for a connection: what it buffers before writing out
+/// (`2 * WRITE_BATCH`, see `websocket_config`), the batch or fragment that passed it, and room
+/// to spare for control frames. A data frame past it drops the connection: only a client that
+/// floods us with pings while not reading fills it.
+pub(crate) const MAX_WRITE_BUFFER: usize = 8 * WRITE_BATCH;
+/// Frames a drained queue may keep room for; a queue that grew past it during a burst gives its
+/// memory back once empty instead of holding it for the life of the connection.
+const IDLE_QUEUE_CAPACITY: usize = 64;
 /// Frames (or, from a closing peer, 4 KiB reads) taken from one connection in one turn of the
 /// loop; one with more waits for the next turn, after the other connections and the inbox.
 pub(crate) const READ_BUDGET: usize = 64;
@@ -68,7 +85,8 @@ pub(crate) enum QueuedFrames {
     Discard,
 }
 
-/// A frame did not fit: the connection's unsent bytes would pass `max_out_buffer`.
+/// A frame did not fit: the connection had unsent bytes, and with the frame they would pass
+/// `max_out_buffer`.
 #[derive(Debug)]
 pub(crate) struct SlowConsumer {
     /// Bytes queued or handed to tungstenite and not yet written.
@@ -79,7 +97,8 @@ pub(crate) struct SlowConsumer {
 enum Phase {
     /// Subscribed topics count, deliveries flow.
     Active,
-    /// A close frame is queued (ours or the reply to the peer's); flushing it.
+    /// A close frame is queued (ours or the reply to the peer's), or ours waits in
+    /// `close_after_queue` for the queue to go out first; flushing them.
     Closing { deadline: Instant },
     /// Our close frame is out and our side shut; reading until the peer hangs up.
     Draining { deadline: Instant },
@@ -88,9 +107,11 @@ enum Phase {
 /// An upgraded connection.
 pub(crate) struct Connection {
     ws: WebSocket<TcpStream>,
-    /// Frames not yet handed to tungstenite.
+    /// Frames not yet (or, the front one, not wholly) handed to tungstenite.
     queue: VecDeque<Utf8Bytes>,
-    /// Bytes in `queue`.
+    /// Bytes of the front frame already handed over as fragments; 0 when it is not started.
+    front_sent: usize,
+    /// Bytes in `queue` not yet handed to tungstenite.
     queued: usize,
     /// Bytes handed to tungstenite since its write buffer was last seen empty.
     in_flight: usize,
@@ -101,6 +122,8 @@ pub(crate) struct Connection {
     last_seen: Instant,
     last_ping: Instant,
     phase: Phase,
+    /// Our close frame, sent once `queue` is written out (the node is stopping).
+    close_after_queue: Option<CloseFrame>,
 }
 
 impl Connection {
@@ -109,6 +132,7 @@ impl Connection {
         Connection {
             ws,
             queue: VecDeque::new(),
+            front_sent: 0,
             queued: 0,
             in_flight: 0,
             blocked: false,
@@ -116,6 +140,7 @@ impl Connection {
             last_seen: now,
             last_ping: now,
             phase: Phase::Active,
+            close_after_queue: None,
         }
     }
 
@@ -155,7 +180,7 @@ impl Connection {
         self.dirty = false;
         match self.phase {
             Phase::Active => self.pump(stats),
-            Phase::Closing { .. } => self.drive_close(),
+            Phase::Closing { .. } => self.drive_close(stats),
             Phase::Draining { .. } => self.drain(),
         }
     }
@@ -191,8 +216,9 @@ impl Connection {
         }
     }
 
-    /// Queues a frame on an active connection; refuses it if the connection's unsent bytes
-    /// would pass `max_out_buffer`.
+    /// Queues a frame on an active connection. A connection with nothing unsent takes any
+    /// frame, however big (a legal broadcast can encode to several times `max_out_buffer`);
+    /// past that the frame is refused if the unsent bytes would pass `max_out_buffer`.
     pub(crate) fn enqueue(
         &mut self,
         frame: &Utf8Bytes,
@@ -203,7 +229,7 @@ impl Connection {
             return Ok(Next::Keep);
         }
         let unsent = self.queued + self.in_flight;
-        if unsent + frame.len() > max_out_buffer {
+        if unsent > 0 && unsent + frame.len() > max_out_buffer {
             return Err(SlowConsumer { unsent });
         }
         self.queue.push_back(frame.clone());
@@ -220,20 +246,15 @@ impl Connection {
     fn pump(&mut self, stats: &Stats) -> Next {
         while !self.blocked {
             let mut batch = 0;
-            while batch < WRITE_BATCH {
-                let Some(frame) = self.queue.pop_front() else { break };
-                let len = frame.len();
+            while batch < WRITE_BATCH && !self.blocked {
+                let Some((message, len)) = self.next_frame(stats) else { break };
                 batch += len;
                 self.queued -= len;
                 self.in_flight += len;
-                Stats::inc(&stats.frames_sent);
-                match self.ws.write(Message::Text(frame)) {
+                match self.ws.write(message) {
                     Ok(()) => {}
                     // The frame is buffered; the socket is full.
-                    Err(e) if would_block(&e) => {
-                        self.blocked = true;
-                        break;
-                    }
+                    Err(e) if would_block(&e) => self.blocked = true,
                     Err(e) => {
                         debug!("write failed: {e}");
                         return Next::Drop;
@@ -255,30 +276,76 @@ impl Connection {
                 break;
             }
         }
+        if self.queue.is_empty() && self.queue.capacity() > IDLE_QUEUE_CAPACITY {
+            self.queue = VecDeque::new();
+        }
         Next::Keep
     }
 
-    /// Sends a close frame after what tungstenite already holds (and the queued frames, if
-    /// `queued` says so), then waits for it to go out. Call [`Connection::leave_active`] first.
-    pub(crate) fn begin_close(&mut self, code: u16, reason: &str, queued: QueuedFrames, stats: &Stats) -> Next {
-        let queue = std::mem::take(&mut self.queue);
-        self.queued = 0;
-        if queued == QueuedFrames::Send {
-            for frame in queue {
-                match self.ws.write(Message::Text(frame)) {
-                    Ok(()) => Stats::inc(&stats.frames_sent),
-                    Err(e) if would_block(&e) => Stats::inc(&stats.frames_sent),
-                    Err(_) => break,
-                }
-            }
+    /// Takes the next message for tungstenite off the queue: the front frame whole, or the
+    /// next fragment of a frame longer than [`FRAGMENT_BYTES`]. Returns it with its payload
+    /// length; counts a frame in `frames_sent` when its first byte goes.
+    fn next_frame(&mut self, stats: &Stats) -> Option<(Message, usize)> {
+        let front = self.queue.front()?;
+        let len = front.len();
+        if self.front_sent == 0 && len <= FRAGMENT_BYTES {
+            Stats::inc(&stats.frames_sent);
+            let frame = self.queue.pop_front()?;
+            return Some((Message::Text(frame), len));
         }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        // Queues the frame whatever the socket does; `drive_close` reports how it went.
-        let _ = self.ws.close(Some(frame));
-        self.drive_close()
+        let start = self.front_sent;
+        let mut end = (start + FRAGMENT_BYTES).min(len);
+        // Each fragment holds whole characters, for clients that check them one by one.
+        while !front.as_str().is_char_boundary(end) {
+            end -= 1;
+        }
+        let payload: &Bytes = front.as_ref();
+        let payload = payload.slice(start..end);
+        let opcode = if start == 0 {
+            Stats::inc(&stats.frames_sent);
+            OpCode::Data(OpData::Text)
+        } else {
+            OpCode::Data(OpData::Continue)
+        };
+        let last = end == len;
+        if last {
+            self.queue.pop_front();
+            self.front_sent = 0;
+        } else {
+            self.front_sent = end;
+        }
+        Some((Message::Frame(Frame::message(payload, opcode, last)), end - start))
     }
 
-    fn drive_close(&mut self) -> Next {
+    /// Starts our side of the close: the close frame goes after what tungstenite already holds
+    /// and, if `queued` says so, after the queued frames. Call [`Connection::leave_active`]
+    /// first.
+    pub(crate) fn begin_close(&mut self, code: u16, reason: &str, queued: QueuedFrames, stats: &Stats) -> Next {
+        if queued == QueuedFrames::Discard {
+            // A fragmented frame cut short is no harm: the close frame may come between
+            // fragments, and the client stops reading at it.
+            self.queue = VecDeque::new();
+            self.front_sent = 0;
+            self.queued = 0;
+        }
+        self.close_after_queue = Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() });
+        self.drive_close(stats)
+    }
+
+    /// Writes what must precede the close frame, then the close frame, then waits for it to go
+    /// out.
+    fn drive_close(&mut self, stats: &Stats) -> Next {
+        if self.close_after_queue.is_some() {
+            if self.pump(stats) == Next::Drop {
+                return Next::Drop;
+            }
+            if !self.queue.is_empty() {
+                // The socket is full; a writable event brings us back.
+                return Next::Keep;
+            }
+            // Queues the frame whatever the socket does; the flush below reports how it went.
+            let _ = self.ws.close(self.close_after_queue.take());
+        }
         match self.ws.flush() {
             Ok(()) => {
                 // Our close frame is out: say we are done writing, then wait for the peer.
@@ -351,4 +418,133 @@ fn refusal(e: WsError) -> Option<Reject> {
 
 fn would_block(e: &WsError) -> bool {
     matches!(e, WsError::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use tungstenite::protocol::{Role, WebSocketConfig};
+
+    /// A server-side connection and the raw client socket at its other end, with a send buffer
+    /// small enough that the client's receive buffer plus a few KiB fill it.
+    fn pair() -> (Connection, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let size: libc::c_int = 4096;
+        // SAFETY: a live socket and a c_int of the size passed; setsockopt only reads it.
+        let set = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        server.set_nonblocking(true).unwrap();
+        // As the accept thread sets it: small writes must not wait for acks.
+        server.set_nodelay(true).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let config = WebSocketConfig::default().write_buffer_size(2 * WRITE_BATCH);
+        let ws = WebSocket::from_raw_socket(TcpStream::from_std(server), Role::Server, Some(config));
+        (Connection::new(ws), client)
+    }
+
+    /// Reads one frame off the raw client socket: (FIN, opcode, payload).
+    fn read_frame(client: &mut std::net::TcpStream) -> (bool, u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).unwrap();
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut ext = [0u8; 2];
+                client.read_exact(&mut ext).unwrap();
+                u16::from_be_bytes(ext) as usize
+            }
+            127 => {
+                let mut ext = [0u8; 8];
+                client.read_exact(&mut ext).unwrap();
+                u64::from_be_bytes(ext) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        client.read_exact(&mut payload).unwrap();
+        (head[0] & 0x80 != 0, head[0] & 0x0f, payload)
+    }
+
+    /// Flushes `conn` while `reader` runs, until the reader is done.
+    fn flush_while<T>(conn: &mut Connection, stats: &Stats, reader: std::thread::JoinHandle<T>) -> T {
+        while !reader.is_finished() {
+            let _ = conn.writable();
+            assert_eq!(conn.flush(stats), Next::Keep);
+            std::thread::yield_now();
+        }
+        reader.join().unwrap()
+    }
+
+    #[test]
+    fn one_frame_of_any_size_fits_an_idle_connection_and_the_bound_applies_behind_it() {
+        let (mut conn, mut client) = pair();
+        let stats = Stats::default();
+        // 'é' straddles the first fragment boundary: fragments end on whole characters.
+        // Bigger than what the client's receive buffer and our send buffer hold.
+        let text = format!("{}é{}", "a".repeat(FRAGMENT_BYTES - 1), "b".repeat(1 << 20));
+        let big = Utf8Bytes::from(text.clone());
+        assert!(conn.enqueue(&big, 1024, &stats).is_ok(), "nothing was unsent: the frame is taken");
+        let small = Utf8Bytes::from("x".repeat(100));
+        let slow = conn.enqueue(&small, 1024, &stats).expect_err("something is unsent: the bound applies");
+        assert!(slow.unsent > 0);
+
+        let reader = std::thread::spawn(move || {
+            let mut fragments = Vec::new();
+            loop {
+                let (fin, opcode, payload) = read_frame(&mut client);
+                fragments.push((opcode, payload));
+                if fin {
+                    return fragments;
+                }
+            }
+        });
+        let fragments = flush_while(&mut conn, &stats, reader);
+        assert_eq!(fragments[0].0, 0x1, "a text frame first");
+        assert!(fragments[1..].iter().all(|(opcode, _)| *opcode == 0x0), "then continuations");
+        assert_eq!(fragments[0].1.len(), FRAGMENT_BYTES - 1, "the first fragment stops before the 'é'");
+        for (_, payload) in &fragments {
+            assert!(payload.len() <= FRAGMENT_BYTES);
+            std::str::from_utf8(payload).expect("each fragment is whole characters");
+        }
+        assert_eq!(fragments.concat_payloads(), text.as_bytes());
+        assert_eq!(stats.frames_sent.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(conn.queued + conn.in_flight, 0);
+        assert!(conn.enqueue(&small, 1024, &stats).is_ok(), "all sent: frames are taken again");
+    }
+
+    trait ConcatPayloads {
+        fn concat_payloads(&self) -> Vec<u8>;
+    }
+
+    impl ConcatPayloads for Vec<(u8, Vec<u8>)> {
+        fn concat_payloads(&self) -> Vec<u8> {
+            self.iter().flat_map(|(_, payload)| payload.iter().copied()).collect()
+        }
+    }
+
+    #[test]
+    fn a_queue_that_grew_in_a_burst_gives_its_room_back_once_sent() {
+        let (mut conn, mut client) = pair();
+        let stats = Stats::default();
+        let frame = Utf8Bytes::from("y".repeat(100));
+        const BURST: usize = 2000;
+        for _ in 0..BURST {
+            let _ = conn.enqueue(&frame, 1 << 20, &stats).unwrap();
+        }
+        assert!(conn.queue.capacity() > IDLE_QUEUE_CAPACITY, "the burst waits in the queue");
+        let reader = std::thread::spawn(move || (0..BURST).map(|_| read_frame(&mut client).2.len()).sum::<usize>());
+        assert_eq!(flush_while(&mut conn, &stats, reader), BURST * 100);
+        assert!(conn.queue.is_empty());
+        assert!(conn.queue.capacity() <= IDLE_QUEUE_CAPACITY, "kept room for {} frames", conn.queue.capacity());
+    }
 }

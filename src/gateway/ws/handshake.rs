@@ -6,7 +6,7 @@
 //! socket without a word; a client (or an operator with curl) deserves to be told why, so each
 //! handshake keeps a second descriptor of its socket to answer on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
@@ -47,12 +47,14 @@ pub(crate) struct Handshaking {
     answer: std::net::TcpStream,
     /// Filled by [`Upgrade`] with the topics of the query string.
     topics: Rc<RefCell<Vec<String>>>,
+    /// Set by [`Upgrade`] once the request is read: from then on the socket carries our answer.
+    request_read: Rc<Cell<bool>>,
     deadline: Instant,
 }
 
 impl Handshaking {
     /// Registers a freshly accepted socket under `token` and starts its handshake, which has
-    /// `config.pong_timeout` to finish.
+    /// `config.handshake_timeout` to finish.
     pub(crate) fn start(
         mut stream: TcpStream,
         registry: &Registry,
@@ -62,9 +64,11 @@ impl Handshaking {
         let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let topics = Rc::new(RefCell::new(Vec::new()));
-        let callback = Upgrade { limits: config.limits, topics: topics.clone() };
+        let request_read = Rc::new(Cell::new(false));
+        let callback = Upgrade { limits: config.limits, topics: topics.clone(), request_read: request_read.clone() };
         let mid = ServerHandshake::start(stream, callback, Some(config.ws));
-        Ok(Handshaking { mid: Some(mid), answer, topics, deadline: Instant::now() + config.pong_timeout })
+        let deadline = Instant::now() + config.handshake_timeout;
+        Ok(Handshaking { mid: Some(mid), answer, topics, request_read, deadline })
     }
 
     /// Takes the handshake as far as the socket allows.
@@ -83,6 +87,17 @@ impl Handshaking {
     /// Whether it has taken longer than it may.
     pub(crate) fn expired(&self, now: Instant) -> bool {
         now >= self.deadline
+    }
+
+    /// Tells a client that never finished its request why it is being dropped (HTTP 408);
+    /// one whose request was read is in the middle of getting our answer, and is just dropped.
+    pub(crate) fn time_out(&self, timeout: std::time::Duration) {
+        debug!("handshake not done within {timeout:?}; dropping the socket");
+        if !self.request_read.get() {
+            let body =
+                format!("the WebSocket handshake must complete within {}\n", humantime::format_duration(timeout));
+            self.answer_http("408 Request Timeout", &body);
+        }
     }
 
     /// Answers a failed handshake with the HTTP error that says why, when the client is there
@@ -124,27 +139,34 @@ impl Handshaking {
     /// Writes a whole HTTP error response on the socket tungstenite gave up on (best effort:
     /// the socket buffer of a fresh connection takes a short response at once).
     fn answer_http(&self, status: &str, body: &str) {
-        let response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-             Upgrade: websocket\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
         let mut socket = &self.answer;
-        if let Err(e) = socket.write_all(response.as_bytes()) {
+        if let Err(e) = socket.write_all(http_response(status, body).as_bytes()) {
             debug!("could not answer a rejected request: {e}");
         }
         let _ = socket.shutdown(Shutdown::Write);
     }
 }
 
+/// A whole plain-text HTTP error response that closes the connection, for the sockets the
+/// node refuses without tungstenite's help (at accept, or after tungstenite gave up on them).
+pub(crate) fn http_response(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Upgrade: websocket\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// The handshake callback: checks the path and reads `?topic=` parameters.
 struct Upgrade {
     limits: TopicLimits,
     topics: Rc<RefCell<Vec<String>>>,
+    request_read: Rc<Cell<bool>>,
 }
 
 impl Callback for Upgrade {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        self.request_read.set(true);
         if request.uri().path() != WS_PATH {
             return Err(http_error(404, &format!("not found: the WebSocket endpoint is {WS_PATH}\n")));
         }

@@ -9,14 +9,16 @@
 //! (or its `READ_BUDGET` for this turn, then it waits its next turn on `unread`, so one client
 //! sending without pause cannot hold up the others) and writes only while the socket takes
 //! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
-//! allowed to stall the loop or grow without bound.
+//! allowed to stall the loop or grow without bound (a single frame, whatever its size, is
+//! always taken by a connection with nothing unsent). Every socket a loop is handed counts in
+//! `connections_held` until the loop lets go of it, which is what `max_connections` bounds.
 
 mod connection;
 mod handshake;
 mod subscriptions;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,11 +34,11 @@ use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
 use super::protocol::{self, AckKind, Command, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
-use connection::{Connection, Next, QueuedFrames, Read, READ_BUDGET, WRITE_BATCH};
+use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET, WRITE_BATCH};
 use handshake::{Handshaking, Step};
 use subscriptions::Subscriptions;
 
-pub(crate) use handshake::WS_PATH;
+pub(crate) use handshake::{http_response, WS_PATH};
 
 /// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
 /// never reach it.
@@ -55,8 +57,10 @@ pub(crate) struct LoopConfig {
     max_out_buffer: usize,
     /// How often each connection is pinged.
     ping_interval: Duration,
-    /// Silence that drops a connection; also the handshake's deadline.
+    /// Silence that drops a connection.
     pong_timeout: Duration,
+    /// Time a socket has to complete its handshake.
+    handshake_timeout: Duration,
     /// Topic length and count limits, for query strings and commands.
     limits: TopicLimits,
 }
@@ -68,6 +72,7 @@ impl LoopConfig {
             max_out_buffer: config.max_out_buffer,
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
+            handshake_timeout: config.handshake_timeout,
             limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
         }
     }
@@ -83,6 +88,8 @@ pub(crate) struct LoopParts {
     pub(crate) waker: Arc<Waker>,
     pub(crate) inbox: Receiver<LoopMsg>,
     pub(crate) wake_pending: Arc<AtomicBool>,
+    /// The hub's count of frame bytes in `inbox` ([`super::hub::LoopHandle::queued_bytes`]).
+    pub(crate) inbox_bytes: Arc<AtomicUsize>,
     pub(crate) counts: Arc<TopicCounts>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) config: LoopConfig,
@@ -93,8 +100,13 @@ fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Allocated per connection up front; client commands are small.
         .read_buffer_size(2048)
-        // We flush after each batch ourselves; this only matters for a single huge frame.
+        // We flush after each batch ourselves, and hand big frames over a fragment at a time, so
+        // tungstenite's buffer stays within this and a batch.
         .write_buffer_size(2 * WRITE_BATCH)
+        // Room for the above and the odd control frame. tungstenite buffers a pong for each
+        // ping it reads, written or not: without a cap, a client that pings and never reads
+        // grows it without bound. At the cap, pongs wait (the latest replacing the others).
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes))
 }
@@ -106,6 +118,7 @@ pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
         _waker: parts.waker,
         inbox: parts.inbox,
         wake_pending: parts.wake_pending,
+        inbox_bytes: parts.inbox_bytes,
         conns: Slab::new(),
         subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
         stats: parts.stats,
@@ -127,6 +140,7 @@ struct EventLoop {
     _waker: Arc<Waker>,
     inbox: Receiver<LoopMsg>,
     wake_pending: Arc<AtomicBool>,
+    inbox_bytes: Arc<AtomicUsize>,
     conns: Slab<Conn>,
     subscriptions: Subscriptions,
     stats: Arc<Stats>,
@@ -206,6 +220,7 @@ impl EventLoop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
                 Ok(LoopMsg::Publish(broadcast)) => {
+                    self.inbox_bytes.fetch_sub(broadcast.frame.len(), Ordering::Relaxed);
                     self.deliver(&broadcast);
                     published += 1;
                     // Write as we go, so a long backlog is not judged against one buffer.
@@ -255,6 +270,8 @@ impl EventLoop {
             Ok(handshaking) => handshaking,
             Err(e) => {
                 warn!("dropping a new connection: cannot start its handshake: {e}");
+                Stats::inc(&self.stats.dropped_unserved);
+                Stats::dec(&self.stats.connections_held);
                 return;
             }
         };
@@ -269,11 +286,9 @@ impl EventLoop {
             Step::Open(conn, topics) => self.open(key, conn, topics),
             Step::Refused => {
                 Stats::inc(&self.stats.http_rejected);
-                self.conns.remove(key);
+                self.remove(key);
             }
-            Step::Abandoned => {
-                self.conns.remove(key);
-            }
+            Step::Abandoned => self.remove(key),
         }
     }
 
@@ -416,8 +431,15 @@ impl EventLoop {
 
     fn drop_conn(&mut self, key: usize) {
         self.leave_active(key);
+        self.remove(key);
+    }
+
+    /// Lets go of a socket: the one place a slab entry is removed.
+    fn remove(&mut self, key: usize) {
         // Dropping the socket closes it, which also removes it from the poll.
-        self.conns.try_remove(key);
+        if self.conns.try_remove(key).is_some() {
+            Stats::dec(&self.stats.connections_held);
+        }
     }
 
     /// Pings connections due for one, drops those silent for `pong_timeout` and those whose
@@ -426,7 +448,11 @@ impl EventLoop {
         let mut due = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             let next = match conn {
-                Conn::Handshaking(handshaking) if handshaking.expired(now) => Next::Drop,
+                Conn::Handshaking(handshaking) if handshaking.expired(now) => {
+                    handshaking.time_out(self.config.handshake_timeout);
+                    Stats::inc(&self.stats.closed_handshake_timeout);
+                    Next::Drop
+                }
                 Conn::Handshaking(_) => Next::Keep,
                 Conn::Open(conn) => conn.tick(now, &self.config, &self.stats),
             };
@@ -443,7 +469,7 @@ impl EventLoop {
 
 /// How often a loop looks at its timers: often enough to honour the shortest of them.
 fn sweep_interval(config: &LoopConfig) -> Duration {
-    let shortest = config.ping_interval.min(config.pong_timeout);
+    let shortest = config.ping_interval.min(config.pong_timeout).min(config.handshake_timeout);
     (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
@@ -458,10 +484,13 @@ mod tests {
             max_out_buffer: 1 << 20,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
             limits: TopicLimits { max_len: 8, max_per_connection: 2 },
         };
         assert_eq!(sweep_interval(&config), Duration::from_secs(1));
         config.ping_interval = Duration::from_millis(100);
         assert_eq!(sweep_interval(&config), Duration::from_millis(25));
+        config.handshake_timeout = Duration::from_millis(40);
+        assert_eq!(sweep_interval(&config), Duration::from_millis(10));
     }
 }
