@@ -82,7 +82,10 @@ const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))?;
     if d > MAX_DURATION {
-        return Err(format!("{s:?} is longer than the longest duration taken, {}", humantime::format_duration(MAX_DURATION)));
+        return Err(format!(
+            "{s:?} is longer than the longest duration taken, {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
     }
     Ok(d.into())
 }

@@ -38,9 +38,8 @@ pub struct KeepAlive {
 impl KeepAlive {
     pub(super) fn spawn(client: Client, lease: Lease) -> Result<KeepAlive> {
         let (lost_tx, lost_rx) = bounded(1);
-        let thread = StoppableThread::spawn("etcd-keepalive", move |stop| {
-            Renewer { client, lease, stop, lost: lost_tx }.run()
-        })?;
+        let thread =
+            StoppableThread::spawn("etcd-keepalive", move |stop| Renewer { client, lease, stop, lost: lost_tx }.run())?;
         Ok(KeepAlive { lease, lost: lost_rx, thread })
     }
 

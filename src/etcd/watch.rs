@@ -12,10 +12,10 @@ use futures::{SinkExt, StreamExt};
 use grpcio::{CallOption, Channel, WriteFlags};
 
 use super::{keys, Client, Error, KeyValue, Result};
-use crate::thread::StoppableThread;
 use crate::proto::kv::Event_EventType;
 use crate::proto::rpc::{WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proto::rpc_grpc::WatchClient;
+use crate::thread::StoppableThread;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -57,8 +57,15 @@ impl Watcher {
         let (events_tx, events_rx) = unbounded();
         let (key, range_end) = keys::prefix_range(prefix.as_bytes());
         let thread = StoppableThread::spawn("etcd-watch", move |stop| {
-            let worker =
-                WatchLoop { client, key, range_end, next_revision: start_revision, events: events_tx, stop, connected: None };
+            let worker = WatchLoop {
+                client,
+                key,
+                range_end,
+                next_revision: start_revision,
+                events: events_tx,
+                stop,
+                connected: None,
+            };
             worker.run(stop_stream_rx)
         })?
         .with_wake(move || drop(stop_stream_tx));
