@@ -23,7 +23,11 @@ const PREFIX: &str = "/e2e/nodes/";
 fn start_manager(etcd: &Etcd) -> Manager {
     Manager::start(manager::Config {
         listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(1), ..etcd::Config::default() },
+        etcd: etcd::Config {
+            endpoints: vec![etcd.endpoint()],
+            timeout: Duration::from_secs(1),
+            ..etcd::Config::default()
+        },
         prefix: PREFIX.into(),
         routine_size: 2,
         // Long: whatever is seen quickly came through the watch.
@@ -361,8 +365,12 @@ fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
     let key = format!("{PREFIX}survivor");
     let ttl = Duration::from_secs(2);
     let _registration = Registration::start(
-        etcd::Client::connect(etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500), ..etcd::Config::default() })
-            .unwrap(),
+        etcd::Client::connect(etcd::Config {
+            endpoints: vec![etcd.endpoint()],
+            timeout: Duration::from_millis(500),
+            ..etcd::Config::default()
+        })
+        .unwrap(),
         RegistrationConfig { key: key.clone(), addr: gateway.grpc_addr().to_string(), ttl },
     )
     .unwrap();

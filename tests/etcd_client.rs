@@ -247,7 +247,8 @@ fn fails_over_from_a_dead_endpoint() {
 #[test]
 fn all_endpoints_dead_fails_with_a_typed_error_within_the_deadline() {
     let timeout = Duration::from_secs(1);
-    let client = Client::connect(Config { endpoints: vec![free_addr(), free_addr()], timeout, ..Config::default() }).unwrap();
+    let client =
+        Client::connect(Config { endpoints: vec![free_addr(), free_addr()], timeout, ..Config::default() }).unwrap();
     for _ in 0..2 {
         let started = Instant::now();
         let err = client.get("/k").expect_err("no etcd is listening");

@@ -32,7 +32,11 @@ const TOPIC: &str = "faults";
 fn manager_config(etcd: &Etcd) -> manager::Config {
     manager::Config {
         listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500), ..etcd::Config::default() },
+        etcd: etcd::Config {
+            endpoints: vec![etcd.endpoint()],
+            timeout: Duration::from_millis(500),
+            ..etcd::Config::default()
+        },
         prefix: PREFIX.into(),
         routine_size: 2,
         queue_size: 100,
@@ -118,7 +122,13 @@ fn bodies(range: std::ops::Range<usize>) -> BTreeSet<String> {
 
 /// Publishes `range` in chunks, letting the healthy node `keeper` drain between chunks so that
 /// only a faulty node can ever fill its queue, whatever the speed of this machine.
-fn publish(ledger: &mut Ledger, client: &PushServerClient, manager: &Manager, keeper: &str, range: std::ops::Range<usize>) {
+fn publish(
+    ledger: &mut Ledger,
+    client: &PushServerClient,
+    manager: &Manager,
+    keeper: &str,
+    range: std::ops::Range<usize>,
+) {
     for i in range {
         ledger.send(client, &format!("m{i}"));
         if i % 20 == 19 {
@@ -269,10 +279,7 @@ impl Proxy {
                 for socket in [&downstream, &upstream] {
                     s.sockets.lock().push(socket.try_clone().unwrap());
                 }
-                let pairs = [
-                    (downstream.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                    (upstream, downstream),
-                ];
+                let pairs = [(downstream.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, downstream)];
                 for (from, to) in pairs {
                     let s2 = s.clone();
                     s.copiers.lock().push(thread::spawn(move || copy(from, to, &s2)));
@@ -382,7 +389,9 @@ fn sigterm_with_full_queues_and_a_stalled_node_exits_within_the_drain_time() {
     let mut serve = Reaped(serve);
     let client = push_client(&addr);
     wait_until("serve finds both nodes", PATIENCE, || {
-        client.broadcast(&push_manager::proto::broadcast_request(TOPIC, 1, 0, "probe")).is_ok_and(|r| r.get_targeted() == 2)
+        client
+            .broadcast(&push_manager::proto::broadcast_request(TOPIC, 1, 0, "probe"))
+            .is_ok_and(|r| r.get_targeted() == 2)
     });
 
     proxy.pause(true);

@@ -35,7 +35,11 @@ const TOPIC: &str = "hardening";
 fn manager_config(etcd: &Etcd) -> manager::Config {
     manager::Config {
         listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config { endpoints: vec![etcd.endpoint()], timeout: Duration::from_millis(500), ..Default::default() },
+        etcd: etcd::Config {
+            endpoints: vec![etcd.endpoint()],
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
         prefix: PREFIX.into(),
         routine_size: 2,
         // Long: node changes come through the watch, and a removed node stays among the

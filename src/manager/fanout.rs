@@ -6,6 +6,7 @@
 //! drained and ended; they are joined without ever blocking the discovery thread.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use log::{error, info};
@@ -27,12 +28,15 @@ pub(crate) struct FanoutReport {
     pub(crate) dropped: Vec<String>,
 }
 
+/// The number the next node client gets, for its thread names (`n<number>-w<n>`): unique in the
+/// process, so two managers in one process (tests, an embedding program) never share a name.
+static NEXT_NODE_NUMBER: AtomicU32 = AtomicU32::new(1);
+
 pub(crate) struct Fanout {
     nodes: RwLock<Arc<NodeMap>>,
     retiring: Mutex<Vec<Arc<NodeClient>>>,
-    /// Serialises reconciliations (one writer at a time), never held by a broadcast; holds the
-    /// number the next node client gets (its threads are named after it).
-    reconciling: Mutex<u32>,
+    /// Serialises reconciliations (one writer at a time), never held by a broadcast.
+    reconciling: Mutex<()>,
     access: Arc<NodeAccess>,
     config: Arc<Config>,
 }
@@ -42,7 +46,7 @@ impl Fanout {
         Fanout {
             nodes: RwLock::new(Arc::new(NodeMap::new())),
             retiring: Mutex::new(Vec::new()),
-            reconciling: Mutex::new(1),
+            reconciling: Mutex::new(()),
             access,
             config,
         }
@@ -72,7 +76,7 @@ impl Fanout {
     /// Makes the running set match `desired`: starts new nodes, retires gone ones, replaces
     /// those whose address changed, and joins retired nodes that have finished draining.
     pub(crate) fn reconcile(&self, desired: &NodeAddrs) {
-        let mut next_number = self.reconciling.lock();
+        let _one_at_a_time = self.reconciling.lock();
         let current = self.snapshot();
         let addrs: NodeAddrs = current.iter().map(|(id, n)| (id.clone(), n.addr())).collect();
         let d = diff(&addrs, desired);
@@ -91,9 +95,9 @@ impl Fanout {
             }
             for (id, addr) in &d.add {
                 // Started before the swap, without any lock held.
-                match NodeClient::start(*next_number, id, addr, &self.access, &self.config) {
+                let number = NEXT_NODE_NUMBER.fetch_add(1, Ordering::Relaxed);
+                match NodeClient::start(number, id, addr, &self.access, &self.config) {
                     Ok(node) => {
-                        *next_number += 1;
                         next.insert(id.clone(), Arc::new(node));
                     }
                     Err(e) => error!("node {id}: cannot start its workers ({e}); will retry on the next listing"),

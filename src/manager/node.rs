@@ -143,8 +143,8 @@ pub(crate) fn worker_name(number: u32, n: usize) -> String {
 }
 
 impl NodeClient {
-    /// Connects (lazily) to `addr` and starts the workers, named after `number` (unique per
-    /// manager; the log line here maps it to the id).
+    /// Connects (lazily) to `addr` and starts the workers, named after `number` (unique in the
+    /// process; the log line here maps it to the id).
     pub(crate) fn start(
         number: u32,
         id: &str,
