@@ -27,30 +27,18 @@
 
 mod support;
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use futures::executor::block_on;
 use grpcio::{ChannelBuilder, Environment};
 use push_manager::proto::protocol_grpc::{ConnectNodeClient, PushServerClient};
 use push_manager::testkit::{wait_until, LocalEtcd, Sink};
-use support::{env_or, grpc_env, median, register, request, start_etcd, Serve, BODY_BYTES};
+use support::{env_or, grpc_env, hammer, median, register, request, start_etcd, Load, Serve, BODY_BYTES};
 
 const NODE_COUNTS: [usize; 3] = [1, 4, 16];
 /// Calls each load-generator thread keeps in flight, from light to past saturation for every path.
 const IN_FLIGHT: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
-
-/// Load-generator threads, and the calls each keeps in flight.
-#[derive(Clone, Copy)]
-struct Load {
-    threads: usize,
-    in_flight: usize,
-}
 
 /// A comma-separated list of numbers from the environment, or `default`.
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
@@ -159,44 +147,6 @@ impl Curve {
     fn at(&self, in_flight: usize) -> &Point {
         self.points.iter().find(|p| p.in_flight == in_flight).expect("every path runs every load")
     }
-}
-
-/// A call under way; resolves to what it counts (deliveries accepted, or 1 for a direct call).
-type Pending = Pin<Box<dyn Future<Output = u64> + Send>>;
-
-/// Runs `load.threads` threads for `secs`, each keeping `load.in_flight` calls in flight (a
-/// cheap load generator, so the CPU goes to what is measured). Returns the calls made and their sum.
-fn hammer(load: Load, secs: Duration, make_caller: impl Fn() -> Box<dyn FnMut() -> Pending + Send>) -> (u64, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (calls, units) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let threads: Vec<_> = (0..load.threads)
-        .map(|i| {
-            let mut call = make_caller();
-            let (stop, calls, units) = (stop.clone(), calls.clone(), units.clone());
-            thread::Builder::new()
-                .name(format!("bench-client-{i}"))
-                .spawn(move || {
-                    let mut in_flight = VecDeque::with_capacity(load.in_flight);
-                    while !stop.load(Ordering::Relaxed) {
-                        while in_flight.len() < load.in_flight {
-                            in_flight.push_back(call());
-                        }
-                        let done = in_flight.pop_front().expect("a call is in flight");
-                        units.fetch_add(block_on(done), Ordering::Relaxed);
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    for done in in_flight {
-                        units.fetch_add(block_on(done), Ordering::Relaxed);
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-                .unwrap()
-        })
-        .collect();
-    thread::sleep(secs);
-    stop.store(true, Ordering::Relaxed);
-    threads.into_iter().for_each(|t| t.join().unwrap());
-    (calls.load(Ordering::Relaxed), units.load(Ordering::Relaxed))
 }
 
 fn total(sinks: &[Sink]) -> u64 {

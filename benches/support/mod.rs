@@ -3,11 +3,18 @@
 //! what `/proc` says about a child process. Each program uses a part of this, hence `dead_code`.
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
-use grpcio::{ChannelBuilder, EnvBuilder, Environment};
+use futures::executor::block_on;
+use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment};
+use push_manager::grpc::ClientTls;
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::BroadCastReq;
 use push_manager::proto::protocol_grpc::PushServerClient;
@@ -49,6 +56,60 @@ pub fn register(etcd: &LocalEtcd, prefix: &str, sinks: &[Sink]) {
     }
 }
 
+/// Load-generator threads, and the calls each keeps in flight.
+#[derive(Clone, Copy)]
+pub struct Load {
+    pub threads: usize,
+    pub in_flight: usize,
+}
+
+/// A call under way; resolves to what it counts (deliveries accepted, or 1 for a direct call).
+pub type Pending = Pin<Box<dyn Future<Output = u64> + Send>>;
+
+/// Runs `load.threads` threads for `secs`, each keeping `load.in_flight` calls in flight (a
+/// cheap load generator, so the CPU goes to what is measured). Returns the calls made and their sum.
+pub fn hammer(load: Load, secs: Duration, make_caller: impl Fn() -> Box<dyn FnMut() -> Pending + Send>) -> (u64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, units) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let threads: Vec<_> = (0..load.threads)
+        .map(|i| {
+            let mut call = make_caller();
+            let (stop, calls, units) = (stop.clone(), calls.clone(), units.clone());
+            thread::Builder::new()
+                .name(format!("bench-client-{i}"))
+                .spawn(move || {
+                    let mut in_flight = VecDeque::with_capacity(load.in_flight);
+                    while !stop.load(Ordering::Relaxed) {
+                        while in_flight.len() < load.in_flight {
+                            in_flight.push_back(call());
+                        }
+                        let done = in_flight.pop_front().expect("a call is in flight");
+                        units.fetch_add(block_on(done), Ordering::Relaxed);
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for done in in_flight {
+                        units.fetch_add(block_on(done), Ordering::Relaxed);
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .unwrap()
+        })
+        .collect();
+    thread::sleep(secs);
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    (calls.load(Ordering::Relaxed), units.load(Ordering::Relaxed))
+}
+
+/// A channel to `addr`, over TLS when `tls` is given.
+pub fn channel(env: &Arc<Environment>, addr: &str, tls: Option<&ClientTls>) -> Channel {
+    let mut builder = ChannelBuilder::new(env.clone());
+    if let Some(tls) = tls {
+        builder = builder.set_credentials(tls.credentials().expect("the benchmark's CA is readable"));
+    }
+    builder.connect(addr)
+}
+
 /// A broadcast of `body` to every user, as business servers send them.
 pub fn request(body: Vec<u8>) -> BroadCastReq {
     broadcast_request("", 1000, 0, body)
@@ -64,9 +125,22 @@ pub struct Serve {
 impl Serve {
     /// Starts it and waits until a broadcast reaches all `nodes`.
     pub fn start(etcd: &LocalEtcd, env: &Arc<Environment>, prefix: &str, nodes: usize, batch_max: usize) -> Serve {
-        let flags = ["--batch-max", &batch_max.to_string(), "--log-level", "error"];
-        let (child, addr) = spawn_serve(BIN, &etcd.endpoint(), prefix, &flags, Stdio::inherit());
-        let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(&addr));
+        Serve::start_with(etcd, env, prefix, nodes, &["--batch-max", &batch_max.to_string()], None)
+    }
+
+    /// [`Serve::start`] with `flags`, called over TLS with `tls` when given.
+    pub fn start_with(
+        etcd: &LocalEtcd,
+        env: &Arc<Environment>,
+        prefix: &str,
+        nodes: usize,
+        flags: &[&str],
+        tls: Option<&ClientTls>,
+    ) -> Serve {
+        let mut args = vec!["--log-level", "error"];
+        args.extend_from_slice(flags);
+        let (child, addr) = spawn_serve(BIN, &etcd.endpoint(), prefix, &args, Stdio::inherit());
+        let client = PushServerClient::new(channel(env, &addr, tls));
         let probe = request(vec![b'x'; BODY_BYTES]);
         wait_until("nodes discovered", Duration::from_secs(10), || {
             client.broadcast(&probe).is_ok_and(|reply| reply.get_targeted() as usize == nodes)

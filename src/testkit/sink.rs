@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::grpc::ServerTls;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::{create_connect_node, ConnectNode};
 use grpcio::{
@@ -157,6 +158,8 @@ fn counting_service(state: Arc<State>) -> grpcio::Service {
 pub struct Sink {
     server: Option<grpcio::Server>,
     pub addr: String,
+    /// A second, TLS port on the same server (`counting_with_tls`), counted alike.
+    pub tls_addr: Option<String>,
     state: Arc<State>,
 }
 
@@ -179,22 +182,41 @@ impl Sink {
         static ENV: OnceLock<Arc<Environment>> = OnceLock::new();
         let env = ENV.get_or_init(|| Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build()));
         let state = Arc::new(State { counting_only: true, ..State::default() });
-        Sink::serve(env.clone(), "127.0.0.1:0", counting_service(state.clone()), state)
+        Sink::serve(env.clone(), "127.0.0.1:0", counting_service(state.clone()), state, None)
+    }
+
+    /// [`Sink::counting`], serving TLS with `tls` on a second port (`tls_addr`) as well, so one
+    /// run can measure the same nodes with and without TLS.
+    pub fn counting_with_tls(tls: &ServerTls) -> Sink {
+        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
+        let state = Arc::new(State { counting_only: true, ..State::default() });
+        Sink::serve(env, "127.0.0.1:0", counting_service(state.clone()), state, Some(tls))
     }
 
     fn with_state(addr: &str, state: State) -> Sink {
         let state = Arc::new(state);
         let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-sink").build());
-        Sink::serve(env, addr, create_connect_node(Service(state.clone())), state)
+        Sink::serve(env, addr, create_connect_node(Service(state.clone())), state, None)
     }
 
-    fn serve(env: Arc<Environment>, addr: &str, service: grpcio::Service, state: Arc<State>) -> Sink {
+    fn serve(
+        env: Arc<Environment>,
+        addr: &str,
+        service: grpcio::Service,
+        state: Arc<State>,
+        tls: Option<&ServerTls>,
+    ) -> Sink {
         let args = ChannelBuilder::new(env.clone()).reuse_port(false).build_args();
         let mut server =
             ServerBuilder::new(env).channel_args(args).register_service(service).build().expect("sink server builds");
         let port = server.add_listening_port(addr, ServerCredentials::insecure()).expect("sink binds");
+        let tls_addr = tls.map(|tls| {
+            let credentials = tls.credentials().expect("the sink's certificate is readable");
+            let port = server.add_listening_port("127.0.0.1:0", credentials).expect("sink binds its TLS port");
+            format!("127.0.0.1:{port}")
+        });
         server.start();
-        Sink { server: Some(server), addr: format!("127.0.0.1:{port}"), state }
+        Sink { server: Some(server), addr: format!("127.0.0.1:{port}"), tls_addr, state }
     }
 
     /// Messages received so far.
