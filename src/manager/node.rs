@@ -152,7 +152,7 @@ impl NodeClient {
         access: &Arc<NodeAccess>,
         config: &Arc<Config>,
     ) -> Result<NodeClient, Error> {
-        let target = Arc::new(RwLock::new(Target::new(&access, addr)?));
+        let target = Arc::new(RwLock::new(Target::new(access, addr)?));
         let (tx, rx) = bounded(config.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
         let counters = Arc::new(Counters::default());
