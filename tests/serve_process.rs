@@ -109,7 +109,8 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--routine-size", "0"], "--routine-size"),
         (&["serve", "--poll-interval", "soon"], "not a duration"),
-        (&["serve", "--etcd", ""], "--etcd"),
+        // On loopback, so the fail-closed rule for open addresses does not answer first.
+        (&["serve", "--listen", "127.0.0.1:0", "--etcd", ""], "--etcd"),
         (&["serve", "--listen", "127.0.0.1:notaport"], "127.0.0.1:notaport"),
     ];
     for (args, needle) in cases {
