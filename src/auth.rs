@@ -28,9 +28,11 @@ pub struct KeyFile {
 /// Why a call was refused. The message says how to authenticate, never which key was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// No `authorization` metadata, or not of the `Bearer` scheme.
     #[error("missing credentials: send `authorization: Bearer <key>` as gRPC metadata (the key is one line of the server's {0})")]
     Missing(&'static str),
-    #[error("the bearer key sent is not one of the server's {0}")]
+    /// A bearer key that is none of the file's.
+    #[error("the key sent as `authorization: Bearer <key>` is not one of the server's {0}")]
     Wrong(&'static str),
 }
 
@@ -132,7 +134,9 @@ mod tests {
         let mut basic = MetadataBuilder::new();
         basic.add_str("authorization", "Basic alpha").unwrap();
         assert_eq!(keys.check(&basic.build()), Err(Refusal::Missing("--api-key-file")));
-        assert!(Refusal::Missing("--api-key-file").to_string().contains("authorization: Bearer <key>"));
+        for refusal in [Refusal::Missing("--api-key-file"), Refusal::Wrong("--api-key-file")] {
+            assert!(refusal.to_string().contains("authorization: Bearer <key>"), "{refusal}");
+        }
     }
 
     #[test]
