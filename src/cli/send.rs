@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
 use super::parse_duration;
 use crate::auth::{bearer, KeyFile};
@@ -90,7 +90,7 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     if let Some(key) = api_key(&args).map_err(SendError::Credentials)? {
         opt = opt.headers(bearer(&key));
     }
-    let reply = client.broadcast_opt(&req, opt).map_err(|e| SendError::Rpc(describe(&args.server, e)))?;
+    let reply = client.broadcast_opt(&req, opt).map_err(|e| SendError::Rpc(describe(&args, e)))?;
     let dropped = reply.get_dropped();
     println!(
         "targeted {} node(s), accepted by {}, dropped by {}{}",
@@ -110,9 +110,28 @@ fn api_key(args: &SendArgs) -> Result<Option<Secret>, String> {
     Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
 }
 
-fn describe(server: &str, e: grpcio::Error) -> String {
+fn describe(args: &SendArgs, e: grpcio::Error) -> String {
+    let server = &args.server;
     match e {
+        // gRPC's own status for a connection that failed: push-manager never saw the call. A TLS
+        // mismatch shows only as "Socket closed", so say which flags to check.
+        grpcio::Error::RpcFailure(s)
+            if s.code() == RpcStatusCode::UNAVAILABLE && s.message().starts_with("failed to connect") =>
+        {
+            format!("cannot connect to {server}: {} ({})", s.message(), tls_hint(args))
+        }
         grpcio::Error::RpcFailure(s) => format!("{server} answered {:?}: {}", s.code(), s.message()),
         other => format!("calling {server}: {other}"),
+    }
+}
+
+/// What to check, given the TLS flags used, when the connection itself failed.
+fn tls_hint(args: &SendArgs) -> &'static str {
+    match (&args.tls_ca, &args.tls_cert) {
+        (None, _) => "if push-manager serves TLS, give --tls-ca, and --tls-cert/--tls-key if it requires client certificates",
+        (Some(_), None) => "if push-manager requires client certificates (--tls-client-ca), give --tls-cert and --tls-key",
+        (Some(_), Some(_)) => {
+            "check that --tls-ca signed push-manager's certificate and that push-manager's --tls-client-ca signed --tls-cert"
+        }
     }
 }
