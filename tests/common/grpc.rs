@@ -1,19 +1,62 @@
 //! gRPC clients of push-manager's `PushServer` and of a connect-node's `ConnectNode`, each on an
 //! environment of its own (one completion-queue thread), as a separate business server would be.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use grpcio::{Channel, ChannelBuilder, EnvBuilder, RpcStatus};
+use grpcio::{
+    CallOption, Channel, ChannelBuilder, ChannelCredentialsBuilder, EnvBuilder, MetadataBuilder, RpcStatus,
+    RpcStatusCode,
+};
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::{BroadCastReply, BroadCastReq, BroadcastBatch, NodeReply};
 use push_manager::proto::protocol_grpc::{ConnectNodeClient, PushServerClient};
+use push_manager::testkit::Identity;
 
 /// The operation code of every test broadcast (`push-manager send`'s default).
 pub const OP: i32 = 1000;
 
+fn builder() -> ChannelBuilder {
+    ChannelBuilder::new(Arc::new(EnvBuilder::new().cq_count(1).name_prefix("test-grpc").build()))
+}
+
 fn channel(addr: impl ToString) -> Channel {
-    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("test-grpc").build());
-    ChannelBuilder::new(env).connect(&addr.to_string())
+    builder().connect(&addr.to_string())
+}
+
+/// A channel to `addr` over TLS, trusting `ca` and presenting `identity` (mutual TLS) if given.
+pub fn tls_channel(addr: impl ToString, ca: &Path, identity: Option<&Identity>) -> Channel {
+    let read = |path: &Path| std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut credentials = ChannelCredentialsBuilder::new().root_cert(read(ca));
+    if let Some(id) = identity {
+        credentials = credentials.cert(read(&id.cert), read(&id.key));
+    }
+    builder().set_credentials(credentials.build()).connect(&addr.to_string())
+}
+
+/// A call carrying `authorization: Bearer <key>`, written here rather than with the crate's own
+/// helper so that the tests check the wire format, not agree with the code.
+pub fn with_key(key: &str) -> CallOption {
+    let mut headers = MetadataBuilder::new();
+    headers.add_str("authorization", &format!("Bearer {key}")).expect("a valid header value");
+    CallOption::default().headers(headers.build())
+}
+
+/// The status a call failed with; panics if it succeeded or failed without one.
+#[track_caller]
+pub fn refusal<T: std::fmt::Debug>(result: grpcio::Result<T>) -> RpcStatus {
+    match result {
+        Err(grpcio::Error::RpcFailure(status)) => status,
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+/// [`refusal`], checking its code.
+#[track_caller]
+pub fn refused<T: std::fmt::Debug>(result: grpcio::Result<T>, code: RpcStatusCode) -> RpcStatus {
+    let status = refusal(result);
+    assert_eq!(status.code(), code, "{status:?}");
+    status
 }
 
 /// A client of push-manager's `PushServer` at `addr`.

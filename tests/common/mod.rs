@@ -1,12 +1,14 @@
 //! What the integration tests share: a real etcd per test, in-process gateways, gRPC and
-//! WebSocket clients, and the binary's path. Waiting is [`wait_until`] (a condition polled with
-//! a deadline, never a sleep); the stand-ins and child processes shared with the benchmarks live
-//! in `push_manager::testkit`. Each test binary uses a part of this, hence `dead_code`.
+//! WebSocket clients, the binary's path, and the binary as a process whose output is kept.
+//! Waiting is [`wait_until`] (a condition polled with a deadline, never a sleep); the stand-ins
+//! and child processes shared with the benchmarks live in `push_manager::testkit`. Each test
+//! binary uses a part of this, hence `dead_code`.
 #![allow(dead_code)]
 
 pub mod etcd;
 pub mod gateway;
 pub mod grpc;
+pub mod process;
 pub mod ws;
 
 use std::time::Duration;
