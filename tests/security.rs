@@ -567,3 +567,31 @@ fn secrets_stay_out_of_logs_messages_and_help() {
         }
     }
 }
+
+#[test]
+fn a_refused_etcd_user_is_named_to_callers_instead_of_no_node_registered() {
+    let pki = TestPki::new();
+    let etcd = secured_etcd(&pki, "s3cret");
+    let wrong = etcd::Config {
+        auth: Some(etcd::Credentials { user: ETCD_USER.into(), password: push_manager::secret::Secret::new("nope") }),
+        ..etcd.config()
+    };
+    let manager = Manager::start(manager::Config {
+        listen: "127.0.0.1:0".into(),
+        etcd: wrong,
+        prefix: PREFIX.into(),
+        ..manager::Config::default()
+    })
+    .unwrap();
+    let client = push_client(manager.addr());
+    let mut message = String::new();
+    wait_until("the listing has failed once", PATIENCE, || {
+        match client.broadcast(&broadcast_request("", OP, 0, "x")) {
+            Err(grpcio::Error::RpcFailure(status)) => message = status.message().to_string(),
+            other => panic!("no node can be known: {other:?}"),
+        }
+        message.contains("fails")
+    });
+    assert!(message.contains("refused to authenticate") && message.contains(ETCD_USER), "{message}");
+    assert!(!message.contains("nope"), "the password stays out of the reply: {message}");
+}

@@ -78,6 +78,9 @@ pub struct Discovery {
 pub struct Status {
     etcd_reachable: AtomicBool,
     listings: AtomicU64,
+    /// Why the last listing failed, when etcd answered but the listing did not work (a refused
+    /// user, a permission, a compaction); `None` after a success or when etcd is unreachable.
+    listing_error: parking_lot::Mutex<Option<String>>,
 }
 
 impl Status {
@@ -90,6 +93,11 @@ impl Status {
     pub fn listings(&self) -> u64 {
         self.listings.load(Ordering::Relaxed)
     }
+
+    /// Why listing the prefix fails although etcd answers, if it does.
+    pub fn listing_error(&self) -> Option<String> {
+        self.listing_error.lock().clone()
+    }
 }
 
 impl Discovery {
@@ -98,7 +106,11 @@ impl Discovery {
     where
         F: FnMut(&NodeAddrs) + Send + 'static,
     {
-        let status = Arc::new(Status { etcd_reachable: AtomicBool::new(true), listings: AtomicU64::new(0) });
+        let status = Arc::new(Status {
+            etcd_reachable: AtomicBool::new(true),
+            listings: AtomicU64::new(0),
+            listing_error: Default::default(),
+        });
         let shared = status.clone();
         let thread = StoppableThread::spawn("discovery", move |shutdown| {
             let poller = Poller {
@@ -227,6 +239,7 @@ impl Poller {
                     Failure::Listing
                 };
                 self.status.etcd_reachable.store(failure == Failure::Listing, Ordering::Relaxed);
+                *self.status.listing_error.lock() = (failure == Failure::Listing).then(|| e.to_string());
                 if self.failure.replace(failure) != Some(failure) {
                     match failure {
                         Failure::Unreachable => {
@@ -242,6 +255,7 @@ impl Poller {
             }
         };
         self.status.etcd_reachable.store(true, Ordering::Relaxed);
+        *self.status.listing_error.lock() = None;
         if self.failure.take().is_some() {
             info!("listing {:?} works again; {} connect-node(s) registered", self.config.prefix, listing.nodes.len());
         }

@@ -40,7 +40,12 @@ impl PushServer for PushService {
             return;
         }
         if self.fanout.node_count() == 0 {
-            let msg = if self.discovery.etcd_reachable() {
+            let msg = if let Some(why) = self.discovery.listing_error() {
+                format!(
+                    "no connect-node known: listing {:?} in etcd fails ({why}); nothing can deliver this broadcast",
+                    self.prefix
+                )
+            } else if self.discovery.etcd_reachable() {
                 format!(
                     "no connect-node is registered under {:?} in etcd; nothing can deliver this broadcast",
                     self.prefix
