@@ -20,7 +20,6 @@ use common::grpc::{broadcast, push_client};
 use common::ws::Client;
 use common::{wait_until, BIN, PATIENCE};
 use parking_lot::{Condvar, Mutex};
-use push_manager::etcd;
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::protocol::BroadCastReply;
 use push_manager::proto::protocol_grpc::PushServerClient;
@@ -31,20 +30,12 @@ const TOPIC: &str = "faults";
 
 fn manager_config(etcd: &Etcd) -> manager::Config {
     manager::Config {
-        listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config {
-            endpoints: vec![etcd.endpoint()],
-            timeout: Duration::from_millis(500),
-            ..etcd::Config::default()
-        },
-        prefix: PREFIX.into(),
-        routine_size: 2,
         queue_size: 100,
         poll_interval: Duration::from_secs(1),
         rpc_timeout: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(3),
         retry: manager::RetryPolicy { max_attempts: 2, ..manager::RetryPolicy::default() },
-        ..manager::Config::default()
+        ..common::manager::config(etcd, PREFIX)
     }
 }
 
@@ -332,14 +323,31 @@ impl Drop for Proxy {
     }
 }
 
+/// Node `a`, and node `b` reached only through `proxy`; both killed when the pair is dropped.
+fn behind_proxy(etcd: &Etcd, proxy: &Proxy) -> (RunningNode, RunningNode) {
+    let a = node(etcd, "a", &[]);
+    let b = node(etcd, "b", &["--advertise", &proxy.addr]);
+    proxy.forward_to(&b.grpc);
+    (RunningNode::from(a), RunningNode::from(b))
+}
+
+/// A node process and the WebSocket address its users connect to.
+struct RunningNode {
+    ws_addr: std::net::SocketAddr,
+    _child: Reaped,
+}
+
+impl From<NodeProcess> for RunningNode {
+    fn from(node: NodeProcess) -> RunningNode {
+        RunningNode { ws_addr: node.ws_addr, _child: Reaped(node.child) }
+    }
+}
+
 #[test]
 fn a_network_stall_to_one_node_leaves_the_others_at_full_speed() {
     let etcd = Etcd::start();
     let proxy = Proxy::start();
-    let a = node(&etcd, "a", &[]);
-    let b = node(&etcd, "b", &["--advertise", &proxy.addr]);
-    proxy.forward_to(&b.grpc);
-    let (_a_child, _b_child) = (Reaped(a.child), Reaped(b.child));
+    let (a, b) = behind_proxy(&etcd, &proxy);
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("both nodes found", PATIENCE, || node_ids(&manager).len() == 2);
     let mut a_user = Client::subscribed(a.ws_addr, &[TOPIC]);
@@ -380,10 +388,8 @@ fn final_counters(log: &str) -> BTreeMap<String, [u64; 4]> {
 fn sigterm_with_full_queues_and_a_stalled_node_exits_within_the_drain_time() {
     let etcd = Etcd::start();
     let proxy = Proxy::start();
-    let a = node(&etcd, "a", &[]);
-    let b = node(&etcd, "b", &["--advertise", &proxy.addr]);
-    proxy.forward_to(&b.grpc);
-    let (_a_child, _b_child) = (Reaped(a.child), Reaped(b.child));
+    // Held to the end: the nodes stop when the pair is dropped.
+    let _nodes = behind_proxy(&etcd, &proxy);
     let flags = ["--queue-size", "50", "--drain-timeout", "2s", "--rpc-timeout", "1s", "--log-level", "info"];
     let (serve, addr) = spawn_serve(BIN, &etcd.endpoint(), PREFIX, &flags, Stdio::piped());
     let mut serve = Reaped(serve);

@@ -9,7 +9,6 @@ use common::etcd::Etcd;
 use common::grpc::{broadcast, push_client, OP};
 use common::{free_addr, wait_until};
 use grpcio::RpcStatusCode;
-use push_manager::etcd;
 use push_manager::manager::{Config, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::BroadCastReq;
@@ -20,20 +19,12 @@ const PREFIX: &str = "/test/nodes/";
 
 fn config(etcd: &Etcd) -> Config {
     Config {
-        listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config {
-            endpoints: vec![etcd.endpoint()],
-            timeout: Duration::from_millis(500),
-            ..etcd::Config::default()
-        },
-        prefix: PREFIX.into(),
-        routine_size: 2,
         queue_size: 100,
         // Long, so that a change seen quickly can only have come through the watch.
         poll_interval: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(5),
         rpc_timeout: Duration::from_secs(2),
-        ..Config::default()
+        ..common::manager::config(etcd, PREFIX)
     }
 }
 

@@ -21,7 +21,6 @@ use common::grpc::{batch, node_broadcast, node_client, push_client, OP};
 use common::ws::{raw_exchange, upgrade_request, Client};
 use common::{free_addr, wait_until, BIN, PATIENCE};
 use parking_lot::Mutex;
-use push_manager::etcd;
 use push_manager::gateway::{self, Gateway};
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
@@ -34,20 +33,12 @@ const TOPIC: &str = "hardening";
 
 fn manager_config(etcd: &Etcd) -> manager::Config {
     manager::Config {
-        listen: "127.0.0.1:0".into(),
-        etcd: etcd::Config {
-            endpoints: vec![etcd.endpoint()],
-            timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-        prefix: PREFIX.into(),
-        routine_size: 2,
         // Long: node changes come through the watch, and a removed node stays among the
         // retiring ones (with its counters) until the next listing.
         poll_interval: Duration::from_secs(60),
         rpc_timeout: Duration::from_secs(2),
         drain_timeout: Duration::from_secs(5),
-        ..manager::Config::default()
+        ..common::manager::config(etcd, PREFIX)
     }
 }
 

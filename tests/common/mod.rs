@@ -8,6 +8,7 @@
 pub mod etcd;
 pub mod gateway;
 pub mod grpc;
+pub mod manager;
 pub mod process;
 pub mod ws;
 
