@@ -125,6 +125,17 @@ pub struct ClientTlsFlags {
 }
 
 impl ClientTls {
+    /// From the files given with `flags`: `None` without a CA (plaintext); the certificate and
+    /// key count only together (the CLI makes each require the other).
+    pub fn from_flags(
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+        flags: ClientTlsFlags,
+    ) -> Option<ClientTls> {
+        Some(ClientTls { ca: ca?.clone(), identity: cert.cloned().zip(key.cloned()), flags })
+    }
+
     /// Reads the files into gRPC channel credentials.
     pub fn credentials(&self) -> Result<ChannelCredentials, TlsError> {
         let mut builder = ChannelCredentialsBuilder::new().root_cert(read_pem(self.flags.ca, &self.ca)?);

@@ -113,15 +113,15 @@ pub const ETCD_PASSWORD_ENV: &str = "PUSH_MANAGER_ETCD_PASSWORD";
 impl EtcdArgs {
     /// The etcd client config; reads the password (never shown in an error).
     pub fn config(&self) -> Result<etcd::Config, String> {
-        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
-            (None, None, None) => None,
-            (None, _, _) => {
-                return Err("--etcd-cert and --etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into())
-            }
-            (Some(ca), cert, key) => {
-                Some(ClientTls { ca: ca.clone(), identity: cert.clone().zip(key.clone()), flags: etcd::TLS_FLAGS })
-            }
-        };
+        if self.etcd_ca.is_none() && (self.etcd_cert.is_some() || self.etcd_key.is_some()) {
+            return Err("--etcd-cert and --etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into());
+        }
+        let tls = ClientTls::from_flags(
+            self.etcd_ca.as_ref(),
+            self.etcd_cert.as_ref(),
+            self.etcd_key.as_ref(),
+            etcd::TLS_FLAGS,
+        );
         let auth = match &self.etcd_user {
             None => None,
             Some(user) => {

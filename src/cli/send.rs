@@ -80,9 +80,9 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
     let mut channel = ChannelBuilder::new(env);
-    if let Some(ca) = &args.tls_ca {
-        let tls =
-            ClientTls { ca: ca.clone(), identity: args.tls_cert.clone().zip(args.tls_key.clone()), flags: TLS_FLAGS };
+    if let Some(tls) =
+        ClientTls::from_flags(args.tls_ca.as_ref(), args.tls_cert.as_ref(), args.tls_key.as_ref(), TLS_FLAGS)
+    {
         channel = channel.set_credentials(tls.credentials().map_err(|e| SendError::Credentials(e.to_string()))?);
     }
     let client = PushServerClient::new(channel.connect(&args.server));

@@ -100,11 +100,12 @@ impl ServeArgs {
             tls: self.tls.config(),
             api_key_file: self.api_key_file.clone(),
             allow_unauthenticated: self.allow_unauthenticated,
-            node_tls: self.node_tls_ca.clone().map(|ca| ClientTls {
-                ca,
-                identity: self.node_tls_cert.clone().zip(self.node_tls_key.clone()),
-                flags: NODE_TLS_FLAGS,
-            }),
+            node_tls: ClientTls::from_flags(
+                self.node_tls_ca.as_ref(),
+                self.node_tls_cert.as_ref(),
+                self.node_tls_key.as_ref(),
+                NODE_TLS_FLAGS,
+            ),
             node_token_file: self.node_token_file.clone(),
         })
     }
