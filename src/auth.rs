@@ -22,8 +22,20 @@ pub struct KeyFile {
     path: PathBuf,
     /// Which flag named the file, for messages.
     flag: &'static str,
+    /// The shortest key taken, and why, checked at every (re)load.
+    min: MinLen,
     keys: RwLock<Arc<Vec<Secret>>>,
 }
+
+/// The shortest key a file may hold, in bytes, and the reason given when one is shorter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinLen {
+    pub bytes: usize,
+    pub why: &'static str,
+}
+
+/// Any non-empty key: bearer keys are compared whole, so their length is the operator's choice.
+const ANY_LEN: MinLen = MinLen { bytes: 1, why: "" };
 
 /// Why a call was refused. The message says how to authenticate, never which key was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,14 +52,20 @@ impl KeyFile {
     /// Reads `path` (given with `flag`); an unreadable file or one without a single key is an
     /// error naming both.
     pub fn load(flag: &'static str, path: &Path) -> Result<KeyFile, String> {
-        let keys = read_keys(flag, path)?;
-        Ok(KeyFile { path: path.to_path_buf(), flag, keys: RwLock::new(Arc::new(keys)) })
+        KeyFile::load_min(flag, path, ANY_LEN)
+    }
+
+    /// Like [`KeyFile::load`], and every key (now and at each reload) must be at least
+    /// `min.bytes` long.
+    pub fn load_min(flag: &'static str, path: &Path, min: MinLen) -> Result<KeyFile, String> {
+        let keys = read_keys(flag, path, min)?;
+        Ok(KeyFile { path: path.to_path_buf(), flag, min, keys: RwLock::new(Arc::new(keys)) })
     }
 
     /// Reads the file again and swaps the keys in; on error the old keys stay. Returns how
     /// many keys there were and are (counts only: keys are never logged).
     pub fn reload(&self) -> Result<(usize, usize), String> {
-        let keys = read_keys(self.flag, &self.path)?;
+        let keys = read_keys(self.flag, &self.path, self.min)?;
         let after = keys.len();
         let before = std::mem::replace(&mut *self.keys.write(), Arc::new(keys)).len();
         Ok((before, after))
@@ -64,6 +82,12 @@ impl KeyFile {
     /// The first key, for the side that sends one (push-manager sending the node token).
     pub fn first(&self) -> Secret {
         self.keys.read()[0].clone()
+    }
+
+    /// Every key, first first, as they were when called (a reload swaps in a new list and
+    /// leaves this one as it is).
+    pub fn keys(&self) -> Arc<Vec<Secret>> {
+        self.keys.read().clone()
     }
 
     /// Accepts the call if its metadata carries one of the keys as a bearer secret.
@@ -85,21 +109,32 @@ impl KeyFile {
     }
 }
 
-fn read_keys(flag: &'static str, path: &Path) -> Result<Vec<Secret>, String> {
+fn read_keys(flag: &'static str, path: &Path, min: MinLen) -> Result<Vec<Secret>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-    let keys: Vec<Secret> = text
+    let lines: Vec<(usize, &str)> = text
         .lines()
         .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(Secret::new)
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
         .collect();
-    if keys.is_empty() {
+    if lines.is_empty() {
         return Err(format!("{flag} {}: no key in the file (one per line; # starts a comment)", path.display()));
     }
-    if keys.iter().any(|k| k.expose().chars().any(|c| c.is_whitespace() || c.is_control())) {
+    if lines.iter().any(|(_, k)| k.chars().any(|c| c.is_whitespace() || c.is_control())) {
         return Err(format!("{flag} {}: a key contains whitespace or a control character", path.display()));
     }
-    Ok(keys)
+    // The line number, never the key, says which one is short.
+    if let Some((i, key)) = lines.iter().find(|(_, k)| k.len() < min.bytes) {
+        return Err(format!(
+            "{flag} {}: the key on line {} is {} bytes, shorter than {}: {}",
+            path.display(),
+            i + 1,
+            key.len(),
+            min.bytes,
+            min.why
+        ));
+    }
+    Ok(lines.into_iter().map(|(_, k)| Secret::new(k)).collect())
 }
 
 /// `authorization: Bearer <secret>`, for a call's `CallOption::headers`.
