@@ -19,4 +19,5 @@ pub mod registry;
 pub mod secret;
 pub mod testkit;
 pub mod thread;
+pub mod token;
 pub mod topic;
