@@ -6,6 +6,7 @@ mod nodes;
 mod send;
 mod serve;
 mod subscribe;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ pub enum Command {
     Subscribe(subscribe::SubscribeArgs),
     /// List the connect-nodes registered in etcd (id, address, lease TTL left).
     Nodes(nodes::NodesArgs),
+    /// Print a connection token (JWT, HS256) for a WebSocket user.
+    Token(token::TokenArgs),
 }
 
 /// Flags every long-running subcommand shares.
@@ -187,6 +190,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Send(args) => send::run(args).map_err(Into::into),
         Command::Subscribe(args) => subscribe::run(args).map_err(Into::into),
         Command::Nodes(args) => nodes::run(args),
+        Command::Token(args) => token::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
