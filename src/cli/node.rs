@@ -12,7 +12,7 @@ use log::{info, warn};
 
 use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
 use crate::etcd;
-use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig};
+use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig, WsAuth};
 use crate::registry;
 
 /// Every default comes from `gateway::Config::default()` / `NodeConfig::default()`: written
@@ -94,6 +94,27 @@ pub struct NodeArgs {
     /// --tls-client-ca: anyone who reaches the port may push to every user.
     #[arg(long)]
     pub allow_unauthenticated: bool,
+    /// File of keys WebSocket connection tokens (JWT, HS256) are signed with, one per line, at
+    /// least 32 bytes each; the first signs (`push-manager token`), all verify. Re-read on SIGHUP.
+    #[arg(long)]
+    pub token_key_file: Option<PathBuf>,
+    /// Whether WebSocket clients must show a connection token: off, optional or required
+    /// [default: required with --token-key-file, else off on a loopback --ws-listen].
+    #[arg(long, value_parser = clap::builder::ValueParser::new(str::parse::<WsAuth>))]
+    pub ws_auth: Option<WsAuth>,
+    /// With --ws-auth required: time a connection without ?token= has to send its auth frame.
+    #[arg(long, default_value_t = Config::default().ws_auth_timeout.into(), value_parser = parse_duration)]
+    pub ws_auth_timeout: humantime::Duration,
+    /// Clock skew allowed on a token's exp and nbf.
+    #[arg(long, default_value_t = Config::default().token_leeway.into(), value_parser = parse_duration)]
+    pub token_leeway: humantime::Duration,
+    /// Origins whose web pages may connect, comma-separated: https://app.example.com,
+    /// *.example.com or * [default: every origin].
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Also refuse upgrade requests without an Origin header (non-browser clients send none).
+    #[arg(long)]
+    pub require_origin: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -121,6 +142,12 @@ impl NodeArgs {
                 allow_unauthenticated: self.allow_unauthenticated,
                 max_message_bytes: self.max_message_bytes,
                 max_batch_messages: self.max_batch_messages,
+                token_key_file: self.token_key_file.clone(),
+                ws_auth: self.ws_auth,
+                ws_auth_timeout: self.ws_auth_timeout.into(),
+                token_leeway: self.token_leeway.into(),
+                allowed_origins: self.allowed_origins.clone(),
+                require_origin: self.require_origin,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::access::OriginPolicy;
+pub use super::access::WsAuth;
 use super::error::{Error, Result};
 use crate::etcd;
 use crate::grpc::ServerTls;
@@ -78,6 +80,27 @@ pub struct Config {
     /// Most messages in one `BroadcastBatch`. Default 1024 (push-manager sends at most
     /// `--batch-max`, 64 by default).
     pub max_batch_messages: usize,
+    /// `--token-key-file`: the keys WebSocket connection tokens (JWT, HS256) are signed with,
+    /// one per line, at least 32 bytes each. Default `None`.
+    pub token_key_file: Option<PathBuf>,
+    /// `--ws-auth`: whether WebSocket clients must show a connection token. Default (`None`):
+    /// `required` when `token_key_file` is given, else `off` on a loopback `ws_listen`; any
+    /// other address refuses to start, as the gRPC side does without caller authentication.
+    pub ws_auth: Option<WsAuth>,
+    /// `--ws-auth-timeout`: with `--ws-auth required`, how long a connection that showed no
+    /// token at the upgrade has to send its `auth` frame before it is closed with 4001.
+    /// Default 10 s.
+    pub ws_auth_timeout: Duration,
+    /// `--token-leeway`: clock skew allowed between whoever signs tokens and this node, on
+    /// `exp` and `nbf`; a connection is closed with 4002 this long after its token's `exp`.
+    /// Default 5 s.
+    pub token_leeway: Duration,
+    /// `--allowed-origins`: origins whose pages may open connections (`https://app.example.com`,
+    /// `*.example.com`, `*`); others are answered HTTP 403. Default empty: every origin.
+    pub allowed_origins: Vec<String>,
+    /// `--require-origin`: also refuse (HTTP 403) requests without an `Origin` header, which
+    /// only non-browser clients send. Default off.
+    pub require_origin: bool,
 }
 
 impl Default for Config {
@@ -102,6 +125,12 @@ impl Default for Config {
             allow_unauthenticated: false,
             max_message_bytes: 1 << 20,
             max_batch_messages: 1024,
+            token_key_file: None,
+            ws_auth: None,
+            ws_auth_timeout: Duration::from_secs(10),
+            token_leeway: Duration::from_secs(5),
+            allowed_origins: Vec::new(),
+            require_origin: false,
         }
     }
 }
@@ -134,6 +163,8 @@ impl Config {
             ("--ping-interval", self.ping_interval),
             ("--pong-timeout", self.pong_timeout),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--ws-auth-timeout", self.ws_auth_timeout),
+            ("--token-leeway", self.token_leeway),
         ] {
             check_duration(flag, value)?;
         }
@@ -170,6 +201,10 @@ impl Config {
         if self.max_batch_messages == 0 {
             return bad("--max-batch-messages must be at least 1".into());
         }
+        if self.ws_auth_timeout.is_zero() {
+            return bad("--ws-auth-timeout must be more than zero".into());
+        }
+        OriginPolicy::new(&self.allowed_origins, self.require_origin).map_err(Error::Config)?;
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
         if !authenticates && !self.allow_unauthenticated && !crate::grpc::is_loopback(&self.grpc_listen) {
@@ -180,7 +215,39 @@ impl Config {
                 self.grpc_listen
             ));
         }
-        Ok(())
+        self.check_ws_auth()
+    }
+}
+
+impl Config {
+    /// The `--ws-auth` mode in force, its default resolved (see [`Config::ws_auth`]).
+    pub fn ws_auth_mode(&self) -> WsAuth {
+        match (self.ws_auth, &self.token_key_file) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => WsAuth::Required,
+            (None, None) => WsAuth::Off,
+        }
+    }
+
+    /// Fail-closed, like the gRPC side: a node reachable from other hosts reads tokens unless
+    /// told in so many words that anyone may subscribe to anything.
+    fn check_ws_auth(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        match (self.ws_auth, &self.token_key_file) {
+            (Some(WsAuth::Off), Some(_)) => {
+                bad("--ws-auth off and --token-key-file contradict each other: tokens would not be read; drop one"
+                    .into())
+            }
+            (Some(mode @ (WsAuth::Optional | WsAuth::Required)), None) => {
+                bad(format!("--ws-auth {mode} needs --token-key-file (the keys connection tokens are signed with)"))
+            }
+            (None, None) if !crate::grpc::is_loopback(&self.ws_listen) => bad(format!(
+                "--ws-listen {} is reachable from other hosts and WebSocket clients are not authenticated: give \
+                 --token-key-file (connection tokens), or --ws-auth off to let any client subscribe to any topic",
+                self.ws_listen
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -248,7 +315,7 @@ mod tests {
 
     /// The defaults on loopback, where callers need not authenticate.
     fn local() -> Config {
-        Config { grpc_listen: "127.0.0.1:50061".into(), ..Config::default() }
+        Config { grpc_listen: "127.0.0.1:50061".into(), ws_listen: "127.0.0.1:8090".into(), ..Config::default() }
     }
 
     fn local_node() -> NodeConfig {
@@ -257,12 +324,30 @@ mod tests {
 
     #[test]
     fn an_open_grpc_address_needs_caller_authentication_or_the_explicit_flag() {
-        let err = Config::default().validate().unwrap_err().to_string();
+        let open_ws = Config { ws_auth: Some(WsAuth::Off), ..Config::default() };
+        let err = open_ws.validate().unwrap_err().to_string();
         assert!(err.contains("--allow-unauthenticated") && err.contains("--node-token-file"), "{err}");
-        Config { allow_unauthenticated: true, ..Config::default() }.validate().unwrap();
-        Config { node_token_file: Some("token".into()), ..Config::default() }.validate().unwrap();
+        Config { allow_unauthenticated: true, ..open_ws.clone() }.validate().unwrap();
+        Config { node_token_file: Some("token".into()), ..open_ws.clone() }.validate().unwrap();
         let mtls = ServerTls { cert: "c".into(), key: "k".into(), client_ca: Some("ca".into()) };
-        Config { tls: Some(mtls), ..Config::default() }.validate().unwrap();
+        Config { tls: Some(mtls), ..open_ws }.validate().unwrap();
+    }
+
+    #[test]
+    fn an_open_websocket_address_needs_tokens_or_the_explicit_off() {
+        let grpc_ok = Config { allow_unauthenticated: true, ..Config::default() };
+        let err = grpc_ok.validate().unwrap_err().to_string();
+        assert!(err.contains("--ws-listen 0.0.0.0:8090") && err.contains("--token-key-file"), "{err}");
+        assert!(err.contains("--ws-auth off"), "{err}");
+        Config { ws_auth: Some(WsAuth::Off), ..grpc_ok.clone() }.validate().unwrap();
+        let with_keys = Config { token_key_file: Some("keys".into()), ..grpc_ok.clone() };
+        with_keys.validate().unwrap();
+        assert_eq!(with_keys.ws_auth_mode(), WsAuth::Required, "keys without a mode: required");
+        assert_eq!(local().ws_auth_mode(), WsAuth::Off, "loopback without keys: off");
+        let err = Config { ws_auth: Some(WsAuth::Optional), ..local() }.validate().unwrap_err().to_string();
+        assert!(err.contains("--ws-auth optional needs --token-key-file"), "{err}");
+        let err = Config { ws_auth: Some(WsAuth::Off), ..with_keys }.validate().unwrap_err().to_string();
+        assert!(err.contains("contradict"), "{err}");
     }
 
     #[test]
@@ -289,6 +374,9 @@ mod tests {
         check(Config { max_loop_backlog_bytes: 0, ..local() }, "--max-loop-backlog-bytes");
         check(Config { max_connections: 0, ..local() }, "--max-connections");
         check(Config { handshake_timeout: Duration::ZERO, ..local() }, "--handshake-timeout");
+        check(Config { ws_auth_timeout: Duration::ZERO, ..local() }, "--ws-auth-timeout");
+        check(Config { token_leeway: Duration::MAX, ..local() }, "--token-leeway");
+        check(Config { allowed_origins: vec!["example.com".into()], ..local() }, "--allowed-origins");
     }
 
     #[test]

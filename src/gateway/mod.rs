@@ -10,6 +10,7 @@
 //! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
 
 mod accept;
+mod access;
 mod config;
 mod error;
 mod hub;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use grpcio::EnvBuilder;
 use log::{info, warn};
 
-pub use config::{Config, NodeConfig};
+pub use config::{Config, NodeConfig, WsAuth};
 pub use error::{Error, Result};
 pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig};
@@ -35,6 +36,8 @@ pub use stats::StatsSnapshot;
 
 use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
+use crate::token::TokenKeys;
+use access::{Gatekeeper, OriginPolicy};
 use hub::{BacklogLimits, LoopHandle, TopicCounts};
 use service::Activity;
 use stats::Stats;
@@ -61,6 +64,8 @@ pub struct Gateway {
     loops: Vec<StoppableThread>,
     /// The node token callers must send, re-read on SIGHUP.
     token: Option<Arc<KeyFile>>,
+    /// The keys WebSocket connection tokens are signed with, re-read on SIGHUP.
+    token_keys: Option<Arc<TokenKeys>>,
 }
 
 impl Gateway {
@@ -71,6 +76,18 @@ impl Gateway {
             Some(path) => Some(Arc::new(KeyFile::load("--node-token-file", path).map_err(Error::Config)?)),
             None => None,
         };
+        let token_keys = match &config.token_key_file {
+            Some(path) => Some(Arc::new(TokenKeys::load(path).map_err(Error::Config)?)),
+            None => None,
+        };
+        let origins = OriginPolicy::new(&config.allowed_origins, config.require_origin).map_err(Error::Config)?;
+        let gatekeeper = Arc::new(Gatekeeper::new(
+            config.ws_auth_mode(),
+            token_keys.clone(),
+            config.token_leeway,
+            config.ws_auth_timeout,
+            origins,
+        ));
         let stats = Arc::new(Stats::default());
         let counts = Arc::new(TopicCounts::default());
 
@@ -82,7 +99,7 @@ impl Gateway {
         let mut loops = Vec::with_capacity(config.event_loops);
         let mut handles = Vec::with_capacity(config.event_loops);
         for n in 0..config.event_loops {
-            let (thread, handle) = spawn_loop(n, &config, counts.clone(), stats.clone())?;
+            let (thread, handle) = spawn_loop(n, &config, gatekeeper.clone(), counts.clone(), stats.clone())?;
             loops.push(thread);
             handles.push(handle);
         }
@@ -99,6 +116,7 @@ impl Gateway {
             accept: None,
             loops,
             token: token.clone(),
+            token_keys,
         };
 
         let (acceptor, waker) =
@@ -118,13 +136,23 @@ impl Gateway {
         Ok(gateway)
     }
 
-    /// Re-reads the node token file (SIGHUP): calls in flight are not disturbed, and a file
-    /// that cannot be read keeps the tokens loaded before. Logs counts, never tokens.
+    /// Re-reads the node token file and the token key file (SIGHUP): calls and connections in
+    /// flight are not disturbed, and a file that cannot be read keeps what was loaded before.
+    /// Logs counts, never secrets.
     pub fn reload_credentials(&self) {
-        let Some(token) = &self.token else { return };
-        match token.reload() {
-            Ok((before, after)) => info!("reloaded the node token file: {before} token(s) before, {after} now"),
-            Err(e) => warn!("reloading the node token file failed, keeping the {} loaded before: {e}", token.len()),
+        if let Some(token) = &self.token {
+            match token.reload() {
+                Ok((before, after)) => info!("reloaded the node token file: {before} token(s) before, {after} now"),
+                Err(e) => {
+                    warn!("reloading the node token file failed, keeping the {} loaded before: {e}", token.len())
+                }
+            }
+        }
+        if let Some(keys) = &self.token_keys {
+            match keys.reload() {
+                Ok((before, after)) => info!("reloaded the token key file: {before} key(s) before, {after} now"),
+                Err(e) => warn!("reloading the token key file failed, keeping the keys loaded before: {e}"),
+            }
         }
     }
 
@@ -216,6 +244,7 @@ impl std::fmt::Debug for Gateway {
 fn spawn_loop(
     n: usize,
     config: &Config,
+    gatekeeper: Arc<Gatekeeper>,
     counts: Arc<TopicCounts>,
     stats: Arc<Stats>,
 ) -> Result<(StoppableThread, LoopHandle)> {
@@ -234,7 +263,7 @@ fn spawn_loop(
         inbox_bytes: queued_bytes.clone(),
         counts,
         stats,
-        config: LoopConfig::new(config),
+        config: LoopConfig::new(config, gatekeeper),
     };
     let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
     Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, queued_bytes }))

@@ -7,7 +7,23 @@
 //! `+` for a space) subscribes at connect time. Another path gets HTTP 404, a request without
 //! an upgrade gets HTTP 426, a bad query topic gets HTTP 400. A connection made while the node
 //! holds `max_connections` sockets gets HTTP 503; one whose request has not arrived whole
-//! within `handshake_timeout` gets HTTP 408. Each of these answers is closed after it is sent.
+//! within `handshake_timeout` gets HTTP 408. An `Origin` outside `--allowed-origins` (or none,
+//! with `--require-origin`) gets HTTP 403. Each of these answers is closed after it is sent.
+//!
+//! # Connection tokens
+//! Where the node reads tokens (`--ws-auth optional|required`), a client shows a JWT (see
+//! [`crate::token`]) as `?token=` on the upgrade URL or in a first command
+//! `{"action":"auth","token":"..."}`. A bad, expired or not-yet-valid token in the URL gets
+//! HTTP 401 with the reason; so do `?topic=` parameters with `--ws-auth required` and no
+//! `?token=`, and HTTP 403 a `?topic=` the token does not grant. With `required`, a connection
+//! that showed no token at the upgrade may only send `auth`, within `--ws-auth-timeout`.
+//! A verified connection is its token's user (`sub`), may subscribe only to the token's
+//! `topics`, and is closed with 4002 at its `exp` (plus `--token-leeway`) unless it sent
+//! `{"action":"refresh","token":"..."}` with a fresh token for the same user before then. The
+//! node answers `auth` and `refresh` with
+//! `{"type":"authenticated"|"refreshed","user":"alice","exp":1767225600,"topics":[...]}`,
+//! `topics` being what the connection holds afterwards (a refresh drops topics the new token
+//! no longer grants).
 //!
 //! # Client commands (text frames)
 //! ```json
@@ -17,6 +33,10 @@
 //! The node answers with every topic the connection holds afterwards:
 //! `{"type":"subscribed","topics":["a","b"]}` (resp. `"type":"unsubscribed"`).
 //! Subscribing twice to a topic or unsubscribing from one not held is not an error.
+//! A subscribe naming a topic the connection's token does not grant adds nothing and is answered
+//! `{"type":"error","action":"subscribe","topics":["secret"],"reason":"..."}` naming the refused
+//! topics; the connection stays open. An `auth` or `refresh` that cannot apply (tokens off, already
+//! authenticated, not authenticated) gets the same kind of error frame with its action.
 //!
 //! # Deliveries (text frames)
 //! One JSON object per broadcast, in the order the node received them:
@@ -38,6 +58,8 @@
 //! | 1008 | `unknown action "x"`, `empty topic`, `topic longer than ...`, `too many topics ...`, ... | a command that parses but is refused |
 //! | 1009 | `message too big ...` | a frame or message over `max_frame_bytes` |
 //! | 1002 | `protocol error: ...` | a WebSocket protocol violation (e.g. unmasked frame) |
+//! | 4001 | `token ...` / `authentication required ...` | a bad token in `auth`/`refresh`, a refresh for another user, a command before `auth`, or no `auth` within `--ws-auth-timeout` |
+//! | 4002 | `token expired` | the token's `exp` (plus `--token-leeway`) passed without a `refresh` |
 //! | 4000 | `slow consumer: outgoing buffer overflow` | a delivery came while bytes were unsent, and with it they would pass `max_out_buffer` (one delivery of any size is taken when nothing is unsent) |
 //!
 //! A client from which nothing (not even a pong) arrived for `pong_timeout` is dropped without a
@@ -55,10 +77,13 @@ pub(crate) const CLOSE_INVALID_DATA: u16 = 1007;
 pub(crate) const CLOSE_POLICY: u16 = 1008;
 pub(crate) const CLOSE_TOO_BIG: u16 = 1009;
 pub(crate) const CLOSE_SLOW: u16 = 4000;
+pub(crate) const CLOSE_AUTH: u16 = 4001;
+pub(crate) const CLOSE_EXPIRED: u16 = 4002;
 
 pub(crate) const REASON_SHUTDOWN: &str = "server shutting down";
 pub(crate) const REASON_BINARY: &str = "binary frames are not supported";
 pub(crate) const REASON_SLOW: &str = "slow consumer: outgoing buffer overflow";
+pub(crate) const REASON_EXPIRED: &str = "token expired";
 
 /// A close frame's payload holds at most 125 bytes, two of them the code.
 const MAX_REASON_BYTES: usize = 123;
@@ -75,6 +100,10 @@ pub(crate) struct TopicLimits {
 pub(crate) enum Command {
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
+    /// A connection token shown after the upgrade.
+    Auth(String),
+    /// A fresh token for the same user, before the current one expires.
+    Refresh(String),
 }
 
 /// Why a connection is being closed: a close code and a reason fit for a close frame.
@@ -99,6 +128,7 @@ struct RawCommand {
     action: Option<String>,
     #[serde(default)]
     topics: Vec<String>,
+    token: Option<String>,
 }
 
 /// Parses one text frame from a client.
@@ -111,18 +141,25 @@ pub(crate) fn parse_command(text: &str, limits: TopicLimits) -> Result<Command, 
         }
     })?;
     let action = raw.action.ok_or_else(|| Reject::policy("missing \"action\""))?;
-    if raw.topics.is_empty() {
-        return Err(Reject::policy("no topics given"));
-    }
-    if raw.topics.len() > limits.max_per_connection {
-        return Err(too_many_topics(raw.topics.len(), limits));
-    }
-    for topic in &raw.topics {
-        crate::topic::validate(topic, limits.max_len).map_err(Reject::policy)?;
-    }
     match action.as_str() {
-        "subscribe" => Ok(Command::Subscribe(raw.topics)),
-        "unsubscribe" => Ok(Command::Unsubscribe(raw.topics)),
+        "auth" | "refresh" => {
+            let token = raw.token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                Reject::policy(format!("{action} needs a \"token\": {{\"action\":\"{action}\",\"token\":\"...\"}}"))
+            })?;
+            Ok(if action == "auth" { Command::Auth(token) } else { Command::Refresh(token) })
+        }
+        "subscribe" | "unsubscribe" => {
+            if raw.topics.is_empty() {
+                return Err(Reject::policy("no topics given"));
+            }
+            if raw.topics.len() > limits.max_per_connection {
+                return Err(too_many_topics(raw.topics.len(), limits));
+            }
+            for topic in &raw.topics {
+                crate::topic::validate(topic, limits.max_len).map_err(Reject::policy)?;
+            }
+            Ok(if action == "subscribe" { Command::Subscribe(raw.topics) } else { Command::Unsubscribe(raw.topics) })
+        }
         other => Err(Reject::policy(format!("unknown action {:?}", other))),
     }
 }
@@ -192,6 +229,49 @@ struct AckFrame<'a> {
 /// `{"type":"subscribed"|"unsubscribed","topics":[...]}`.
 pub(crate) fn encode_ack(kind: AckKind, topics: &[Box<str>]) -> String {
     serde_json::to_string(&AckFrame { kind, topics }).expect("an ack always serialises")
+}
+
+/// Which command an identity frame answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IdentityKind {
+    Authenticated,
+    Refreshed,
+}
+
+#[derive(Serialize)]
+struct IdentityFrame<'a> {
+    #[serde(rename = "type")]
+    kind: IdentityKind,
+    user: &'a str,
+    exp: u64,
+    topics: &'a [Box<str>],
+}
+
+/// `{"type":"authenticated"|"refreshed","user":...,"exp":...,"topics":[...]}`.
+pub(crate) fn encode_identity(kind: IdentityKind, user: &str, exp: u64, topics: &[Box<str>]) -> String {
+    serde_json::to_string(&IdentityFrame { kind, user, exp, topics }).expect("an identity frame always serialises")
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    action: &'a str,
+    #[serde(skip_serializing_if = "no_topics")]
+    topics: &'a [String],
+    reason: &'a str,
+}
+
+fn no_topics(topics: &&[String]) -> bool {
+    topics.is_empty()
+}
+
+/// `{"type":"error","action":...,"topics":[...],"reason":...}`: a command refused while the
+/// connection stays open (`topics` left out when there are none to name).
+pub(crate) fn encode_error(action: &str, topics: &[String], reason: &str) -> String {
+    serde_json::to_string(&ErrorFrame { kind: "error", action, topics, reason })
+        .expect("an error frame always serialises")
 }
 
 /// `{"type":"message",...}`: what a connection gets for one broadcast.
@@ -284,6 +364,36 @@ mod tests {
         let wrong_type = reject(r#"{"action":"subscribe","topics":"a"}"#);
         assert_eq!(wrong_type.code, CLOSE_POLICY);
         assert!(wrong_type.reason.starts_with("bad command: "), "{}", wrong_type.reason);
+    }
+
+    #[test]
+    fn parses_auth_and_refresh() {
+        assert_eq!(parse_command(r#"{"action":"auth","token":"a.b.c"}"#, LIMITS), Ok(Command::Auth("a.b.c".into())));
+        assert_eq!(parse_command(r#"{"action":"refresh","token":"x"}"#, LIMITS), Ok(Command::Refresh("x".into())));
+        for bad in [r#"{"action":"auth"}"#, r#"{"action":"refresh","token":""}"#] {
+            let r = reject(bad);
+            assert_eq!(r.code, CLOSE_POLICY);
+            assert!(r.reason.contains("needs a \"token\""), "{}", r.reason);
+        }
+        assert!(reject(r#"{"action":"auth","token":7}"#).reason.starts_with("bad command: "));
+    }
+
+    #[test]
+    fn encodes_identity_and_error_frames() {
+        let topics: Vec<Box<str>> = vec!["news".into()];
+        assert_eq!(
+            encode_identity(IdentityKind::Authenticated, "alice", 17, &topics),
+            r#"{"type":"authenticated","user":"alice","exp":17,"topics":["news"]}"#
+        );
+        assert_eq!(
+            encode_identity(IdentityKind::Refreshed, "a\"b", 1, &[]),
+            r#"{"type":"refreshed","user":"a\"b","exp":1,"topics":[]}"#
+        );
+        assert_eq!(
+            encode_error("subscribe", &["x".into()], "no"),
+            r#"{"type":"error","action":"subscribe","topics":["x"],"reason":"no"}"#
+        );
+        assert_eq!(encode_error("auth", &[], "no"), r#"{"type":"error","action":"auth","reason":"no"}"#);
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub(crate) struct Stats {
     pub(crate) messages_received: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) refused_busy: AtomicU64,
+    pub(crate) refused_origin: AtomicU64,
+    pub(crate) refused_token: AtomicU64,
+    pub(crate) refused_topics: AtomicU64,
+    pub(crate) closed_auth: AtomicU64,
+    pub(crate) closed_expired: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -57,6 +62,18 @@ pub struct StatsSnapshot {
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
     /// `max_loop_backlog` deliveries or `max_loop_backlog_bytes`.
     pub refused_busy: u64,
+    /// Upgrades answered HTTP 403 for their `Origin` (`--allowed-origins`, `--require-origin`).
+    pub refused_origin: u64,
+    /// Upgrades answered HTTP 401/403 for their `?token=`: missing where `?topic=` needs it,
+    /// bad, expired, or not granting a `?topic=`.
+    pub refused_token: u64,
+    /// Subscribe commands refused with an error frame because the token does not grant a topic.
+    pub refused_topics: u64,
+    /// Connections closed with 4001: a bad token in `auth`/`refresh`, a refresh for another
+    /// user, a command before `auth`, or no `auth` within `--ws-auth-timeout`.
+    pub closed_auth: u64,
+    /// Connections closed with 4002: their token expired without a `refresh`.
+    pub closed_expired: u64,
 }
 
 impl Stats {
@@ -83,6 +100,11 @@ impl Stats {
             messages_received: self.messages_received.load(Relaxed),
             frames_sent: self.frames_sent.load(Relaxed),
             refused_busy: self.refused_busy.load(Relaxed),
+            refused_origin: self.refused_origin.load(Relaxed),
+            refused_token: self.refused_token.load(Relaxed),
+            refused_topics: self.refused_topics.load(Relaxed),
+            closed_auth: self.closed_auth.load(Relaxed),
+            closed_expired: self.closed_expired.load(Relaxed),
         }
     }
 }

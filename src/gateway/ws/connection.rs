@@ -25,6 +25,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use super::LoopConfig;
+use crate::gateway::access::Access;
 use crate::gateway::protocol::{self, Reject};
 use crate::gateway::stats::Stats;
 
@@ -124,6 +125,8 @@ pub(crate) struct Connection {
     phase: Phase,
     /// Our close frame, sent once `queue` is written out (the node is stopping).
     close_after_queue: Option<CloseFrame>,
+    /// Who is at the other end and what it may subscribe to; set by the loop when it opens.
+    pub(crate) access: Access,
 }
 
 impl Connection {
@@ -141,6 +144,7 @@ impl Connection {
             last_ping: now,
             phase: Phase::Active,
             close_after_queue: None,
+            access: Access::Anonymous,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The HTTP part of a connection's life: tungstenite's server handshake driven over a
-//! non-blocking socket, the callback that checks the path and reads `?topic=` parameters, and
-//! the plain HTTP answers to requests that are not WebSocket upgrades.
+//! non-blocking socket, the callback that checks the path, the `Origin` and the `?token=`, and
+//! reads `?topic=` parameters, and the plain HTTP answers to requests that are not WebSocket
+//! upgrades.
 //!
 //! tungstenite refuses a request without the upgrade headers before calling us and drops its
 //! socket without a word; a client (or an operator with curl) deserves to be told why, so each
@@ -11,6 +12,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
@@ -23,6 +25,7 @@ use tungstenite::HandshakeError;
 
 use super::connection::Connection;
 use super::LoopConfig;
+use crate::gateway::access::{Gatekeeper, Identity};
 use crate::gateway::protocol::{self, TopicLimits};
 
 /// The only path that upgrades.
@@ -32,12 +35,32 @@ pub(crate) const WS_PATH: &str = "/ws";
 pub(crate) enum Step {
     /// It needs more bytes (or room to write its response).
     Pending,
-    /// Upgraded, with the topics its query string asked for.
-    Open(Box<Connection>, Vec<String>),
-    /// Refused with an HTTP error response.
-    Refused,
+    /// Upgraded, with what its request said.
+    Open(Box<Connection>, Opening),
+    /// Refused with an HTTP error response, for the reason it names.
+    Refused(RefusedBy),
     /// The client left or broke the connection before finishing.
     Abandoned,
+}
+
+/// What an accepted upgrade request asked for and proved.
+#[derive(Debug, Default)]
+pub(crate) struct Opening {
+    /// The `?topic=` parameters, each granted by `identity` if there is one.
+    pub(crate) topics: Vec<String>,
+    /// The verified `?token=`, if one came.
+    pub(crate) identity: Option<Identity>,
+}
+
+/// Why an upgrade was refused, for the node's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusedBy {
+    /// Not a WebSocket upgrade we serve: wrong path or method, bad query, malformed request.
+    Request,
+    /// `--allowed-origins` / `--require-origin` (HTTP 403).
+    Origin,
+    /// A missing, bad or expired `?token=`, or a `?topic=` it does not grant (HTTP 401/403).
+    Token,
 }
 
 /// A connection still in its HTTP handshake.
@@ -45,8 +68,10 @@ pub(crate) struct Handshaking {
     mid: Option<MidHandshake<ServerHandshake<TcpStream, Upgrade>>>,
     /// A duplicate of the socket, to answer a request tungstenite refused.
     answer: std::net::TcpStream,
-    /// Filled by [`Upgrade`] with the topics of the query string.
-    topics: Rc<RefCell<Vec<String>>>,
+    /// Filled by [`Upgrade`] from the request.
+    opening: Rc<RefCell<Opening>>,
+    /// Set by [`Upgrade`] when it refuses for a reason other than the request's form.
+    refused_by: Rc<Cell<RefusedBy>>,
     /// Set by [`Upgrade`] once the request is read: from then on the socket carries our answer.
     request_read: Rc<Cell<bool>>,
     deadline: Instant,
@@ -63,19 +88,26 @@ impl Handshaking {
     ) -> io::Result<Handshaking> {
         let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        let topics = Rc::new(RefCell::new(Vec::new()));
+        let opening = Rc::new(RefCell::new(Opening::default()));
+        let refused_by = Rc::new(Cell::new(RefusedBy::Request));
         let request_read = Rc::new(Cell::new(false));
-        let callback = Upgrade { limits: config.limits, topics: topics.clone(), request_read: request_read.clone() };
+        let callback = Upgrade {
+            limits: config.limits,
+            gatekeeper: config.gatekeeper.clone(),
+            opening: opening.clone(),
+            refused_by: refused_by.clone(),
+            request_read: request_read.clone(),
+        };
         let mid = ServerHandshake::start(stream, callback, Some(config.ws));
         let deadline = Instant::now() + config.handshake_timeout;
-        Ok(Handshaking { mid: Some(mid), answer, topics, request_read, deadline })
+        Ok(Handshaking { mid: Some(mid), answer, opening, refused_by, request_read, deadline })
     }
 
     /// Takes the handshake as far as the socket allows.
     pub(crate) fn advance(&mut self) -> Step {
         let Some(mid) = self.mid.take() else { return Step::Pending };
         match mid.handshake() {
-            Ok(ws) => Step::Open(Box::new(Connection::new(ws)), std::mem::take(&mut *self.topics.borrow_mut())),
+            Ok(ws) => Step::Open(Box::new(Connection::new(ws)), std::mem::take(&mut *self.opening.borrow_mut())),
             Err(HandshakeError::Interrupted(mid)) => {
                 self.mid = Some(mid);
                 Step::Pending
@@ -107,7 +139,7 @@ impl Handshaking {
             // Our callback refused it; tungstenite has written our response.
             WsError::Http(response) => {
                 debug!("handshake refused with HTTP {}", response.status());
-                return Step::Refused;
+                return Step::Refused(self.refused_by.get());
             }
             WsError::Protocol(ProtocolError::HandshakeIncomplete) | WsError::Io(_) => {
                 debug!("client left during the handshake: {e}");
@@ -133,7 +165,7 @@ impl Handshaking {
             }
         };
         self.answer_http(status, &body);
-        Step::Refused
+        Step::Refused(RefusedBy::Request)
     }
 
     /// Writes a whole HTTP error response on the socket tungstenite gave up on (best effort:
@@ -157,11 +189,21 @@ pub(crate) fn http_response(status: &str, body: &str) -> String {
     )
 }
 
-/// The handshake callback: checks the path and reads `?topic=` parameters.
+/// The handshake callback: checks the path, the `Origin` and the `?token=`, and reads
+/// `?topic=` parameters.
 struct Upgrade {
     limits: TopicLimits,
-    topics: Rc<RefCell<Vec<String>>>,
+    gatekeeper: Arc<Gatekeeper>,
+    opening: Rc<RefCell<Opening>>,
+    refused_by: Rc<Cell<RefusedBy>>,
     request_read: Rc<Cell<bool>>,
+}
+
+impl Upgrade {
+    fn refuse(&self, by: RefusedBy, status: u16, body: &str) -> ErrorResponse {
+        self.refused_by.set(by);
+        http_error(status, body)
+    }
 }
 
 impl Callback for Upgrade {
@@ -170,11 +212,49 @@ impl Callback for Upgrade {
         if request.uri().path() != WS_PATH {
             return Err(http_error(404, &format!("not found: the WebSocket endpoint is {WS_PATH}\n")));
         }
+        let origin = match request.headers().get("origin").map(|o| o.to_str()) {
+            None => None,
+            Some(Ok(origin)) => Some(origin),
+            Some(Err(_)) => return Err(self.refuse(RefusedBy::Origin, 403, "the Origin header is not text\n")),
+        };
+        self.gatekeeper.origins.check(origin).map_err(|why| self.refuse(RefusedBy::Origin, 403, &why))?;
         let query = request.uri().query().unwrap_or("");
         let topics = protocol::topics_from_query(query, self.limits)
             .map_err(|e| http_error(400, &format!("bad topic in query string: {e}\n")))?;
-        *self.topics.borrow_mut() = topics;
+        let identity =
+            self.identity(query, &topics).map_err(|(status, body)| self.refuse(RefusedBy::Token, status, &body))?;
+        *self.opening.borrow_mut() = Opening { topics, identity };
         Ok(response)
+    }
+}
+
+impl Upgrade {
+    /// The verified `?token=`, if the node reads tokens and one came; refuses a bad one, and
+    /// `?topic=` parameters that the token does not grant or that need a token, with the HTTP
+    /// status and body to answer.
+    fn identity(&self, query: &str, topics: &[String]) -> Result<Option<Identity>, (u16, String)> {
+        if !self.gatekeeper.reads_tokens() {
+            return Ok(None);
+        }
+        let token = form_urlencoded::parse(query.as_bytes()).find(|(key, _)| key == "token").map(|(_, t)| t);
+        let Some(token) = token else {
+            if !topics.is_empty() && self.gatekeeper.mode == crate::gateway::WsAuth::Required {
+                return Err((
+                    401,
+                    "?topic= needs ?token= on this node (--ws-auth required); or connect without topics, \
+                     send {\"action\":\"auth\",\"token\":\"...\"} and subscribe\n"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let identity = self.gatekeeper.verify(&token).map_err(|e| (401, format!("connection token refused: {e}\n")))?;
+        let denied: Vec<&str> = topics.iter().filter(|t| !identity.grants.allows(t)).map(String::as_str).collect();
+        if !denied.is_empty() {
+            let body = format!("the token does not grant these topics: {}\n", denied.join(", "));
+            return Err((403, body));
+        }
+        Ok(Some(identity))
     }
 }
 

@@ -30,12 +30,13 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, Utf8Bytes};
 
+use super::access::{Access, Gatekeeper, Identity};
 use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
-use super::protocol::{self, AckKind, Command, Reject, TopicLimits};
+use super::protocol::{self, AckKind, Command, IdentityKind, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
 use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET, WRITE_BATCH};
-use handshake::{Handshaking, Step};
+use handshake::{Handshaking, Opening, RefusedBy, Step};
 use subscriptions::Subscriptions;
 
 pub(crate) use handshake::{http_response, WS_PATH};
@@ -49,7 +50,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const PUBLISH_BATCH: usize = 64;
 
 /// What an event loop needs from the gateway config, read only here and in the child modules.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct LoopConfig {
     /// Every connection's tungstenite config ([`websocket_config`]).
     ws: WebSocketConfig,
@@ -63,10 +64,12 @@ pub(crate) struct LoopConfig {
     handshake_timeout: Duration,
     /// Topic length and count limits, for query strings and commands.
     limits: TopicLimits,
+    /// Origins, tokens and what they grant.
+    gatekeeper: Arc<Gatekeeper>,
 }
 
 impl LoopConfig {
-    pub(crate) fn new(config: &Config) -> LoopConfig {
+    pub(crate) fn new(config: &Config, gatekeeper: Arc<Gatekeeper>) -> LoopConfig {
         LoopConfig {
             ws: websocket_config(config.max_frame_bytes),
             max_out_buffer: config.max_out_buffer,
@@ -74,6 +77,7 @@ impl LoopConfig {
             pong_timeout: config.pong_timeout,
             handshake_timeout: config.handshake_timeout,
             limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
+            gatekeeper,
         }
     }
 }
@@ -283,19 +287,30 @@ impl EventLoop {
         let Some(Conn::Handshaking(handshaking)) = self.conns.get_mut(key) else { return };
         match handshaking.advance() {
             Step::Pending => {}
-            Step::Open(conn, topics) => self.open(key, conn, topics),
-            Step::Refused => {
-                Stats::inc(&self.stats.http_rejected);
+            Step::Open(conn, opening) => self.open(key, conn, opening),
+            Step::Refused(by) => {
+                Stats::inc(match by {
+                    RefusedBy::Request => &self.stats.http_rejected,
+                    RefusedBy::Origin => &self.stats.refused_origin,
+                    RefusedBy::Token => &self.stats.refused_token,
+                });
                 self.remove(key);
             }
             Step::Abandoned => self.remove(key),
         }
     }
 
-    fn open(&mut self, key: usize, conn: Box<Connection>, topics: Vec<String>) {
+    fn open(&mut self, key: usize, mut conn: Box<Connection>, opening: Opening) {
+        conn.access = match opening.identity {
+            Some(identity) => {
+                self.subscriptions.set_user(key, identity.user.clone());
+                Access::User(identity)
+            }
+            None => self.config.gatekeeper.without_token(Instant::now()),
+        };
         self.conns[key] = Conn::Open(conn);
         Stats::inc(&self.stats.connections_open);
-        if let Err(reject) = self.subscriptions.subscribe(key, topics) {
+        if let Err(reject) = self.subscriptions.subscribe(key, opening.topics) {
             return self.close_bad_input(key, reject);
         }
         // Frames may have arrived while the response went out; their edge is gone.
@@ -337,8 +352,23 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, key: usize, command: Command) {
+        let Some(Conn::Open(conn)) = self.conns.get(key) else { return };
+        let pending = matches!(conn.access, Access::Pending { .. });
         let kind = match command {
+            Command::Auth(token) => return self.on_token(key, &token, IdentityKind::Authenticated),
+            Command::Refresh(token) => return self.on_token(key, &token, IdentityKind::Refreshed),
+            Command::Subscribe(_) | Command::Unsubscribe(_) if pending => {
+                let reason = "authentication required: send {\"action\":\"auth\",\"token\":\"...\"} first";
+                return self.close_auth(key, Reject::new(protocol::CLOSE_AUTH, reason));
+            }
             Command::Subscribe(topics) => {
+                let denied: Vec<String> = topics.iter().filter(|t| !conn.access.allows(t)).cloned().collect();
+                if !denied.is_empty() {
+                    Stats::inc(&self.stats.refused_topics);
+                    let reason = "not granted by this connection's token; nothing was subscribed";
+                    let frame = protocol::encode_error("subscribe", &denied, reason);
+                    return self.enqueue(key, &Utf8Bytes::from(frame));
+                }
                 if let Err(reject) = self.subscriptions.subscribe(key, topics) {
                     return self.close_bad_input(key, reject);
                 }
@@ -351,6 +381,64 @@ impl EventLoop {
         };
         let ack = protocol::encode_ack(kind, self.subscriptions.topics(key));
         self.enqueue(key, &Utf8Bytes::from(ack));
+    }
+
+    /// `auth` and `refresh`: a token shown after the upgrade. A bad one closes the connection
+    /// with 4001; one that cannot apply here is answered with an error frame.
+    fn on_token(&mut self, key: usize, token: &str, kind: IdentityKind) {
+        let Some(Conn::Open(conn)) = self.conns.get(key) else { return };
+        let action = match kind {
+            IdentityKind::Authenticated => "auth",
+            IdentityKind::Refreshed => "refresh",
+        };
+        let current = match &conn.access {
+            Access::User(identity) => Some(identity.user.clone()),
+            Access::Anonymous | Access::Pending { .. } => None,
+        };
+        let misplaced = if !self.config.gatekeeper.reads_tokens() {
+            Some("connection tokens are not read on this node (--ws-auth off)".to_string())
+        } else {
+            match (kind, &current) {
+                (IdentityKind::Authenticated, Some(user)) => {
+                    Some(format!("already authenticated as {user:?}; send refresh with a fresh token"))
+                }
+                (IdentityKind::Refreshed, None) => Some("not authenticated: send auth first".to_string()),
+                _ => None,
+            }
+        };
+        if let Some(reason) = misplaced {
+            let frame = protocol::encode_error(action, &[], &reason);
+            return self.enqueue(key, &Utf8Bytes::from(frame));
+        }
+        let identity = match self.config.gatekeeper.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return self.close_auth(key, Reject::new(protocol::CLOSE_AUTH, e.to_string())),
+        };
+        if current.as_ref().is_some_and(|user| *user != identity.user) {
+            let reason = "the refresh token is for another user";
+            return self.close_auth(key, Reject::new(protocol::CLOSE_AUTH, reason));
+        }
+        self.identify(key, identity, kind);
+    }
+
+    /// Makes a verified identity the connection's: its user for PushUsers, its grants for
+    /// what it holds (topics the new token does not grant are dropped) and its expiry.
+    fn identify(&mut self, key: usize, identity: Identity, kind: IdentityKind) {
+        let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        if !matches!(conn.access, Access::User(_)) {
+            self.subscriptions.set_user(key, identity.user.clone());
+        }
+        let revoked: Vec<String> = self
+            .subscriptions
+            .topics(key)
+            .iter()
+            .filter(|t| !identity.grants.allows(t))
+            .map(|t| t.to_string())
+            .collect();
+        self.subscriptions.unsubscribe(key, &revoked);
+        let frame = protocol::encode_identity(kind, &identity.user, identity.exp, self.subscriptions.topics(key));
+        conn.access = Access::User(identity);
+        self.enqueue(key, &Utf8Bytes::from(frame));
     }
 
     fn deliver(&mut self, broadcast: &EncodedBroadcast) {
@@ -390,6 +478,16 @@ impl EventLoop {
             let next = conn.flush(&self.stats);
             self.apply(key, next);
         }
+    }
+
+    fn close_auth(&mut self, key: usize, reject: Reject) {
+        debug!("closing a connection: {} {}", reject.code, reject.reason);
+        Stats::inc(if reject.code == protocol::CLOSE_EXPIRED {
+            &self.stats.closed_expired
+        } else {
+            &self.stats.closed_auth
+        });
+        self.close(key, reject.code, &reject.reason, QueuedFrames::Discard);
     }
 
     fn close_bad_input(&mut self, key: usize, reject: Reject) {
@@ -446,6 +544,7 @@ impl EventLoop {
     /// handshake or close took too long.
     fn sweep(&mut self, now: Instant) {
         let mut due = Vec::new();
+        let mut overdue_auth = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             let next = match conn {
                 Conn::Handshaking(handshaking) if handshaking.expired(now) => {
@@ -454,6 +553,13 @@ impl EventLoop {
                     Next::Drop
                 }
                 Conn::Handshaking(_) => Next::Keep,
+                Conn::Open(conn) if conn.is_active() => match overdue(&conn.access, now, &self.config) {
+                    Some(reject) => {
+                        overdue_auth.push((key, reject));
+                        Next::Keep
+                    }
+                    None => conn.tick(now, &self.config, &self.stats),
+                },
                 Conn::Open(conn) => conn.tick(now, &self.config, &self.stats),
             };
             if next != Next::Keep {
@@ -463,13 +569,35 @@ impl EventLoop {
         for (key, next) in due {
             self.apply(key, next);
         }
+        for (key, reject) in overdue_auth {
+            self.close_auth(key, reject);
+        }
         self.flush_dirty();
+    }
+}
+
+/// Why an open connection must be closed now as far as its token goes: no `auth` within the
+/// time allowed, or a token past its expiry.
+fn overdue(access: &Access, now: Instant, config: &LoopConfig) -> Option<Reject> {
+    match access {
+        Access::Pending { deadline } if now >= *deadline => {
+            let within = humantime::format_duration(config.gatekeeper.auth_timeout());
+            Some(Reject::new(protocol::CLOSE_AUTH, format!("authentication required: no auth within {within}")))
+        }
+        Access::User(identity) if now >= identity.expires_at => {
+            Some(Reject::new(protocol::CLOSE_EXPIRED, protocol::REASON_EXPIRED))
+        }
+        _ => None,
     }
 }
 
 /// How often a loop looks at its timers: often enough to honour the shortest of them.
 fn sweep_interval(config: &LoopConfig) -> Duration {
-    let shortest = config.ping_interval.min(config.pong_timeout).min(config.handshake_timeout);
+    let shortest = config
+        .ping_interval
+        .min(config.pong_timeout)
+        .min(config.handshake_timeout)
+        .min(config.gatekeeper.auth_timeout());
     (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
 }
 
@@ -486,6 +614,7 @@ mod tests {
             pong_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             limits: TopicLimits { max_len: 8, max_per_connection: 2 },
+            gatekeeper: Arc::new(Gatekeeper::open()),
         };
         assert_eq!(sweep_interval(&config), Duration::from_secs(1));
         config.ping_interval = Duration::from_millis(100);

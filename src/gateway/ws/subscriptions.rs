@@ -83,6 +83,12 @@ impl Subscriptions {
         self.by_topic.get(topic).map_or_else(Vec::new, |keys| keys.iter().copied().collect())
     }
 
+    /// Notes that `key` is `user`'s connection. Kept in the connection's `Access` only, until
+    /// the user index for PushUsers lands here.
+    pub(crate) fn set_user(&mut self, key: usize, user: Box<str>) {
+        let _ = (key, user);
+    }
+
     /// Takes `key` off `topic` in the topic map and the shared counts.
     fn forget(by_topic: &mut HashMap<Box<str>, HashSet<usize>>, counts: &TopicCounts, key: usize, topic: &str) {
         counts.remove(topic);
