@@ -112,6 +112,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         let url = subscribe_url(
             &format!("ws://{}/ws", gateway.ws_addr()),
             &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            None,
         );
         readers.push(subscribe(name, id.clone(), &url, deliveries_tx.clone())?);
         let shown =

@@ -18,7 +18,14 @@ pub struct SubscribeArgs {
     /// Exit after this many deliveries (0: run until the connection closes).
     #[arg(long, default_value_t = 0)]
     pub count: u64,
+    /// Connection token (`push-manager token`) sent as ?token=; the environment variable
+    /// PUSH_MANAGER_WS_TOKEN is used when this is absent.
+    #[arg(long)]
+    pub token: Option<String>,
 }
+
+/// The environment variable a connection token may come from (kept out of `ps` that way).
+pub const TOKEN_ENV: &str = "PUSH_MANAGER_WS_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
@@ -36,14 +43,16 @@ pub enum SubscribeError {
     Stdout(#[from] std::io::Error),
 }
 
-/// The URL with `?topic=..` appended for each topic, form-encoded as the node decodes them.
-pub fn subscribe_url(url: &str, topics: &[String]) -> String {
+/// The URL with `?token=..` (if any) and `?topic=..` for each topic appended, form-encoded as
+/// the node decodes them.
+pub fn subscribe_url(url: &str, topics: &[String], token: Option<&str>) -> String {
     let mut out = url.to_string();
-    for (i, t) in topics.iter().enumerate() {
-        let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
-        out.push(sep);
-        out.push_str("topic=");
-        out.extend(form_urlencoded::byte_serialize(t.as_bytes()));
+    let params = token.map(|t| ("token", t)).into_iter().chain(topics.iter().map(|t| ("topic", t.as_str())));
+    for (name, value) in params {
+        out.push(if out.contains('?') { '&' } else { '?' });
+        out.push_str(name);
+        out.push('=');
+        out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
     }
     out
 }
@@ -67,10 +76,12 @@ pub fn run(args: SubscribeArgs) -> Result<(), SubscribeError> {
     if !args.url.starts_with("ws://") || args.url.len() == "ws://".len() {
         return Err(SubscribeError::InvalidUrl(args.url));
     }
-    let url = subscribe_url(&args.url, &args.topics);
+    let token = args.token.clone().or_else(|| std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+    let url = subscribe_url(&args.url, &args.topics, token.as_deref());
     let ws_error = |e: tungstenite::Error| SubscribeError::WebSocket { url: args.url.clone(), source: Box::new(e) };
     let mut socket = connect(&url).map_err(ws_error)?;
-    eprintln!("connected to {url}");
+    // The URL as given: the token is a secret.
+    eprintln!("connected to {}", subscribe_url(&args.url, &args.topics, None));
     let mut stdout = std::io::stdout().lock();
     let mut delivered = 0;
     loop {
@@ -78,7 +89,8 @@ pub fn run(args: SubscribeArgs) -> Result<(), SubscribeError> {
             Message::Text(text) => {
                 writeln!(stdout, "{}", text.as_str())?;
                 stdout.flush()?;
-                if text.as_str().contains("\"type\":\"message\"") {
+                let delivery = ["\"type\":\"message\"", "\"type\":\"direct\""];
+                if delivery.iter().any(|kind| text.as_str().starts_with(&format!("{{{kind}"))) {
                     delivered += 1;
                     if delivered == args.count {
                         let _ = socket.close(None);
@@ -105,8 +117,9 @@ mod tests {
 
     #[test]
     fn topics_become_query_parameters() {
-        assert_eq!(subscribe_url("ws://h/ws", &[]), "ws://h/ws");
-        assert_eq!(subscribe_url("ws://h/ws", &["a".into(), "b c".into()]), "ws://h/ws?topic=a&topic=b+c");
-        assert_eq!(subscribe_url("ws://h/ws?x=1", &["a".into()]), "ws://h/ws?x=1&topic=a");
+        assert_eq!(subscribe_url("ws://h/ws", &[], None), "ws://h/ws");
+        assert_eq!(subscribe_url("ws://h/ws", &["a".into(), "b c".into()], None), "ws://h/ws?topic=a&topic=b+c");
+        assert_eq!(subscribe_url("ws://h/ws?x=1", &["a".into()], None), "ws://h/ws?x=1&topic=a");
+        assert_eq!(subscribe_url("ws://h/ws", &["a".into()], Some("x.y+z")), "ws://h/ws?token=x.y%2Bz&topic=a");
     }
 }
