@@ -84,6 +84,9 @@ pub struct NodeArgs {
     /// Most messages in one ConnectNode batch.
     #[arg(long, default_value_t = Config::default().max_batch_messages)]
     pub max_batch_messages: usize,
+    /// Most user ids one push to users may carry (1..=100000; as serve's).
+    #[arg(long, default_value_t = Config::default().max_push_users)]
+    pub max_push_users: usize,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// File of node tokens, one per line (# comments): push-manager must send one as gRPC
@@ -121,6 +124,7 @@ impl NodeArgs {
                 allow_unauthenticated: self.allow_unauthenticated,
                 max_message_bytes: self.max_message_bytes,
                 max_batch_messages: self.max_batch_messages,
+                max_push_users: self.max_push_users,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

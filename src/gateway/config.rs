@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::error::{Error, Result};
 use crate::etcd;
 use crate::grpc::ServerTls;
+use crate::proto::MAX_PUSH_USERS_LIMIT;
 use crate::registry;
 
 /// Refuses a duration past [`crate::duration::MAX_DURATION`], naming its flag.
@@ -78,6 +79,9 @@ pub struct Config {
     /// Most messages in one `BroadcastBatch`. Default 1024 (push-manager sends at most
     /// `--batch-max`, 64 by default).
     pub max_batch_messages: usize,
+    /// `--max-push-users`: most user ids one message from push-manager may carry, 1..=100,000;
+    /// the same limit as push-manager's. Default 1000.
+    pub max_push_users: usize,
 }
 
 impl Default for Config {
@@ -102,6 +106,7 @@ impl Default for Config {
             allow_unauthenticated: false,
             max_message_bytes: 1 << 20,
             max_batch_messages: 1024,
+            max_push_users: 1000,
         }
     }
 }
@@ -169,6 +174,9 @@ impl Config {
         }
         if self.max_batch_messages == 0 {
             return bad("--max-batch-messages must be at least 1".into());
+        }
+        if !(1..=MAX_PUSH_USERS_LIMIT).contains(&self.max_push_users) {
+            return bad(format!("--max-push-users must be 1..={MAX_PUSH_USERS_LIMIT}, got {}", self.max_push_users));
         }
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
@@ -289,6 +297,8 @@ mod tests {
         check(Config { max_loop_backlog_bytes: 0, ..local() }, "--max-loop-backlog-bytes");
         check(Config { max_connections: 0, ..local() }, "--max-connections");
         check(Config { handshake_timeout: Duration::ZERO, ..local() }, "--handshake-timeout");
+        check(Config { max_push_users: 0, ..local() }, "--max-push-users");
+        check(Config { max_push_users: MAX_PUSH_USERS_LIMIT + 1, ..local() }, "--max-push-users");
     }
 
     #[test]
