@@ -205,3 +205,28 @@ impl std::fmt::Debug for Hub {
         f.debug_struct("Hub").field("loops", &self.loops.len()).field("connections", &self.connections()).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::broadcast_request;
+
+    #[test]
+    fn a_push_to_users_counts_each_listed_users_connections_once() {
+        let counts = Arc::new(SharedCounts::default());
+        let stats = Arc::new(Stats::default());
+        let limits = BacklogLimits { deliveries: 1, bytes: 1 };
+        let hub = Hub::new(Vec::new(), counts.clone(), stats.clone(), limits);
+        counts.users.add("alice");
+        counts.users.add("alice");
+        counts.users.add("bob");
+        counts.topics.add("carol");
+
+        let mut push = broadcast_request("", 1, 0, "hi");
+        push.set_user_ids(["alice", "carol", "alice", "dave"].map(String::from).to_vec().into());
+        assert_eq!(hub.publish(&push), 2, "alice's two connections, alice once; a topic is no user");
+        assert_eq!(hub.publish(&broadcast_request("carol", 1, 0, "hi")), 1);
+        let seen = stats.snapshot();
+        assert_eq!((seen.messages_received, seen.direct_received), (2, 1));
+    }
+}
