@@ -41,7 +41,7 @@ pub fn push_users_request(user_ids: &[&str], op: i32, seq: i32, body: impl Into<
 /// What push-manager sends connect-nodes for a `PushUsers` request that passed
 /// [`validate_push_users`]: its proto (`op` also as `protoOp`, as in [`broadcast_request`]),
 /// no topic, and each id once, in the order first given.
-pub fn users_broadcast(req: &PushUsersReq) -> BroadCastReq {
+pub(crate) fn users_broadcast(req: &PushUsersReq) -> BroadCastReq {
     let mut out = BroadCastReq::new();
     out.set_protoOp(req.get_proto().get_op());
     out.set_proto(req.get_proto().clone());
