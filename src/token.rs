@@ -26,7 +26,7 @@ pub const TOKEN_KEY_FLAG: &str = "--token-key-file";
 /// Longest token looked at, in bytes; a longer one is refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Longest user id (`sub`), in bytes.
-pub const MAX_SUB_BYTES: usize = 256;
+pub const MAX_SUB_BYTES: usize = crate::proto::MAX_USER_ID_BYTES;
 /// Shortest key, in bytes: an HMAC-SHA256 key shorter than the hash is weak.
 pub const MIN_KEY_BYTES: usize = 32;
 /// How long `push-manager token` makes a token valid for when `--ttl` is not given.
@@ -207,19 +207,9 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
     crate::topic::validate(name, crate::topic::MAX_TOPIC_BYTES)
 }
 
-/// A user id: non-empty, at most [`MAX_SUB_BYTES`], without whitespace or control characters
-/// (it is printed in logs and sent back in `PushUsers`). The error does not quote the id.
+/// A `sub` is a user id as `PushUsers` names them: the one rule is [`crate::proto::check_user_id`].
 pub fn check_sub(sub: &str) -> Result<(), String> {
-    if sub.is_empty() {
-        return Err("empty sub".into());
-    }
-    if sub.len() > MAX_SUB_BYTES {
-        return Err(format!("sub longer than {MAX_SUB_BYTES} bytes ({} bytes)", sub.len()));
-    }
-    if sub.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("sub contains whitespace or a control character".into());
-    }
-    Ok(())
+    crate::proto::check_user_id(sub)
 }
 
 /// Why a token is refused. `Display` is a short reason (under 100 bytes) fit for a WebSocket
@@ -498,7 +488,7 @@ mod tests {
         for (claims, reason) in [
             (r#"{"sub":"alice"}"#.to_string(), "missing exp"),
             (format!(r#"{{"exp":{exp}}}"#), "missing sub"),
-            (format!(r#"{{"sub":"","exp":{exp}}}"#), "empty sub"),
+            (format!(r#"{{"sub":"","exp":{exp}}}"#), "empty user id"),
             (format!(r#"{{"sub":"a b","exp":{exp}}}"#), "whitespace"),
             (format!(r#"{{"sub":"{}","exp":{exp}}}"#, "u".repeat(MAX_SUB_BYTES + 1)), "longer than 256"),
             (format!(r#"{{"sub":7,"exp":{exp}}}"#), "sub must be a string"),

@@ -94,7 +94,7 @@ fn bad_inputs_are_refused_with_a_clear_error() {
     fails(&run_token(&short, &["--sub", "alice"]), &["--token-key-file", &short_name, "line 1 is 15 bytes", "32"]);
     let missing = dir.path().join("missing");
     fails(&run_token(&missing, &["--sub", "alice"]), &["--token-key-file", &missing.display().to_string()]);
-    fails(&run_token(&good, &["--sub", ""]), &["--sub: empty sub"]);
+    fails(&run_token(&good, &["--sub", ""]), &["--sub: empty user id"]);
     fails(&run_token(&good, &["--sub", "a b"]), &["--sub", "whitespace"]);
     fails(
         &run_token(&good, &["--sub", "alice", "--topics", "news,a*b"]),

@@ -84,6 +84,9 @@ pub struct NodeArgs {
     /// Most messages in one ConnectNode batch.
     #[arg(long, default_value_t = Config::default().max_batch_messages)]
     pub max_batch_messages: usize,
+    /// Most user ids one push to users may carry (1..=100000; as serve's).
+    #[arg(long, default_value_t = Config::default().max_push_users)]
+    pub max_push_users: usize,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// File of node tokens, one per line (# comments): push-manager must send one as gRPC
@@ -148,6 +151,7 @@ impl NodeArgs {
                 token_leeway: self.token_leeway.into(),
                 allowed_origins: self.allowed_origins.clone(),
                 require_origin: self.require_origin,
+                max_push_users: self.max_push_users,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

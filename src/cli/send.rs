@@ -1,4 +1,5 @@
-//! `push-manager send`: one Broadcast call, its reply printed.
+//! `push-manager send`: one Broadcast call (or, with `--user`, one PushUsers call), its reply
+//! printed.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,8 +11,8 @@ use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 use super::parse_duration;
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::{ClientTls, ClientTlsFlags};
-use crate::proto::broadcast_request;
 use crate::proto::protocol_grpc::PushServerClient;
+use crate::proto::{broadcast_request, push_users_request};
 use crate::secret::Secret;
 
 #[derive(Args, Debug)]
@@ -20,8 +21,12 @@ pub struct SendArgs {
     #[arg(long, default_value = "127.0.0.1:50053")]
     pub server: String,
     /// Topic to deliver to; empty (the default) means every connected user.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "users")]
     pub topic: String,
+    /// Deliver to every connection of this user (a token's `sub`) instead, whatever its topics
+    /// (PushServer.PushUsers); repeat for several users. Not with --topic.
+    #[arg(long = "user", value_name = "ID")]
+    pub users: Vec<String>,
     /// Operation code carried in the frame.
     #[arg(long, default_value_t = 1000)]
     pub op: i32,
@@ -76,7 +81,6 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
             buf
         }
     };
-    let req = broadcast_request(&args.topic, args.op, args.seq, body);
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
     let mut channel = ChannelBuilder::new(env);
@@ -90,7 +94,13 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     if let Some(key) = api_key(&args).map_err(SendError::Credentials)? {
         opt = opt.headers(bearer(&key));
     }
-    let reply = client.broadcast_opt(&req, opt).map_err(|e| SendError::Rpc(describe(&args, e)))?;
+    let reply = if args.users.is_empty() {
+        client.broadcast_opt(&broadcast_request(&args.topic, args.op, args.seq, body), opt)
+    } else {
+        let users: Vec<&str> = args.users.iter().map(String::as_str).collect();
+        client.push_users_opt(&push_users_request(&users, args.op, args.seq, body), opt)
+    };
+    let reply = reply.map_err(|e| SendError::Rpc(describe(&args, e)))?;
     let dropped = reply.get_dropped();
     println!(
         "targeted {} node(s), accepted by {}, dropped by {}{}",

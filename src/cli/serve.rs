@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Largest broadcast body accepted, in bytes.
     #[arg(long, default_value_t = Config::default().max_message_bytes)]
     pub max_message_bytes: usize,
+    /// Most user ids in one PushUsers request (1..=100000).
+    #[arg(long, default_value_t = Config::default().max_push_users)]
+    pub max_push_users: usize,
     /// Attempts per RPC to a node (first included) on retryable errors.
     #[arg(long, default_value_t = RetryPolicy::default().max_attempts)]
     pub max_attempts: u32,
@@ -94,6 +97,7 @@ impl ServeArgs {
             rpc_timeout: self.rpc_timeout.into(),
             batch_max: self.batch_max,
             max_message_bytes: self.max_message_bytes,
+            max_push_users: self.max_push_users,
             retry: RetryPolicy { max_attempts: self.max_attempts, ..RetryPolicy::default() },
             drain_timeout: self.drain_timeout.into(),
             grpc_threads: self.grpc_threads,

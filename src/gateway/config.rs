@@ -10,6 +10,7 @@ pub use super::access::WsAuth;
 use super::error::{Error, Result};
 use crate::etcd;
 use crate::grpc::ServerTls;
+use crate::proto::MAX_PUSH_USERS_LIMIT;
 use crate::registry;
 
 /// Refuses a duration past [`crate::duration::MAX_DURATION`], naming its flag.
@@ -101,6 +102,9 @@ pub struct Config {
     /// `--require-origin`: also refuse (HTTP 403) requests without an `Origin` header, which
     /// only non-browser clients send. Default off.
     pub require_origin: bool,
+    /// `--max-push-users`: most user ids one message from push-manager may carry, 1..=100,000;
+    /// the same limit as push-manager's. Default 1000.
+    pub max_push_users: usize,
 }
 
 impl Default for Config {
@@ -131,6 +135,7 @@ impl Default for Config {
             token_leeway: Duration::from_secs(5),
             allowed_origins: Vec::new(),
             require_origin: false,
+            max_push_users: 1000,
         }
     }
 }
@@ -205,6 +210,9 @@ impl Config {
             return bad("--ws-auth-timeout must be more than zero".into());
         }
         OriginPolicy::new(&self.allowed_origins, self.require_origin).map_err(Error::Config)?;
+        if !(1..=MAX_PUSH_USERS_LIMIT).contains(&self.max_push_users) {
+            return bad(format!("--max-push-users must be 1..={MAX_PUSH_USERS_LIMIT}, got {}", self.max_push_users));
+        }
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
         if !authenticates && !self.allow_unauthenticated && !crate::grpc::is_loopback(&self.grpc_listen) {
@@ -377,6 +385,8 @@ mod tests {
         check(Config { ws_auth_timeout: Duration::ZERO, ..local() }, "--ws-auth-timeout");
         check(Config { token_leeway: Duration::MAX, ..local() }, "--token-leeway");
         check(Config { allowed_origins: vec!["example.com".into()], ..local() }, "--allowed-origins");
+        check(Config { max_push_users: 0, ..local() }, "--max-push-users");
+        check(Config { max_push_users: MAX_PUSH_USERS_LIMIT + 1, ..local() }, "--max-push-users");
     }
 
     #[test]

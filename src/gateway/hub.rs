@@ -1,7 +1,8 @@
-//! The hub turns one broadcast into deliveries. Subscriptions are sharded over the event loops:
-//! each loop keeps its own topic -> connections index, so publishing encodes the frame once,
-//! hands the same `Arc` to every loop and lets each look up its own subscribers. The hub itself
-//! only keeps subscriber counts (updated by the loops) to answer "how many will get it" at once.
+//! The hub turns one broadcast into deliveries. Subscriptions and users are sharded over the
+//! event loops: each loop keeps its own topic -> connections and user -> connections index, so
+//! publishing encodes the frame once, hands the same `Arc` to every loop and lets each look up
+//! its own audience. The hub itself only keeps counts per topic and per user (updated by the
+//! loops) to answer "how many will get it" at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,15 +14,26 @@ use tungstenite::Utf8Bytes;
 
 use super::protocol;
 use super::stats::Stats;
+use crate::proto::dedup_user_ids;
 use crate::proto::protocol::BroadCastReq;
 
-/// One broadcast as the event loops see it: its topic, and its message frame encoded once and
-/// queued by reference on every connection that gets it.
+/// One broadcast as the event loops see it: who gets it, and its frame encoded once and queued
+/// by reference on every connection that gets it.
 #[derive(Debug)]
 pub(crate) struct EncodedBroadcast {
-    /// `""` means every connection.
-    pub(crate) topic: Box<str>,
+    pub(crate) audience: Audience,
     pub(crate) frame: Utf8Bytes,
+}
+
+/// The connections a broadcast is for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Audience {
+    /// Every open connection (a broadcast to topic `""`).
+    Everyone,
+    /// The connections subscribed to this topic.
+    Topic(Box<str>),
+    /// Every connection of these users, each listed once.
+    Users(Box<[Box<str>]>),
 }
 
 /// What an event loop is told from outside.
@@ -61,30 +73,40 @@ impl LoopHandle {
     }
 }
 
-/// Subscriber counts per topic over all loops, for `NodeReply.delivered`.
+/// Connections per name over all loops, for `NodeReply.delivered`: one `Counts` holds the
+/// subscribers of each topic, another the connections of each user.
 #[derive(Debug, Default)]
-pub(crate) struct TopicCounts {
+pub(crate) struct Counts {
     counts: Mutex<HashMap<Box<str>, u64>>,
 }
 
-impl TopicCounts {
-    pub(crate) fn add(&self, topic: &str) {
-        *self.counts.lock().entry(topic.into()).or_insert(0) += 1;
+impl Counts {
+    pub(crate) fn add(&self, name: &str) {
+        *self.counts.lock().entry(name.into()).or_insert(0) += 1;
     }
 
-    pub(crate) fn remove(&self, topic: &str) {
+    pub(crate) fn remove(&self, name: &str) {
         let mut counts = self.counts.lock();
-        if let Some(n) = counts.get_mut(topic) {
+        if let Some(n) = counts.get_mut(name) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(topic);
+                counts.remove(name);
             }
         }
     }
 
-    pub(crate) fn get(&self, topic: &str) -> u64 {
-        self.counts.lock().get(topic).copied().unwrap_or(0)
+    pub(crate) fn get(&self, name: &str) -> u64 {
+        self.counts.lock().get(name).copied().unwrap_or(0)
     }
+}
+
+/// The topic and user counts every loop keeps up to date.
+#[derive(Debug, Default)]
+pub(crate) struct SharedCounts {
+    /// Subscribers per topic.
+    pub(crate) topics: Counts,
+    /// Open connections per user.
+    pub(crate) users: Counts,
 }
 
 /// How much may wait in one event loop's queue before broadcasts are refused.
@@ -97,7 +119,7 @@ pub(crate) struct BacklogLimits {
 /// Fans broadcasts out to the event loops; shared by the gRPC service and the [`super::Gateway`].
 pub struct Hub {
     loops: Vec<LoopHandle>,
-    counts: Arc<TopicCounts>,
+    counts: Arc<SharedCounts>,
     stats: Arc<Stats>,
     /// `Config::max_loop_backlog` and `Config::max_loop_backlog_bytes`.
     limits: BacklogLimits,
@@ -109,7 +131,7 @@ pub struct Hub {
 impl Hub {
     pub(crate) fn new(
         loops: Vec<LoopHandle>,
-        counts: Arc<TopicCounts>,
+        counts: Arc<SharedCounts>,
         stats: Arc<Stats>,
         limits: BacklogLimits,
     ) -> Hub {
@@ -140,17 +162,26 @@ impl Hub {
         Err(format!("connect-node busy: {why}; retry later"))
     }
 
-    /// Delivers `msg` to every connection subscribed to its topic (every connection for an
-    /// empty topic), after whatever was published before. Never blocks on a connection.
+    /// Delivers `msg` to every connection of its `user_ids` if it names any, else to every
+    /// connection subscribed to its topic (every connection for an empty topic), after whatever
+    /// was published before. Never blocks on a connection.
     ///
-    /// Returns the connections it was fanned out to: the subscriber count at this moment (a
-    /// connection subscribing or leaving concurrently may or may not be among them).
+    /// Returns the connections it was fanned out to: the count at this moment (a connection
+    /// subscribing, authenticating or leaving concurrently may or may not be among them).
     pub fn publish(&self, msg: &BroadCastReq) -> u64 {
         Stats::inc(&self.stats.messages_received);
-        let topic = msg.get_topic();
-        let delivered = if topic.is_empty() { self.connections() as u64 } else { self.counts.get(topic) };
-        let frame = Utf8Bytes::from(protocol::encode_message_frame(msg));
-        let broadcast = Arc::new(EncodedBroadcast { topic: topic.into(), frame });
+        let (audience, delivered, frame) = if !msg.get_user_ids().is_empty() {
+            Stats::inc(&self.stats.direct_received);
+            let users: Box<[Box<str>]> = dedup_user_ids(msg.get_user_ids()).into_iter().map(Box::from).collect();
+            let delivered = users.iter().map(|user| self.counts.users.get(user)).sum();
+            (Audience::Users(users), delivered, protocol::encode_direct_frame(msg))
+        } else if msg.get_topic().is_empty() {
+            (Audience::Everyone, self.connections() as u64, protocol::encode_message_frame(msg))
+        } else {
+            let topic = msg.get_topic();
+            (Audience::Topic(topic.into()), self.counts.topics.get(topic), protocol::encode_message_frame(msg))
+        };
+        let broadcast = Arc::new(EncodedBroadcast { audience, frame: Utf8Bytes::from(frame) });
         let bytes = broadcast.frame.len();
         let _order = self.order.lock();
         for handle in &self.loops {
@@ -172,5 +203,30 @@ impl Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub").field("loops", &self.loops.len()).field("connections", &self.connections()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::broadcast_request;
+
+    #[test]
+    fn a_push_to_users_counts_each_listed_users_connections_once() {
+        let counts = Arc::new(SharedCounts::default());
+        let stats = Arc::new(Stats::default());
+        let limits = BacklogLimits { deliveries: 1, bytes: 1 };
+        let hub = Hub::new(Vec::new(), counts.clone(), stats.clone(), limits);
+        counts.users.add("alice");
+        counts.users.add("alice");
+        counts.users.add("bob");
+        counts.topics.add("carol");
+
+        let mut push = broadcast_request("", 1, 0, "hi");
+        push.set_user_ids(["alice", "carol", "alice", "dave"].map(String::from).to_vec().into());
+        assert_eq!(hub.publish(&push), 2, "alice's two connections, alice once; a topic is no user");
+        assert_eq!(hub.publish(&broadcast_request("carol", 1, 0, "hi")), 1);
+        let seen = stats.snapshot();
+        assert_eq!((seen.messages_received, seen.direct_received), (2, 1));
     }
 }

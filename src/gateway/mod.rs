@@ -1,5 +1,6 @@
 //! The connect-node ("gateway") role: receives broadcasts from push-manager over gRPC
-//! (`protocol.ConnectNode`) and pushes each to the WebSocket users subscribed to its topic.
+//! (`protocol.ConnectNode`) and pushes each to the WebSocket users subscribed to its topic, or
+//! to every connection of the users it names.
 //!
 //! [`Gateway::start`] binds both listeners and starts its named threads: grpcio's
 //! completion-queue threads (`grpc-gateway-*`) run the service, `ws-accept` takes WebSocket
@@ -38,7 +39,7 @@ use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};
-use hub::{BacklogLimits, LoopHandle, TopicCounts};
+use hub::{BacklogLimits, LoopHandle, SharedCounts};
 use service::Activity;
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
@@ -89,7 +90,7 @@ impl Gateway {
             origins,
         ));
         let stats = Arc::new(Stats::default());
-        let counts = Arc::new(TopicCounts::default());
+        let counts = Arc::new(SharedCounts::default());
 
         let ws_addr: SocketAddr = config.ws_listen.parse().expect("validated");
         let listener = mio::net::TcpListener::bind(ws_addr)
@@ -128,6 +129,7 @@ impl Gateway {
             token,
             max_message_bytes: config.max_message_bytes,
             max_batch_messages: config.max_batch_messages,
+            max_push_users: config.max_push_users,
         };
         let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone(), gateway.activity.clone(), admission)?;
         gateway.grpc = Some(server);
@@ -245,7 +247,7 @@ fn spawn_loop(
     n: usize,
     config: &Config,
     gatekeeper: Arc<Gatekeeper>,
-    counts: Arc<TopicCounts>,
+    counts: Arc<SharedCounts>,
     stats: Arc<Stats>,
 ) -> Result<(StoppableThread, LoopHandle)> {
     let poll = mio::Poll::new()?;

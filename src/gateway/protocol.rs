@@ -46,8 +46,18 @@
 //! `op`, `seq` and `ver` come from `BroadCastReq.proto` (`op` falls back to
 //! `BroadCastReq.protoOp` when `proto.op` is 0). `topic` is `""` for a broadcast to every
 //! connection. A body that is not valid UTF-8 is sent as `"body_base64":"..."` (standard
-//! alphabet, padded) instead of `"body"`. A delivery longer than 4 KiB is sent as a fragmented
-//! WebSocket message, each fragment whole UTF-8 characters; WebSocket clients reassemble it.
+//! alphabet, padded) instead of `"body"`.
+//!
+//! A push to users (`PushServer.PushUsers`) reaches every connection of the named users (the
+//! `sub` of each connection's token) whatever topics they hold, as a `direct` frame: the same
+//! fields and body rule, without `topic`.
+//! ```json
+//! {"type":"direct","op":1000,"seq":3,"ver":1,"body":"hello"}
+//! ```
+//! A user named twice in one push gets it once per connection.
+//!
+//! A delivery longer than 4 KiB is sent as a fragmented WebSocket message, each fragment whole
+//! UTF-8 characters; WebSocket clients reassemble it.
 //!
 //! # Close codes
 //! | code | reason starts with | when |
@@ -275,11 +285,15 @@ pub(crate) fn encode_error(action: &str, topics: &[String], reason: &str) -> Str
 }
 
 /// `{"type":"message",...}`: what a connection gets for one broadcast.
+/// `{"type":"message",...}` or `{"type":"direct",...}`: what a connection gets for one
+/// broadcast or push to users.
 #[derive(Serialize)]
 struct MessageFrame<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    topic: &'a str,
+    /// `None` for a direct frame, which is for a user, not a topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
     op: i32,
     seq: i32,
     ver: i32,
@@ -291,21 +305,22 @@ struct MessageFrame<'a> {
 
 /// The message frame for one broadcast (see the module doc); encoded once per broadcast.
 pub(crate) fn encode_message_frame(msg: &BroadCastReq) -> String {
+    encode_frame("message", Some(msg.get_topic()), msg)
+}
+
+/// The direct frame for one push to users (see the module doc); encoded once per push.
+pub(crate) fn encode_direct_frame(msg: &BroadCastReq) -> String {
+    encode_frame("direct", None, msg)
+}
+
+fn encode_frame(kind: &'static str, topic: Option<&str>, msg: &BroadCastReq) -> String {
     let proto = msg.get_proto();
     let op = if proto.get_op() != 0 { proto.get_op() } else { msg.get_protoOp() };
     let (body, body_base64) = match std::str::from_utf8(proto.get_body()) {
         Ok(text) => (Some(text), None),
         Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(proto.get_body()))),
     };
-    let frame = MessageFrame {
-        kind: "message",
-        topic: msg.get_topic(),
-        op,
-        seq: proto.get_seq(),
-        ver: proto.get_ver(),
-        body,
-        body_base64,
-    };
+    let frame = MessageFrame { kind, topic, op, seq: proto.get_seq(), ver: proto.get_ver(), body, body_base64 };
     serde_json::to_string(&frame).expect("a message frame always serialises")
 }
 
@@ -457,6 +472,22 @@ mod tests {
         assert_eq!(
             encode_message_frame(&broadcast("a", 7, 1, &[0xff, 0x00, 0x41])),
             r#"{"type":"message","topic":"a","op":1,"seq":3,"ver":1,"body_base64":"/wBB"}"#
+        );
+    }
+
+    #[test]
+    fn encodes_direct_frames_without_a_topic() {
+        assert_eq!(
+            encode_direct_frame(&broadcast("", 7, 1000, b"hello")),
+            r#"{"type":"direct","op":1000,"seq":3,"ver":1,"body":"hello"}"#
+        );
+        assert_eq!(
+            encode_direct_frame(&broadcast("", 7, 0, b"say \"hi\"")),
+            r#"{"type":"direct","op":7,"seq":3,"ver":1,"body":"say \"hi\""}"#
+        );
+        assert_eq!(
+            encode_direct_frame(&broadcast("", 7, 1, &[0xff, 0x00, 0x41])),
+            r#"{"type":"direct","op":1,"seq":3,"ver":1,"body_base64":"/wBB"}"#
         );
     }
 

@@ -14,7 +14,7 @@ use super::hub::Hub;
 use crate::auth::KeyFile;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::ConnectNode;
-use crate::proto::validate_broadcast;
+use crate::proto::validate_node_message;
 
 /// When the last ConnectNode call arrived: how a stopping node tells that push-manager has
 /// stopped sending to it.
@@ -50,6 +50,8 @@ pub(crate) struct Admission {
     pub(crate) max_message_bytes: usize,
     /// `Config::max_batch_messages`.
     pub(crate) max_batch_messages: usize,
+    /// `Config::max_push_users`.
+    pub(crate) max_push_users: usize,
 }
 
 /// `ConnectNode` over a [`Hub`]; cloned by grpcio once per completion queue.
@@ -65,8 +67,9 @@ impl ConnectNodeService {
         ConnectNodeService { hub, activity, admission }
     }
 
-    /// The caller's token, then every message against the same rule as `PushServer`'s (all or
-    /// nothing for a batch), then the event loops' backlog.
+    /// The caller's token, then every message against the same rule as `PushServer`'s (`Broadcast`'s,
+    /// or `PushUsers`' for a message carrying `user_ids`; all or nothing for a batch), then the
+    /// event loops' backlog.
     fn admit(&self, ctx: &RpcContext, messages: &[BroadCastReq]) -> Result<(), (RpcStatusCode, String)> {
         if let Some(Err(refusal)) = self.admission.token.as_ref().map(|t| t.check(ctx.request_headers())) {
             return Err((RpcStatusCode::UNAUTHENTICATED, refusal.to_string()));
@@ -82,7 +85,8 @@ impl ConnectNodeService {
             ));
         }
         for (i, m) in messages.iter().enumerate() {
-            if let Err(why) = validate_broadcast(m, self.admission.max_message_bytes) {
+            let Admission { max_message_bytes, max_push_users, .. } = self.admission;
+            if let Err(why) = validate_node_message(m, max_message_bytes, max_push_users) {
                 let which = if messages.len() == 1 { String::new() } else { format!("messages[{i}]: ") };
                 return Err((RpcStatusCode::INVALID_ARGUMENT, format!("{which}{why}")));
             }

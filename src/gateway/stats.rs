@@ -17,6 +17,7 @@ pub(crate) struct Stats {
     pub(crate) closed_bad_input: AtomicU64,
     pub(crate) http_rejected: AtomicU64,
     pub(crate) messages_received: AtomicU64,
+    pub(crate) direct_received: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) refused_busy: AtomicU64,
     pub(crate) refused_origin: AtomicU64,
@@ -54,10 +55,12 @@ pub struct StatsSnapshot {
     /// Sockets answered with an HTTP error (or closed) instead of upgraded: plain HTTP, wrong
     /// path, bad query topics, malformed requests.
     pub http_rejected: u64,
-    /// Broadcasts handed to the hub (gRPC or direct `publish`).
+    /// Broadcasts handed to the hub (gRPC or direct `publish`), pushes to users included.
     pub messages_received: u64,
-    /// Text frames handed to connections: one message frame per broadcast per matching
-    /// connection, plus the acks of subscribe/unsubscribe commands.
+    /// Of `messages_received`, the pushes to users (messages carrying `user_ids`).
+    pub direct_received: u64,
+    /// Text frames handed to connections: one message (or direct) frame per broadcast per
+    /// matching connection, plus the acks of subscribe/unsubscribe commands.
     pub frames_sent: u64,
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
     /// `max_loop_backlog` deliveries or `max_loop_backlog_bytes`.
@@ -98,6 +101,7 @@ impl Stats {
             closed_bad_input: self.closed_bad_input.load(Relaxed),
             http_rejected: self.http_rejected.load(Relaxed),
             messages_received: self.messages_received.load(Relaxed),
+            direct_received: self.direct_received.load(Relaxed),
             frames_sent: self.frames_sent.load(Relaxed),
             refused_busy: self.refused_busy.load(Relaxed),
             refused_origin: self.refused_origin.load(Relaxed),

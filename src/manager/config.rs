@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::error::{Error, Result};
 use crate::etcd;
 use crate::grpc::{ClientTls, ClientTlsFlags, ServerTls};
+use crate::proto::MAX_PUSH_USERS_LIMIT;
 
 /// Everything `push-manager serve` can be told. Defaults match the CLI's.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct Config {
     pub batch_max: usize,
     /// Largest `proto.body` accepted, in bytes. Default 1 MiB.
     pub max_message_bytes: usize,
+    /// `--max-push-users`: most user ids in one `PushUsers` request, 1..=100,000. Default 1000.
+    pub max_push_users: usize,
     /// Retries of a failed RPC to a node that is still registered.
     pub retry: RetryPolicy,
     /// How long a removed node (or every node, at shutdown) may take to deliver what it has
@@ -103,6 +106,7 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(5),
             batch_max: 64,
             max_message_bytes: 1 << 20,
+            max_push_users: 1000,
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(10),
             grpc_threads: 1,
@@ -150,6 +154,9 @@ impl Config {
         if self.max_message_bytes == 0 {
             return bad("--max-message-bytes must be at least 1".into());
         }
+        if !(1..=MAX_PUSH_USERS_LIMIT).contains(&self.max_push_users) {
+            return bad(format!("--max-push-users must be 1..={MAX_PUSH_USERS_LIMIT}, got {}", self.max_push_users));
+        }
         if self.grpc_threads == 0 {
             return bad("--grpc-threads must be at least 1".into());
         }
@@ -189,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_sizes_are_refused_with_the_flag_name() {
+    fn zero_and_oversized_limits_are_refused_with_the_flag_name() {
         type BreakIt = fn(&mut Config);
         let cases: Vec<(BreakIt, &str)> = vec![
             (|c| c.routine_size = 0, "--routine-size"),
@@ -198,6 +205,8 @@ mod tests {
             (|c| c.poll_interval = Duration::ZERO, "--poll-interval"),
             (|c| c.prefix.clear(), "--prefix"),
             (|c| c.retry.max_attempts = 0, "--max-attempts"),
+            (|c| c.max_push_users = 0, "--max-push-users"),
+            (|c| c.max_push_users = MAX_PUSH_USERS_LIMIT + 1, "--max-push-users"),
         ];
         for (break_it, flag) in cases {
             let mut config = Config { listen: "127.0.0.1:0".into(), ..Config::default() };

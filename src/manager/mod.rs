@@ -78,6 +78,7 @@ impl Manager {
             fanout: fanout.clone(),
             discovery: discovery.status(),
             max_message_bytes: config.max_message_bytes,
+            max_push_users: config.max_push_users,
             prefix: config.prefix.clone(),
             etcd_endpoints: config.etcd.endpoints.join(","),
             api_keys: api_keys.clone(),
@@ -85,7 +86,7 @@ impl Manager {
         let (server, addr) = crate::grpc::start_server(
             env,
             &config.listen,
-            receive_limit(config.max_message_bytes),
+            receive_limit(&config),
             config.tls.as_ref(),
             create_push_server(service),
         )?;
@@ -167,8 +168,11 @@ fn load_keys(flag: &'static str, path: &Option<std::path::PathBuf>) -> Result<Op
     }
 }
 
-/// gRPC's receive limit for a request carrying a body of the largest allowed size, so an
-/// oversized body reaches our validation (and its clear message) instead of a transport error.
-fn receive_limit(max_message_bytes: usize) -> usize {
-    max_message_bytes.saturating_mul(2).max(4 << 20)
+/// gRPC's receive limit for a request carrying a body of the largest allowed size (and, for
+/// `PushUsers`, the most ids of the longest allowed size), so an oversized body or list reaches
+/// our validation (and its clear message) instead of a transport error.
+fn receive_limit(config: &Config) -> usize {
+    // Each id costs its bytes plus a tag and a length of at most two bytes.
+    let ids = config.max_push_users.saturating_mul(crate::proto::MAX_USER_ID_BYTES + 3);
+    config.max_message_bytes.saturating_mul(2).saturating_add(ids).max(4 << 20)
 }

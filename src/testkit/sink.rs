@@ -229,6 +229,11 @@ impl Sink {
         self.state.received.lock().iter().map(|(t, r)| (*t, r.get_proto().get_body().to_vec())).collect()
     }
 
+    /// Each message as received, in arrival order.
+    pub fn messages(&self) -> Vec<BroadCastReq> {
+        self.state.received.lock().iter().map(|(_, r)| r.clone()).collect()
+    }
+
     /// The body of each message, in arrival order.
     pub fn bodies(&self) -> Vec<Vec<u8>> {
         self.state.received.lock().iter().map(|(_, r)| r.get_proto().get_body().to_vec()).collect()

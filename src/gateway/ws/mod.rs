@@ -31,7 +31,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, Utf8Bytes};
 
 use super::access::{Access, Gatekeeper, Identity};
-use super::hub::{EncodedBroadcast, LoopMsg, TopicCounts};
+use super::hub::{Audience, EncodedBroadcast, LoopMsg, SharedCounts};
 use super::protocol::{self, AckKind, Command, IdentityKind, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
@@ -94,7 +94,8 @@ pub(crate) struct LoopParts {
     pub(crate) wake_pending: Arc<AtomicBool>,
     /// The hub's count of frame bytes in `inbox` ([`super::hub::LoopHandle::queued_bytes`]).
     pub(crate) inbox_bytes: Arc<AtomicUsize>,
-    pub(crate) counts: Arc<TopicCounts>,
+    /// Subscribers per topic and connections per user, over every loop.
+    pub(crate) counts: Arc<SharedCounts>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) config: LoopConfig,
 }
@@ -442,10 +443,11 @@ impl EventLoop {
     }
 
     fn deliver(&mut self, broadcast: &EncodedBroadcast) {
-        let keys: Vec<usize> = if broadcast.topic.is_empty() {
-            self.conns.iter().map(|(key, _)| key).collect()
-        } else {
-            self.subscriptions.subscribers(&broadcast.topic)
+        let keys: Vec<usize> = match &broadcast.audience {
+            Audience::Everyone => self.conns.iter().map(|(key, _)| key).collect(),
+            Audience::Topic(topic) => self.subscriptions.subscribers(topic),
+            // The hub lists each user once, and a connection has one user: no key twice.
+            Audience::Users(users) => users.iter().flat_map(|user| self.subscriptions.connections_of(user)).collect(),
         };
         for key in keys {
             self.enqueue(key, &broadcast.frame);
