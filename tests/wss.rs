@@ -6,7 +6,7 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
@@ -299,4 +299,35 @@ fn the_node_binary_serves_wss_and_closes_it_with_1001_on_sigterm() {
     signal(&node.child, libc::SIGTERM);
     assert_eq!(client.expect_close().0, 1001);
     assert!(wait_exit(&mut node.child, PATIENCE).success());
+}
+
+#[test]
+fn subscribe_follows_a_wss_url_with_its_ca_and_says_what_is_missing_without_it() {
+    let pki = TestPki::new();
+    let gw = start_tls_gateway(&pki, |_| {});
+    let url = format!("wss://{}/ws", gw.ws_addr());
+
+    let out = Command::new(BIN).args(["subscribe", "--url", &url]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca"), "{out:?}");
+    let stranger = TestPki::new();
+    let out = Command::new(BIN).args(["subscribe", "--url", &url, "--ca"]).arg(stranger.ca()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"), "{out:?}");
+
+    let mut child = Command::new(BIN)
+        .args(["subscribe", "--url", &url, "--topic", "news", "--count", "1", "--ca"])
+        .arg(pki.ca())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_connections(&gw, 1);
+    gw.hub().publish(&broadcast_request("news", OP, 5, "over wss"));
+    let status = wait_exit(&mut child, PATIENCE);
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert!(status.success(), "{stdout}");
+    let frame: Value = serde_json::from_str(stdout.lines().next().expect("one delivery")).unwrap();
+    assert_delivery(&frame, "news", 5, "over wss");
 }

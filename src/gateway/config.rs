@@ -348,6 +348,8 @@ mod tests {
         check(Config { max_loop_backlog_bytes: 0, ..local() }, "--max-loop-backlog-bytes");
         check(Config { max_connections: 0, ..local() }, "--max-connections");
         check(Config { handshake_timeout: Duration::ZERO, ..local() }, "--handshake-timeout");
+        let missing = WsTls { cert: "/nonexistent/cert.pem".into(), key: "/nonexistent/key.pem".into() };
+        check(Config { ws_tls: Some(missing), ..local() }, "--ws-tls-cert");
     }
 
     #[test]
