@@ -180,3 +180,148 @@ impl Write for Transport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::WsTls;
+    use crate::testkit::TestPki;
+    use mio::{Events, Interest, Poll, Token};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use std::time::{Duration, Instant};
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A server-side TLS transport registered edge-triggered with `poll`, and a blocking rustls
+    /// client at the other end (its handshake is driven by the server's first reads).
+    fn tls_pair(
+        pki: &TestPki,
+        poll: &Poll,
+    ) -> (Transport, rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>) {
+        let id = pki.issue("node");
+        let server_config = WsTls { cert: id.cert, key: id.key }.server_config().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let client_config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut transport = Transport::tls(TcpStream::from_std(server), &server_config).unwrap();
+        poll.registry().register(transport.socket_mut(), Token(0), Interest::READABLE | Interest::WRITABLE).unwrap();
+        let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+        let session = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
+        (transport, rustls::StreamOwned::new(session, client))
+    }
+
+    fn server_handshaking(transport: &Transport) -> bool {
+        matches!(transport, Transport::Tls(tls) if tls.session.is_handshaking())
+    }
+
+    /// Waits for the next readiness event, failing the test if none comes.
+    fn next_event(poll: &mut Poll, events: &mut Events, deadline: Instant) {
+        loop {
+            let left = deadline.checked_duration_since(Instant::now()).expect("a readiness event in time");
+            poll.poll(events, Some(left)).unwrap();
+            if !events.is_empty() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn reading_to_would_block_leaves_nothing_behind_for_an_edge_triggered_poll() {
+        let pki = TestPki::new();
+        let mut poll = Poll::new().unwrap();
+        let (mut server, mut client) = tls_pair(&pki, &poll);
+        // Three records in one go, then the client waits for our answer: every byte must come
+        // out of reads between edges, or no event would come for what is left.
+        let sender = std::thread::spawn(move || {
+            for part in [b'a', b'b', b'c'] {
+                client.write_all(&[part; 100]).unwrap();
+            }
+            let mut answer = [0u8; 2];
+            client.read_exact(&mut answer).unwrap();
+            answer
+        });
+        let mut events = Events::with_capacity(8);
+        let deadline = Instant::now() + PATIENCE;
+        let mut got = Vec::new();
+        while got.len() < 300 {
+            next_event(&mut poll, &mut events, deadline);
+            let mut small = [0u8; 7];
+            loop {
+                match server.read(&mut small) {
+                    Ok(0) => panic!("the client hung up"),
+                    Ok(n) => got.extend_from_slice(&small[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read failed: {e}"),
+                }
+            }
+        }
+        let want: Vec<u8> = [[b'a'; 100], [b'b'; 100], [b'c'; 100]].concat();
+        assert_eq!(got, want);
+        server.write_all(b"ok").unwrap();
+        while let Err(e) = server.flush() {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            next_event(&mut poll, &mut events, deadline);
+        }
+        assert_eq!(&sender.join().unwrap(), b"ok");
+    }
+
+    #[test]
+    fn every_byte_a_write_took_arrives_and_flush_blocks_until_the_records_are_out() {
+        let pki = TestPki::new();
+        let mut poll = Poll::new().unwrap();
+        let (mut server, mut client) = tls_pair(&pki, &poll);
+        // The client completes its handshake (our reads answer it), then reads nothing until
+        // the socket and rustls' buffer are full.
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<()>(1);
+        let reader = std::thread::spawn(move || {
+            while client.conn.is_handshaking() {
+                client.conn.complete_io(&mut client.sock).unwrap();
+            }
+            full_rx.recv().unwrap();
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut events = Events::with_capacity(8);
+        let deadline = Instant::now() + PATIENCE;
+        // More than loopback's socket buffers hold.
+        let payload: Vec<u8> = (0..(16u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        let mut blocked = 0;
+        while sent < payload.len() {
+            let mut scratch = [0u8; 64];
+            assert!(matches!(server.read(&mut scratch), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+            match server.write(&payload[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !server_handshaking(&server) {
+                        blocked += 1;
+                        let _ = full_tx.try_send(());
+                    }
+                    next_event(&mut poll, &mut events, deadline);
+                }
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
+        while let Err(e) = server.flush() {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            next_event(&mut poll, &mut events, deadline);
+        }
+        assert!(blocked > 0, "16 MiB to a client not reading yet fill the socket and rustls' buffer");
+        server.shutdown_write().unwrap();
+        assert_eq!(reader.join().unwrap(), payload, "every byte write() took arrives, in order, then close_notify");
+    }
+}
