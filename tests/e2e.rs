@@ -325,7 +325,7 @@ fn subscribe_to_a_dead_url_exits_non_zero_with_the_reason() {
     let out = Command::new(BIN).args(["subscribe", "--url", &format!("ws://{}/ws", free_addr())]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"), "{out:?}");
-    for bad in ["nonsense", "wss://127.0.0.1:1/ws", "ws://"] {
+    for bad in ["nonsense", "http://127.0.0.1:1/ws", "ws://", "wss://"] {
         let out = Command::new(BIN).args(["subscribe", "--url", bad]).output().unwrap();
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("is not a ws:// URL"), "{bad}: {out:?}");

@@ -22,9 +22,16 @@ pub struct NodeArgs {
     /// gRPC address for protocol.ConnectNode (what push-manager calls).
     #[arg(long, default_value_t = Config::default().grpc_listen)]
     pub grpc_listen: String,
-    /// WebSocket address; users connect to ws://<this>/ws.
+    /// WebSocket address; users connect to ws://<this>/ws (wss:// with --ws-tls-cert).
     #[arg(long, default_value_t = Config::default().ws_listen)]
     pub ws_listen: String,
+    /// Certificate chain (PEM, leaf first) to serve WebSocket users over TLS (wss://) with
+    /// (with --ws-tls-key); clients that do not speak TLS are dropped.
+    #[arg(long, requires = "ws_tls_key")]
+    pub ws_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ws-tls-cert.
+    #[arg(long, requires = "ws_tls_cert")]
+    pub ws_tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub registry: EtcdArgs,
     /// This node's id: 1-128 bytes, no '/', whitespace or control characters [default: <hostname>-<grpc port>].
@@ -141,6 +148,11 @@ impl NodeArgs {
                 max_loop_backlog: self.max_loop_backlog,
                 max_loop_backlog_bytes: self.max_loop_backlog_bytes,
                 tls: self.tls.config(),
+                ws_tls: self
+                    .ws_tls_cert
+                    .clone()
+                    .zip(self.ws_tls_key.clone())
+                    .map(|(cert, key)| gateway::WsTls { cert, key }),
                 node_token_file: self.node_token_file.clone(),
                 allow_unauthenticated: self.allow_unauthenticated,
                 max_message_bytes: self.max_message_bytes,
@@ -221,7 +233,8 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     )
     .map_err(|e| format!("registering in etcd: {e}"))?;
     // Machine-readable line for scripts and tests that bind port 0.
-    println!("node {node_id} grpc {} ws ws://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
+    let scheme = if config.gateway.ws_tls.is_some() { "wss" } else { "ws" };
+    println!("node {node_id} grpc {} ws {scheme}://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     info!("connect-node {node_id} serving, advertised as {addr}");
 
     signals.wait(None, || Tick::Continue, || gateway.reload_credentials())?;

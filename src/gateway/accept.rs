@@ -3,8 +3,9 @@
 //! of connects never waits behind a loop busy fanning out.
 //!
 //! Every accepted socket is handed to a loop, or refused with an HTTP answer (503 once
-//! `max_connections` sockets are held), or, if no loop can take it, counted and logged: none
-//! is closed without a trace.
+//! `max_connections` sockets are held; on a `wss://` endpoint only closed and counted, since a
+//! plaintext answer would be garbage to a TLS client and a TLS handshake here would hold up the
+//! accepts), or, if no loop can take it, counted and logged: none is closed without a trace.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -38,6 +39,8 @@ pub(crate) struct Acceptor {
     stats: Arc<Stats>,
     /// `Config::max_connections`.
     max_connections: u64,
+    /// Whether the endpoint is plaintext, where a refusal can be answered in HTTP.
+    answers_plain_http: bool,
     /// When refusals were last logged, and how many came since.
     refusals: (Option<Instant>, u64),
     /// Kept for as long as the poll runs: if the stopping side dropped the last handle right
@@ -53,13 +56,22 @@ impl Acceptor {
         loops: Vec<LoopHandle>,
         stats: Arc<Stats>,
         max_connections: usize,
+        answers_plain_http: bool,
     ) -> io::Result<(Acceptor, Arc<Waker>)> {
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let max_connections = max_connections as u64;
-        let acceptor =
-            Acceptor { poll, listener, loops, stats, max_connections, refusals: (None, 0), _waker: waker.clone() };
+        let acceptor = Acceptor {
+            poll,
+            listener,
+            loops,
+            stats,
+            max_connections,
+            answers_plain_http,
+            refusals: (None, 0),
+            _waker: waker.clone(),
+        };
         Ok((acceptor, waker))
     }
 
@@ -115,12 +127,31 @@ impl Acceptor {
         }
     }
 
-    /// Answers a connection past `max_connections` with HTTP 503 and closes it: the client
-    /// learns why, and the node spends nothing more on it.
+    /// Answers a connection past `max_connections` with HTTP 503 (plaintext endpoints only) and
+    /// closes it: the client learns why, and the node spends nothing more on it.
     fn refuse(&mut self, stream: TcpStream, peer: SocketAddr) {
         Stats::inc(&self.stats.refused_max_connections);
+        if self.answers_plain_http {
+            self.answer_503(&stream, peer);
+        }
+        let (last, since) = &mut self.refusals;
+        *since += 1;
+        if last.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_INTERVAL) {
+            warn!(
+                "ws-accept: refusing connections{}: {} held, --max-connections {} ({} refused since the last warning)",
+                if self.answers_plain_http { " with HTTP 503" } else { "" },
+                self.stats.connections_held.load(Relaxed),
+                self.max_connections,
+                since
+            );
+            *last = Some(Instant::now());
+            *since = 0;
+        }
+    }
+
+    fn answer_503(&self, stream: &TcpStream, peer: SocketAddr) {
         let body = format!("connect-node at its limit of {} connections; try again later\n", self.max_connections);
-        let mut socket = &stream;
+        let mut socket = stream;
         // A fresh socket's buffer takes a short answer at once; if not, the client gets a close.
         if let Err(e) = socket.write_all(http_response("503 Service Unavailable", &body).as_bytes()) {
             debug!("ws-accept: could not answer {peer} with 503: {e}");
@@ -131,19 +162,6 @@ impl Acceptor {
             if !matches!(socket.read(&mut scratch), Ok(n) if n > 0) {
                 break;
             }
-        }
-        let (last, since) = &mut self.refusals;
-        *since += 1;
-        if last.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_INTERVAL) {
-            warn!(
-                "ws-accept: refusing connections with HTTP 503: {} held, --max-connections {} ({} refused since the \
-                 last warning)",
-                self.stats.connections_held.load(Relaxed),
-                self.max_connections,
-                since
-            );
-            *last = Some(Instant::now());
-            *since = 0;
         }
     }
 }

@@ -2,11 +2,15 @@
 //! default is written (the CLI shows and uses these), and whose `validate()` names the flag.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::access::OriginPolicy;
 pub use super::access::WsAuth;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
 use super::error::{Error, Result};
 use crate::etcd;
 use crate::grpc::ServerTls;
@@ -67,6 +71,9 @@ pub struct Config {
     /// TLS for `ConnectNode` (`--tls-cert`, `--tls-key`, and `--tls-client-ca` to require
     /// push-manager to present a certificate). Default `None`: plaintext.
     pub tls: Option<ServerTls>,
+    /// TLS for the WebSocket endpoint (`--ws-tls-cert`, `--ws-tls-key`): users connect with
+    /// `wss://`, and a client that does not speak TLS is dropped. Default `None`: plain `ws://`.
+    pub ws_tls: Option<WsTls>,
     /// `--node-token-file`: push-manager must send one of its tokens as
     /// `authorization: Bearer <token>`. Default `None`.
     pub node_token_file: Option<PathBuf>,
@@ -125,6 +132,7 @@ impl Default for Config {
             max_loop_backlog: 10_000,
             max_loop_backlog_bytes: 64 << 20,
             tls: None,
+            ws_tls: None,
             node_token_file: None,
             allow_unauthenticated: false,
             max_message_bytes: 1 << 20,
@@ -213,6 +221,9 @@ impl Config {
         if !(1..=MAX_PUSH_USERS_LIMIT).contains(&self.max_push_users) {
             return bad(format!("--max-push-users must be 1..={MAX_PUSH_USERS_LIMIT}, got {}", self.max_push_users));
         }
+        if let Some(ws_tls) = &self.ws_tls {
+            ws_tls.server_config()?;
+        }
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
         if !authenticates && !self.allow_unauthenticated && !crate::grpc::is_loopback(&self.grpc_listen) {
@@ -256,6 +267,54 @@ impl Config {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// The WebSocket endpoint's certificate and key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsTls {
+    /// `--ws-tls-cert`: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// `--ws-tls-key`: the private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl WsTls {
+    /// Reads both files into the rustls config every `wss://` connection shares (TLS 1.2 and
+    /// 1.3, ring's cipher suites); the error names the flag and the file.
+    pub(crate) fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let bad = |flag: &str, path: &Path, what: String| Error::Config(format!("{flag} {}: {what}", path.display()));
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| bad("--ws-tls-cert", &self.cert, pem_error(e)))?;
+        if certs.is_empty() {
+            return Err(bad("--ws-tls-cert", &self.cert, "holds no PEM certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| bad("--ws-tls-key", &self.key, pem_error(e)))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("--ws-tls-cert: no usable TLS version: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "--ws-tls-key {} does not go with the certificate in --ws-tls-cert {}: {e}",
+                    self.key.display(),
+                    self.cert.display()
+                ))
+            })?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// What went wrong reading a PEM file, in words for an operator.
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as Pem;
+    match e {
+        Pem::Io(e) => format!("cannot read it: {e}"),
+        Pem::NoItemsFound => "holds no PEM private key".into(),
+        other => format!("not valid PEM: {other}"),
     }
 }
 
@@ -387,6 +446,8 @@ mod tests {
         check(Config { allowed_origins: vec!["example.com".into()], ..local() }, "--allowed-origins");
         check(Config { max_push_users: 0, ..local() }, "--max-push-users");
         check(Config { max_push_users: MAX_PUSH_USERS_LIMIT + 1, ..local() }, "--max-push-users");
+        let missing = WsTls { cert: "/nonexistent/cert.pem".into(), key: "/nonexistent/key.pem".into() };
+        check(Config { ws_tls: Some(missing), ..local() }, "--ws-tls-cert");
     }
 
     #[test]

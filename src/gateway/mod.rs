@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use grpcio::EnvBuilder;
 use log::{info, warn};
 
-pub use config::{Config, NodeConfig, WsAuth};
+pub use config::{Config, NodeConfig, WsAuth, WsTls};
 pub use error::{Error, Result};
 pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig};
@@ -89,6 +89,8 @@ impl Gateway {
             config.ws_auth_timeout,
             origins,
         ));
+        // Read once; every wss connection shares it.
+        let ws_tls = config.ws_tls.as_ref().map(WsTls::server_config).transpose()?;
         let stats = Arc::new(Stats::default());
         let counts = Arc::new(SharedCounts::default());
 
@@ -100,7 +102,8 @@ impl Gateway {
         let mut loops = Vec::with_capacity(config.event_loops);
         let mut handles = Vec::with_capacity(config.event_loops);
         for n in 0..config.event_loops {
-            let (thread, handle) = spawn_loop(n, &config, gatekeeper.clone(), counts.clone(), stats.clone())?;
+            let (thread, handle) =
+                spawn_loop(n, &config, gatekeeper.clone(), ws_tls.clone(), counts.clone(), stats.clone())?;
             loops.push(thread);
             handles.push(handle);
         }
@@ -120,8 +123,14 @@ impl Gateway {
             token_keys,
         };
 
-        let (acceptor, waker) =
-            accept::Acceptor::new(listener, handles, gateway.stats.clone(), config.max_connections)?;
+        let answers_plain_http = ws_tls.is_none();
+        let (acceptor, waker) = accept::Acceptor::new(
+            listener,
+            handles,
+            gateway.stats.clone(),
+            config.max_connections,
+            answers_plain_http,
+        )?;
         let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
         gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 
@@ -134,7 +143,8 @@ impl Gateway {
         let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone(), gateway.activity.clone(), admission)?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
-        info!("gateway up: gRPC on {grpc_addr}, WebSocket on ws://{ws_addr}{}", ws::WS_PATH);
+        let scheme = if answers_plain_http { "ws" } else { "wss" };
+        info!("gateway up: gRPC on {grpc_addr}, WebSocket on {scheme}://{ws_addr}{}", ws::WS_PATH);
         Ok(gateway)
     }
 
@@ -247,6 +257,7 @@ fn spawn_loop(
     n: usize,
     config: &Config,
     gatekeeper: Arc<Gatekeeper>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     counts: Arc<SharedCounts>,
     stats: Arc<Stats>,
 ) -> Result<(StoppableThread, LoopHandle)> {
@@ -266,6 +277,7 @@ fn spawn_loop(
         counts,
         stats,
         config: LoopConfig::new(config, gatekeeper),
+        tls,
     };
     let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
     Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, queued_bytes }))

@@ -16,6 +16,7 @@ pub(crate) struct Stats {
     pub(crate) closed_timeout: AtomicU64,
     pub(crate) closed_bad_input: AtomicU64,
     pub(crate) http_rejected: AtomicU64,
+    pub(crate) tls_rejected: AtomicU64,
     pub(crate) messages_received: AtomicU64,
     pub(crate) direct_received: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
@@ -55,6 +56,9 @@ pub struct StatsSnapshot {
     /// Sockets answered with an HTTP error (or closed) instead of upgraded: plain HTTP, wrong
     /// path, bad query topics, malformed requests.
     pub http_rejected: u64,
+    /// Sockets on a `wss://` endpoint dropped because their TLS handshake failed: clients
+    /// speaking plaintext (HTTP, `ws://`) or garbage, or refusing the node's certificate.
+    pub tls_rejected: u64,
     /// Broadcasts handed to the hub (gRPC or direct `publish`), pushes to users included.
     pub messages_received: u64,
     /// Of `messages_received`, the pushes to users (messages carrying `user_ids`).
@@ -100,6 +104,7 @@ impl Stats {
             closed_timeout: self.closed_timeout.load(Relaxed),
             closed_bad_input: self.closed_bad_input.load(Relaxed),
             http_rejected: self.http_rejected.load(Relaxed),
+            tls_rejected: self.tls_rejected.load(Relaxed),
             messages_received: self.messages_received.load(Relaxed),
             direct_received: self.direct_received.load(Relaxed),
             frames_sent: self.frames_sent.load(Relaxed),

@@ -15,7 +15,7 @@ pub struct NodeProcess {
     pub child: Child,
     /// Its `ConnectNode` gRPC address.
     pub grpc: String,
-    /// Its WebSocket address; users connect to `ws://<ws_addr>/ws`.
+    /// Its WebSocket address; users connect to `ws://<ws_addr>/ws` (`wss://` with `--ws-tls-cert`).
     pub ws_addr: SocketAddr,
 }
 
@@ -49,10 +49,14 @@ pub fn spawn_node(bin: &str, etcd_endpoint: &str, prefix: &str, id: &str, extra:
         .spawn()
         .expect("binary starts");
     let line = first_line(&mut child);
-    // "node <id> grpc <addr> ws ws://<addr>/ws"
+    // "node <id> grpc <addr> ws ws://<addr>/ws" (wss:// with --ws-tls-cert)
     let words: Vec<&str> = line.split_whitespace().collect();
     let [_, _, _, grpc, _, ws_url] = words[..] else { panic!("unexpected first line {line:?}") };
-    let ws_addr = ws_url.strip_prefix("ws://").and_then(|a| a.strip_suffix("/ws")).and_then(|a| a.parse().ok());
+    let ws_addr = ws_url
+        .strip_prefix("ws://")
+        .or_else(|| ws_url.strip_prefix("wss://"))
+        .and_then(|a| a.strip_suffix("/ws"))
+        .and_then(|a| a.parse().ok());
     let ws_addr = ws_addr.unwrap_or_else(|| panic!("unexpected WebSocket URL in {line:?}"));
     NodeProcess { grpc: grpc.to_string(), ws_addr, child }
 }

@@ -1,18 +1,89 @@
 //! Real WebSocket clients of a connect-node: tungstenite over blocking sockets whose reads time
-//! out after [`PATIENCE`], and raw HTTP for what a WebSocket client would never send.
+//! out after [`PATIENCE`] (plain, or through a rustls client session for `wss://`), and raw HTTP
+//! for what a WebSocket client would never send.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 use super::PATIENCE;
 
-/// A WebSocket client over a blocking socket; every read times out after [`PATIENCE`].
-pub struct Client {
-    pub ws: WebSocket<TcpStream>,
+/// The stream under a `wss://` client: a rustls client session over a blocking socket.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A WebSocket client over a blocking socket (`S` = [`TlsStream`] for `wss://`); every read
+/// times out after [`PATIENCE`].
+pub struct Client<S = TcpStream> {
+    pub ws: WebSocket<S>,
+}
+
+/// The config of a `wss://` client that trusts only the CA certificate(s) in `ca`.
+pub fn tls_client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display())) {
+        roots.add(cert.expect("a PEM certificate")).expect("a CA certificate rustls accepts");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Small buffers: the load test opens 10,000 clients.
+fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+}
+
+/// Runs a client handshake over a blocking `stream`.
+fn handshake<S: Read + Write>(url: &str, stream: S) -> Result<Client<S>, tungstenite::Error> {
+    match tungstenite::client::client_with_config(url, stream, Some(client_ws_config())) {
+        Ok((ws, _response)) => Ok(Client { ws }),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("blocking sockets do not interrupt"),
+    }
+}
+
+impl Client<TlsStream> {
+    /// Connects to `wss://<addr><path_and_query>` trusting the CA in `ca`, panicking if the TLS
+    /// handshake or the upgrade fails.
+    #[track_caller]
+    pub fn connect_tls(addr: SocketAddr, path_and_query: &str, ca: &Path) -> Client<TlsStream> {
+        Client::try_connect_tls(addr, path_and_query, ca)
+            .unwrap_or_else(|e| panic!("connecting to wss://{addr}{path_and_query}: {e}"))
+    }
+
+    /// [`Client::connect_tls`], handing back a failed TLS handshake or a refused upgrade.
+    pub fn try_connect_tls(
+        addr: SocketAddr,
+        path_and_query: &str,
+        ca: &Path,
+    ) -> Result<Client<TlsStream>, tungstenite::Error> {
+        let stream = TcpStream::connect(addr).expect("TCP connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_write_timeout(Some(PATIENCE)).unwrap();
+        let name = ServerName::from(addr.ip());
+        let session = rustls::ClientConnection::new(tls_client_config(ca), name).expect("a TLS client session");
+        handshake(&format!("wss://{addr}{path_and_query}"), rustls::StreamOwned::new(session, stream))
+    }
+
+    /// Connects over TLS and subscribes to `topics` with a command, waiting for the ack.
+    #[track_caller]
+    pub fn subscribed_tls(addr: SocketAddr, topics: &[&str], ca: &Path) -> Client<TlsStream> {
+        let mut client = Client::connect_tls(addr, "/ws", ca);
+        let ack = client.command("subscribe", topics);
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        client
+    }
 }
 
 impl Client {
@@ -28,14 +99,7 @@ impl Client {
         let stream = TcpStream::connect(addr).expect("TCP connect");
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.set_write_timeout(Some(PATIENCE)).unwrap();
-        let url = format!("ws://{addr}{path_and_query}");
-        // Small buffers: the load test opens 10,000 of these.
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-        match tungstenite::client::client_with_config(url.as_str(), stream, Some(config)) {
-            Ok((ws, _response)) => Ok(Client { ws }),
-            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-            Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("blocking sockets do not interrupt"),
-        }
+        handshake(&format!("ws://{addr}{path_and_query}"), stream)
     }
 
     /// Connects and subscribes to `topics` with a command, waiting for the ack.
@@ -46,7 +110,9 @@ impl Client {
         assert_eq!(ack["type"], "subscribed", "{ack}");
         client
     }
+}
 
+impl<S: Read + Write> Client<S> {
     /// Sends a subscribe/unsubscribe command and returns the ack.
     #[track_caller]
     pub fn command(&mut self, action: &str, topics: &[&str]) -> Value {

@@ -13,17 +13,16 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read as _};
-use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use log::debug;
-use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
+use super::transport::Transport;
 use super::LoopConfig;
 use crate::gateway::access::Access;
 use crate::gateway::protocol::{self, Reject};
@@ -107,7 +106,7 @@ enum Phase {
 
 /// An upgraded connection.
 pub(crate) struct Connection {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Transport>,
     /// Frames not yet (or, the front one, not wholly) handed to tungstenite.
     queue: VecDeque<Utf8Bytes>,
     /// Bytes of the front frame already handed over as fragments; 0 when it is not started.
@@ -130,7 +129,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(ws: WebSocket<TcpStream>) -> Connection {
+    pub(crate) fn new(ws: WebSocket<Transport>) -> Connection {
         let now = Instant::now();
         Connection {
             ws,
@@ -351,15 +350,22 @@ impl Connection {
             let _ = self.ws.close(self.close_after_queue.take());
         }
         match self.ws.flush() {
-            Ok(()) => {
-                // Our close frame is out: say we are done writing, then wait for the peer.
-                let _ = self.ws.get_ref().shutdown(Shutdown::Write);
-                self.phase = Phase::Draining { deadline: Instant::now() + CLOSE_LINGER };
-                self.drain()
-            }
+            // Our close frame is out: say we are done writing (TLS: close_notify), then wait
+            // for the peer.
+            Ok(()) => match self.ws.get_mut().shutdown_write() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Keep,
+                _ => {
+                    self.phase = Phase::Draining { deadline: Instant::now() + CLOSE_LINGER };
+                    self.drain()
+                }
+            },
             Err(e) if would_block(&e) => Next::Keep,
-            // ConnectionClosed: the peer closed first and our reply is out.
-            Err(_) => Next::Drop,
+            // ConnectionClosed: the peer closed first and our reply went to the stream, which
+            // for TLS may still hold it in records the socket has not taken: one last try.
+            Err(_) => {
+                let _ = self.ws.get_mut().shutdown_write();
+                Next::Drop
+            }
         }
     }
 
@@ -453,7 +459,8 @@ mod tests {
         server.set_nodelay(true).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let config = WebSocketConfig::default().write_buffer_size(2 * WRITE_BATCH);
-        let ws = WebSocket::from_raw_socket(TcpStream::from_std(server), Role::Server, Some(config));
+        let socket = Transport::Plain(mio::net::TcpStream::from_std(server));
+        let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
         (Connection::new(ws), client)
     }
 

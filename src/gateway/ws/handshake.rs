@@ -5,7 +5,9 @@
 //!
 //! tungstenite refuses a request without the upgrade headers before calling us and drops its
 //! socket without a word; a client (or an operator with curl) deserves to be told why, so each
-//! handshake keeps a second descriptor of its socket to answer on.
+//! plaintext handshake keeps a second descriptor of its socket to answer on. On a `wss://`
+//! endpoint the TLS handshake comes first, inside this phase and its timeout; a client that
+//! fails it (one speaking plain HTTP or WebSocket, or garbage) is dropped and counted.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
@@ -24,6 +26,7 @@ use tungstenite::handshake::MidHandshake;
 use tungstenite::HandshakeError;
 
 use super::connection::Connection;
+use super::transport::{self, Transport};
 use super::LoopConfig;
 use crate::gateway::access::{Gatekeeper, Identity};
 use crate::gateway::protocol::{self, TopicLimits};
@@ -39,6 +42,8 @@ pub(crate) enum Step {
     Open(Box<Connection>, Opening),
     /// Refused with an HTTP error response, for the reason it names.
     Refused(RefusedBy),
+    /// Failed the TLS handshake: not a TLS client, or one that refused our certificate.
+    TlsRefused,
     /// The client left or broke the connection before finishing.
     Abandoned,
 }
@@ -65,9 +70,13 @@ pub(crate) enum RefusedBy {
 
 /// A connection still in its HTTP handshake.
 pub(crate) struct Handshaking {
-    mid: Option<MidHandshake<ServerHandshake<TcpStream, Upgrade>>>,
-    /// A duplicate of the socket, to answer a request tungstenite refused.
-    answer: std::net::TcpStream,
+    mid: Option<MidHandshake<ServerHandshake<Transport, Upgrade>>>,
+    /// A duplicate of the socket, to answer a request tungstenite refused. `None` on TLS
+    /// sockets: plaintext bytes there would be garbage to the client, and the TLS session went
+    /// down with tungstenite's handshake, so those refusals are a closed connection (the
+    /// callback's own refusals, 404, 401, 403 and bad topics, are written by tungstenite
+    /// through TLS).
+    answer: Option<std::net::TcpStream>,
     /// Filled by [`Upgrade`] from the request.
     opening: Rc<RefCell<Opening>>,
     /// Set by [`Upgrade`] when it refuses for a reason other than the request's form.
@@ -78,16 +87,23 @@ pub(crate) struct Handshaking {
 }
 
 impl Handshaking {
-    /// Registers a freshly accepted socket under `token` and starts its handshake, which has
-    /// `config.handshake_timeout` to finish.
+    /// Registers a freshly accepted socket under `token` and starts its handshake (TLS first
+    /// when `tls` is given), which has `config.handshake_timeout` to finish.
     pub(crate) fn start(
-        mut stream: TcpStream,
+        stream: TcpStream,
+        tls: Option<&Arc<rustls::ServerConfig>>,
         registry: &Registry,
         token: Token,
         config: &LoopConfig,
     ) -> io::Result<Handshaking> {
-        let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let (mut stream, answer) = match tls {
+            Some(tls) => (Transport::tls(stream, tls).map_err(io::Error::other)?, None),
+            None => {
+                let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
+                (Transport::Plain(stream), Some(answer))
+            }
+        };
+        registry.register(stream.socket_mut(), token, Interest::READABLE | Interest::WRITABLE)?;
         let opening = Rc::new(RefCell::new(Opening::default()));
         let refused_by = Rc::new(Cell::new(RefusedBy::Request));
         let request_read = Rc::new(Cell::new(false));
@@ -141,6 +157,10 @@ impl Handshaking {
                 debug!("handshake refused with HTTP {}", response.status());
                 return Step::Refused(self.refused_by.get());
             }
+            WsError::Io(e) if transport::is_tls_failure(e) => {
+                debug!("TLS handshake failed: {e}");
+                return Step::TlsRefused;
+            }
             WsError::Protocol(ProtocolError::HandshakeIncomplete) | WsError::Io(_) => {
                 debug!("client left during the handshake: {e}");
                 return Step::Abandoned;
@@ -171,7 +191,7 @@ impl Handshaking {
     /// Writes a whole HTTP error response on the socket tungstenite gave up on (best effort:
     /// the socket buffer of a fresh connection takes a short response at once).
     fn answer_http(&self, status: &str, body: &str) {
-        let mut socket = &self.answer;
+        let Some(mut socket) = self.answer.as_ref() else { return };
         if let Err(e) = socket.write_all(http_response(status, body).as_bytes()) {
             debug!("could not answer a rejected request: {e}");
         }

@@ -12,10 +12,13 @@
 //! allowed to stall the loop or grow without bound (a single frame, whatever its size, is
 //! always taken by a connection with nothing unsent). Every socket a loop is handed counts in
 //! `connections_held` until the loop lets go of it, which is what `max_connections` bounds.
+//! On a `wss://` endpoint each socket carries a rustls session ([`transport`]), driven by the
+//! same reads and writes.
 
 mod connection;
 mod handshake;
 mod subscriptions;
+mod transport;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -98,6 +101,8 @@ pub(crate) struct LoopParts {
     pub(crate) counts: Arc<SharedCounts>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) config: LoopConfig,
+    /// The endpoint's TLS config when it serves `wss://`, shared by every connection.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The WebSocket config every connection gets: small eager read buffer, explicit flushing.
@@ -128,6 +133,7 @@ pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
         subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
         stats: parts.stats,
         config: parts.config,
+        tls: parts.tls,
         dirty: Vec::new(),
         unread: Vec::new(),
     };
@@ -150,6 +156,7 @@ struct EventLoop {
     subscriptions: Subscriptions,
     stats: Arc<Stats>,
     config: LoopConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Connections with something to write; each is listed once (see [`Next::Flush`]).
     dirty: Vec<usize>,
     /// Connections that used up their `READ_BUDGET` with more to read (see [`Next::ReadLater`]).
@@ -271,7 +278,8 @@ impl EventLoop {
     fn adopt(&mut self, stream: TcpStream) {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let handshaking = match Handshaking::start(stream, self.poll.registry(), Token(key), &self.config) {
+        let started = Handshaking::start(stream, self.tls.as_ref(), self.poll.registry(), Token(key), &self.config);
+        let handshaking = match started {
             Ok(handshaking) => handshaking,
             Err(e) => {
                 warn!("dropping a new connection: cannot start its handshake: {e}");
@@ -295,6 +303,10 @@ impl EventLoop {
                     RefusedBy::Origin => &self.stats.refused_origin,
                     RefusedBy::Token => &self.stats.refused_token,
                 });
+                self.remove(key);
+            }
+            Step::TlsRefused => {
+                Stats::inc(&self.stats.tls_rejected);
                 self.remove(key);
             }
             Step::Abandoned => self.remove(key),
