@@ -84,6 +84,13 @@ pub struct NodeArgs {
     /// Most messages in one ConnectNode batch.
     #[arg(long, default_value_t = Config::default().max_batch_messages)]
     pub max_batch_messages: usize,
+    /// How long messages that arrived ahead of a gap in their push-manager's order wait for it
+    /// to fill before the gap is skipped (counted and logged).
+    #[arg(long, default_value_t = Config::default().reorder_hold.into(), value_parser = parse_duration)]
+    pub reorder_hold: humantime::Duration,
+    /// Most messages one push-manager instance may have waiting behind a gap; one more skips it.
+    #[arg(long, default_value_t = Config::default().reorder_hold_messages)]
+    pub reorder_hold_messages: usize,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// File of node tokens, one per line (# comments): push-manager must send one as gRPC
@@ -121,6 +128,8 @@ impl NodeArgs {
                 allow_unauthenticated: self.allow_unauthenticated,
                 max_message_bytes: self.max_message_bytes,
                 max_batch_messages: self.max_batch_messages,
+                reorder_hold: self.reorder_hold.into(),
+                reorder_hold_messages: self.reorder_hold_messages,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

@@ -78,6 +78,18 @@ pub struct Config {
     /// Most messages in one `BroadcastBatch`. Default 1024 (push-manager sends at most
     /// `--batch-max`, 64 by default).
     pub max_batch_messages: usize,
+    /// How long sequenced messages that arrived ahead of a gap in their sender's order wait for
+    /// it to fill before the gap is skipped. Default 1 s: past push-manager's default retry
+    /// schedule (100 ms then 200 ms of backoff), so a batch retried after a transient refusal
+    /// still fills its gap in order, while a batch stuck until its RPC deadline (5 s, times
+    /// three attempts) does not hold everything behind it that long. push-manager reports a
+    /// batch it gives up on with its next call, which skips the gap at once.
+    pub reorder_hold: Duration,
+    /// Most sequenced messages one sender may have waiting behind a gap; one more skips the
+    /// gap. Bounds the memory a stuck gap takes (this many times `max_message_bytes` at worst).
+    /// Default 4096: more than push-manager keeps in flight to one node with default flags
+    /// (`--queue-size` 1000 plus `--routine-size` 10 times `--batch-max` 64).
+    pub reorder_hold_messages: usize,
 }
 
 impl Default for Config {
@@ -102,6 +114,8 @@ impl Default for Config {
             allow_unauthenticated: false,
             max_message_bytes: 1 << 20,
             max_batch_messages: 1024,
+            reorder_hold: Duration::from_secs(1),
+            reorder_hold_messages: 4096,
         }
     }
 }
@@ -169,6 +183,15 @@ impl Config {
         }
         if self.max_batch_messages == 0 {
             return bad("--max-batch-messages must be at least 1".into());
+        }
+        check_duration("--reorder-hold", self.reorder_hold)?;
+        if self.reorder_hold.is_zero() {
+            return bad(
+                "--reorder-hold must be more than zero: with none, a batch overtaken by the next would be lost".into(),
+            );
+        }
+        if self.reorder_hold_messages == 0 {
+            return bad("--reorder-hold-messages must be at least 1".into());
         }
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
@@ -289,6 +312,9 @@ mod tests {
         check(Config { max_loop_backlog_bytes: 0, ..local() }, "--max-loop-backlog-bytes");
         check(Config { max_connections: 0, ..local() }, "--max-connections");
         check(Config { handshake_timeout: Duration::ZERO, ..local() }, "--handshake-timeout");
+        check(Config { reorder_hold: Duration::ZERO, ..local() }, "--reorder-hold");
+        check(Config { reorder_hold: Duration::MAX, ..local() }, "--reorder-hold");
+        check(Config { reorder_hold_messages: 0, ..local() }, "--reorder-hold-messages");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub(crate) struct Stats {
     pub(crate) messages_received: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
     pub(crate) refused_busy: AtomicU64,
+    pub(crate) held_messages: AtomicU64,
+    pub(crate) duplicate_messages: AtomicU64,
+    pub(crate) skipped_messages: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -57,6 +60,17 @@ pub struct StatsSnapshot {
     /// Broadcast RPCs refused with RESOURCE_EXHAUSTED because an event loop's backlog was at
     /// `max_loop_backlog` deliveries or `max_loop_backlog_bytes`.
     pub refused_busy: u64,
+    /// Sequenced messages that arrived ahead of a gap in their sender's order and were held
+    /// until it filled or was skipped.
+    pub held_messages: u64,
+    /// Sequenced messages acknowledged without being delivered: already delivered or held (a
+    /// retry), or part of a gap that had been skipped.
+    pub duplicate_messages: u64,
+    /// Sequence numbers given up on: gaps skipped because the sender gave up on them, they
+    /// stayed open for `reorder_hold`, or `reorder_hold_messages` waited behind them.
+    pub skipped_messages: u64,
+    /// Sequenced messages waiting behind a gap right now (a gauge).
+    pub held_now: u64,
 }
 
 impl Stats {
@@ -83,6 +97,11 @@ impl Stats {
             messages_received: self.messages_received.load(Relaxed),
             frames_sent: self.frames_sent.load(Relaxed),
             refused_busy: self.refused_busy.load(Relaxed),
+            held_messages: self.held_messages.load(Relaxed),
+            duplicate_messages: self.duplicate_messages.load(Relaxed),
+            skipped_messages: self.skipped_messages.load(Relaxed),
+            // Kept by the sequencer, not here: filled in by `Gateway::stats`.
+            held_now: 0,
         }
     }
 }
