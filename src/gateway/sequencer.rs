@@ -122,7 +122,8 @@ impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
     }
 
     /// Moves `next` up to `to`: publishes, in order, what is held below it, and counts the rest
-    /// as skipped; then releases what follows.
+    /// as skipped (before publishing what follows them, so whoever has seen what follows sees
+    /// the skip counted); then releases what follows `to`.
     fn skip_to(&mut self, to: u64, reason: SkipReason) {
         let mut skipped = 0;
         while self.state.next < to {
@@ -132,18 +133,16 @@ impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
                     self.publish(&msg);
                     self.state.next += 1;
                 }
-                Some((&seq, _)) if seq < to => {
-                    skipped += seq - self.state.next;
-                    self.state.next = seq;
-                }
-                _ => {
-                    skipped += to - self.state.next;
-                    self.state.next = to;
+                first => {
+                    let resume = first.map_or(to, |(&seq, _)| seq.min(to));
+                    let gap = resume - self.state.next;
+                    self.stats.skipped_messages.fetch_add(gap, std::sync::atomic::Ordering::Relaxed);
+                    skipped += gap;
+                    self.state.next = resume;
                 }
             }
         }
         if skipped > 0 {
-            self.stats.skipped_messages.fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
             warn!("sender {}: skipped {skipped} message(s) before number {to}: {reason}", hex(self.sender));
         }
         self.release();
