@@ -355,3 +355,26 @@ fn a_malformed_sequence_is_refused_with_the_reason_and_the_sender_carries_on() {
     assert_eq!(reply.get_delivered(), 2, "m0 and the m1 it released");
     assert_eq!(receive(&mut user, 2), ["m0", "m1"]);
 }
+
+#[test]
+fn the_node_refuses_bad_reorder_flags_by_name_and_shows_their_defaults() {
+    let cases = [
+        (["--reorder-hold", "0s"], "--reorder-hold must be more than zero"),
+        (["--reorder-hold-messages", "0"], "--reorder-hold-messages must be at least 1"),
+    ];
+    for (flag, needle) in cases {
+        let out = std::process::Command::new(common::BIN)
+            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
+            .args(flag)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{flag:?}: {stderr:?} should say {needle:?}");
+    }
+    let help = std::process::Command::new(common::BIN).args(["node", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for default in ["[default: 1s]", "[default: 4096]"] {
+        assert!(help.contains(default), "node --help should show {default}: {help}");
+    }
+}
