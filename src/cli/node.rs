@@ -94,6 +94,13 @@ pub struct NodeArgs {
     /// Most user ids one push to users may carry (1..=100000; as serve's).
     #[arg(long, default_value_t = Config::default().max_push_users)]
     pub max_push_users: usize,
+    /// How long messages that arrived ahead of a gap in their push-manager's order wait for it
+    /// to fill before the gap is skipped (counted and logged).
+    #[arg(long, default_value_t = Config::default().reorder_hold.into(), value_parser = parse_duration)]
+    pub reorder_hold: humantime::Duration,
+    /// Most messages one push-manager instance may have waiting behind a gap; one more skips it.
+    #[arg(long, default_value_t = Config::default().reorder_hold_messages)]
+    pub reorder_hold_messages: usize,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// File of node tokens, one per line (# comments): push-manager must send one as gRPC
@@ -164,6 +171,8 @@ impl NodeArgs {
                 allowed_origins: self.allowed_origins.clone(),
                 require_origin: self.require_origin,
                 max_push_users: self.max_push_users,
+                reorder_hold: self.reorder_hold.into(),
+                reorder_hold_messages: self.reorder_hold_messages,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

@@ -112,6 +112,18 @@ pub struct Config {
     /// `--max-push-users`: most user ids one message from push-manager may carry, 1..=100,000;
     /// the same limit as push-manager's. Default 1000.
     pub max_push_users: usize,
+    /// How long sequenced messages that arrived ahead of a gap in their sender's order wait for
+    /// it to fill before the gap is skipped. Default 1 s: past push-manager's default retry
+    /// schedule (100 ms then 200 ms of backoff), so a batch retried after a transient refusal
+    /// still fills its gap in order, while a batch stuck until its RPC deadline (5 s, times
+    /// three attempts) does not hold everything behind it that long. push-manager reports a
+    /// batch it gives up on with its next call, which skips the gap at once.
+    pub reorder_hold: Duration,
+    /// Most sequenced messages one sender may have waiting behind a gap; one more skips the
+    /// gap. Bounds the memory a stuck gap takes (this many times `max_message_bytes` at worst).
+    /// Default 4096: more than push-manager keeps in flight to one node with default flags
+    /// (`--queue-size` 1000 plus `--routine-size` 10 times `--batch-max` 64).
+    pub reorder_hold_messages: usize,
 }
 
 impl Default for Config {
@@ -144,6 +156,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             require_origin: false,
             max_push_users: 1000,
+            reorder_hold: Duration::from_secs(1),
+            reorder_hold_messages: 4096,
         }
     }
 }
@@ -223,6 +237,15 @@ impl Config {
         }
         if let Some(ws_tls) = &self.ws_tls {
             ws_tls.server_config()?;
+        }
+        check_duration("--reorder-hold", self.reorder_hold)?;
+        if self.reorder_hold.is_zero() {
+            return bad(
+                "--reorder-hold must be more than zero: with none, a batch overtaken by the next would be lost".into(),
+            );
+        }
+        if self.reorder_hold_messages == 0 {
+            return bad("--reorder-hold-messages must be at least 1".into());
         }
         let authenticates =
             self.node_token_file.is_some() || self.tls.as_ref().is_some_and(ServerTls::verifies_clients);
@@ -448,6 +471,9 @@ mod tests {
         check(Config { max_push_users: MAX_PUSH_USERS_LIMIT + 1, ..local() }, "--max-push-users");
         let missing = WsTls { cert: "/nonexistent/cert.pem".into(), key: "/nonexistent/key.pem".into() };
         check(Config { ws_tls: Some(missing), ..local() }, "--ws-tls-cert");
+        check(Config { reorder_hold: Duration::ZERO, ..local() }, "--reorder-hold");
+        check(Config { reorder_hold: Duration::MAX, ..local() }, "--reorder-hold");
+        check(Config { reorder_hold_messages: 0, ..local() }, "--reorder-hold-messages");
     }
 
     #[test]

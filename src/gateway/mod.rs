@@ -5,7 +5,9 @@
 //! [`Gateway::start`] binds both listeners and starts its named threads: grpcio's
 //! completion-queue threads (`grpc-gateway-*`) run the service, `ws-accept` takes WebSocket
 //! connections and deals them to `ws-loop-<n>` event loops, which own the connections and their
-//! subscriptions (see `protocol.rs` for the wire format, close codes and commands). Registering
+//! subscriptions (see `protocol.rs` for the wire format, close codes and commands), and
+//! `seq-sweep` skips gaps in a push-manager's order that stay open past `--reorder-hold` (see
+//! `sequencer.rs`) even when nothing else arrives. Registering
 //! the node in etcd is the caller's business ([`Registration`]); a caller that deregistered
 //! lets push-manager finish sending with [`Gateway::wait_until_quiet`] before stopping.
 //! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
@@ -17,6 +19,7 @@ mod error;
 mod hub;
 mod protocol;
 mod registration;
+mod sequencer;
 mod service;
 mod stats;
 mod ws;
@@ -40,6 +43,7 @@ use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};
 use hub::{BacklogLimits, LoopHandle, SharedCounts};
+use sequencer::{HoldLimits, Sequencer};
 use service::Activity;
 use stats::Stats;
 use ws::{LoopConfig, LoopParts};
@@ -63,6 +67,9 @@ pub struct Gateway {
     stats: Arc<Stats>,
     accept: Option<StoppableThread>,
     loops: Vec<StoppableThread>,
+    sequencer: Arc<Sequencer>,
+    /// `seq-sweep`: skips gaps open past the hold time.
+    sweep: Option<StoppableThread>,
     /// The node token callers must send, re-read on SIGHUP.
     token: Option<Arc<KeyFile>>,
     /// The keys WebSocket connection tokens are signed with, re-read on SIGHUP.
@@ -109,6 +116,8 @@ impl Gateway {
         }
         let limits = BacklogLimits { deliveries: config.max_loop_backlog, bytes: config.max_loop_backlog_bytes };
         let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), limits));
+        let hold = HoldLimits { time: config.reorder_hold, messages: config.reorder_hold_messages };
+        let sequencer = Arc::new(Sequencer::new(hold, stats.clone()));
         // From here on, an error drops `gateway`, which stops what was started.
         let mut gateway = Gateway {
             grpc: None,
@@ -119,9 +128,12 @@ impl Gateway {
             stats,
             accept: None,
             loops,
+            sequencer: sequencer.clone(),
+            sweep: None,
             token: token.clone(),
             token_keys,
         };
+        gateway.sweep = Some(spawn_sweep(sequencer.clone(), gateway.hub.clone())?);
 
         let answers_plain_http = ws_tls.is_none();
         let (acceptor, waker) = accept::Acceptor::new(
@@ -140,7 +152,9 @@ impl Gateway {
             max_batch_messages: config.max_batch_messages,
             max_push_users: config.max_push_users,
         };
-        let (server, grpc_addr) = start_grpc(&config, gateway.hub.clone(), gateway.activity.clone(), admission)?;
+        let service =
+            service::ConnectNodeService::new(gateway.hub.clone(), gateway.activity.clone(), admission, sequencer);
+        let (server, grpc_addr) = start_grpc(&config, service)?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
         let scheme = if answers_plain_http { "ws" } else { "wss" };
@@ -180,7 +194,7 @@ impl Gateway {
 
     /// The counters as they are now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        StatsSnapshot { held_now: self.sequencer.held_now() as u64, ..self.stats.snapshot() }
     }
 
     /// Publishes without gRPC (tests, demos).
@@ -224,6 +238,10 @@ impl Gateway {
     /// handshakes and joins every thread. Idempotent.
     pub fn shutdown(&mut self) {
         self.stop_grpc();
+        // What is still held behind a gap is dropped with the node, as a restart would.
+        if let Some(sweep) = &mut self.sweep {
+            sweep.shutdown();
+        }
         if let Some(accept) = &mut self.accept {
             accept.shutdown();
         }
@@ -296,15 +314,20 @@ fn wake_to_stop(waker: Arc<mio::Waker>) -> impl FnOnce() + Send + 'static {
 /// large bodies.
 const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 
-fn start_grpc(
-    config: &Config,
-    hub: Arc<Hub>,
-    activity: Arc<Activity>,
-    admission: service::Admission,
-) -> Result<(grpcio::Server, SocketAddr)> {
+/// `seq-sweep`: runs the sequencer's sweep on a tick, publishing what it releases.
+fn spawn_sweep(sequencer: Arc<Sequencer>, hub: Arc<Hub>) -> Result<StoppableThread> {
+    let ticks = crossbeam_channel::tick(sequencer.sweep_interval());
+    Ok(StoppableThread::spawn("seq-sweep", move |stop| loop {
+        crossbeam_channel::select! {
+            recv(stop) -> _ => return,
+            recv(ticks) -> _ => sequencer.sweep(Instant::now(), |m| hub.publish(m)),
+        }
+    })?)
+}
+
+fn start_grpc(config: &Config, service: service::ConnectNodeService) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
-    let service =
-        crate::proto::protocol_grpc::create_connect_node(service::ConnectNodeService::new(hub, activity, admission));
+    let service = crate::proto::protocol_grpc::create_connect_node(service);
     Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, config.tls.as_ref(), service)?)
 }
 

@@ -1,6 +1,7 @@
 //! The gRPC face of a connect-node: `protocol.ConnectNode`, through which push-manager hands it
 //! broadcasts. Publishing only encodes and queues, so the handlers run directly on grpcio's
-//! completion-queue threads without blocking them.
+//! completion-queue threads without blocking them. A sequenced batch goes through the
+//! [`Sequencer`], which publishes it in its sender's order, once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
 use log::debug;
 
 use super::hub::Hub;
+use super::sequencer::{self, Sequencer};
 use crate::auth::KeyFile;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::ConnectNode;
@@ -60,11 +62,17 @@ pub(crate) struct ConnectNodeService {
     hub: Arc<Hub>,
     activity: Arc<Activity>,
     admission: Admission,
+    sequencer: Arc<Sequencer>,
 }
 
 impl ConnectNodeService {
-    pub(crate) fn new(hub: Arc<Hub>, activity: Arc<Activity>, admission: Admission) -> ConnectNodeService {
-        ConnectNodeService { hub, activity, admission }
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        activity: Arc<Activity>,
+        admission: Admission,
+        sequencer: Arc<Sequencer>,
+    ) -> ConnectNodeService {
+        ConnectNodeService { hub, activity, admission, sequencer }
     }
 
     /// The caller's token, then every message against the same rule as `PushServer`'s (`Broadcast`'s,
@@ -106,14 +114,24 @@ impl ConnectNode for ConnectNodeService {
         succeed(&ctx, sink, 1, delivered);
     }
 
-    fn broadcast_batch(&mut self, ctx: RpcContext, batch: BroadcastBatch, sink: UnarySink<NodeReply>) {
+    fn broadcast_batch(&mut self, ctx: RpcContext, mut batch: BroadcastBatch, sink: UnarySink<NodeReply>) {
         self.activity.touch();
         // All or nothing: a bad message refuses the batch before any of it is delivered.
         if let Err((code, why)) = self.admit(&ctx, batch.get_messages()) {
             return fail(&ctx, sink, code, why);
         }
-        let delivered = batch.get_messages().iter().map(|m| self.hub.publish(m)).sum();
-        succeed(&ctx, sink, batch.get_messages().len() as u32, delivered);
+        let received = batch.get_messages().len();
+        // Without a sequence (an older push-manager, a tool): delivered as it comes.
+        if !batch.has_sequence() {
+            let delivered = batch.get_messages().iter().map(|m| self.hub.publish(m)).sum();
+            return succeed(&ctx, sink, received as u32, delivered);
+        }
+        if let Err(why) = sequencer::validate(batch.get_sequence(), received) {
+            return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, why);
+        }
+        let messages = batch.take_messages().into_vec();
+        let delivered = self.sequencer.apply(batch.get_sequence(), messages, Instant::now(), |m| self.hub.publish(m));
+        succeed(&ctx, sink, received as u32, delivered);
     }
 }
 

@@ -26,6 +26,9 @@ pub(crate) struct Stats {
     pub(crate) refused_topics: AtomicU64,
     pub(crate) closed_auth: AtomicU64,
     pub(crate) closed_expired: AtomicU64,
+    pub(crate) held_messages: AtomicU64,
+    pub(crate) duplicate_messages: AtomicU64,
+    pub(crate) skipped_messages: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -81,6 +84,17 @@ pub struct StatsSnapshot {
     pub closed_auth: u64,
     /// Connections closed with 4002: their token expired without a `refresh`.
     pub closed_expired: u64,
+    /// Sequenced messages that arrived ahead of a gap in their sender's order and were held
+    /// until it filled or was skipped.
+    pub held_messages: u64,
+    /// Sequenced messages acknowledged without being delivered: already delivered or held (a
+    /// retry), or part of a gap that had been skipped.
+    pub duplicate_messages: u64,
+    /// Sequence numbers given up on: gaps skipped because the sender gave up on them, they
+    /// stayed open for `reorder_hold`, or `reorder_hold_messages` waited behind them.
+    pub skipped_messages: u64,
+    /// Sequenced messages waiting behind a gap right now (a gauge).
+    pub held_now: u64,
 }
 
 impl Stats {
@@ -114,6 +128,11 @@ impl Stats {
             refused_topics: self.refused_topics.load(Relaxed),
             closed_auth: self.closed_auth.load(Relaxed),
             closed_expired: self.closed_expired.load(Relaxed),
+            held_messages: self.held_messages.load(Relaxed),
+            duplicate_messages: self.duplicate_messages.load(Relaxed),
+            skipped_messages: self.skipped_messages.load(Relaxed),
+            // Kept by the sequencer, not here: filled in by `Gateway::stats`.
+            held_now: 0,
         }
     }
 }

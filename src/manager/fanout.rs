@@ -13,7 +13,7 @@ use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
 use super::config::Config;
-use super::message::SharedMessage;
+use super::message::{random_instance_id, SharedMessage};
 use super::node::{NodeAccess, NodeClient, NodeStats, Retries};
 use crate::discovery::{diff, NodeAddrs};
 
@@ -39,6 +39,9 @@ pub(crate) struct Fanout {
     reconciling: Mutex<()>,
     access: Arc<NodeAccess>,
     config: Arc<Config>,
+    /// This instance's random id: with a node's number, the sender id its messages are
+    /// numbered under, so a restarted push-manager starts fresh sequences.
+    instance: u64,
 }
 
 impl Fanout {
@@ -49,7 +52,13 @@ impl Fanout {
             reconciling: Mutex::new(()),
             access,
             config,
+            instance: random_instance_id(),
         }
+    }
+
+    /// This instance's random id, which every sender id it uses starts with.
+    pub(crate) fn instance(&self) -> u64 {
+        self.instance
     }
 
     fn snapshot(&self) -> Arc<NodeMap> {
@@ -96,7 +105,7 @@ impl Fanout {
             for (id, addr) in &d.add {
                 // Started before the swap, without any lock held.
                 let number = NEXT_NODE_NUMBER.fetch_add(1, Ordering::Relaxed);
-                match NodeClient::start(number, id, addr, &self.access, &self.config) {
+                match NodeClient::start(self.instance, number, id, addr, &self.access, &self.config) {
                     Ok(node) => {
                         next.insert(id.clone(), Arc::new(node));
                     }

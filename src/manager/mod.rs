@@ -4,6 +4,9 @@
 //! Threads: gRPC completion-queue threads (`grpc-<n>`, shared by the server and the node
 //! clients), `discovery` (and the etcd client's `etcd-watch`), and `n<number>-w<n>` per node
 //! (the log maps each node's number to its id when it is added). All are joined by `shutdown`.
+//!
+//! Each instance numbers what it sends to each node under a random instance id (logged at
+//! start), so that a node applies it in order and once; see `message` and `node`.
 
 mod config;
 mod error;
@@ -91,8 +94,10 @@ impl Manager {
             create_push_server(service),
         )?;
         info!(
-            "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}",
-            config.etcd.endpoints, config.prefix
+            "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}; instance {:016x}",
+            config.etcd.endpoints,
+            config.prefix,
+            fanout.instance()
         );
         Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr, api_keys, node_token })
     }

@@ -8,7 +8,15 @@
 //! Failed RPCs with a retryable status are retried with backoff while the node is registered.
 //! Closing drops the queue's sender: workers deliver what is queued, give up on the rest at the
 //! drain deadline (counted as `abandoned`), and end when the channel is empty and disconnected.
+//!
+//! Parallel RPCs and retries can reach the node out of order, so every message is numbered where
+//! the queue accepts it (a [`Window`] per node, taken with the send so numbers follow queue order
+//! and a refused message takes none) and every call is a sequenced `BroadcastBatch`: the node
+//! puts each sender's messages back in order and drops what it has already applied. The window
+//! also tracks which numbers are settled (acknowledged or given up), so each call carries the
+//! low water mark that tells the node what it need not wait for.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +28,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::config::Config;
 use super::error::Error;
-use super::message::{SharedMessage, BROADCAST, BROADCAST_BATCH};
+use super::message::{BatchRequest, Queued, SenderId, SharedMessage, BROADCAST_BATCH};
 use super::throttle::Throttle;
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::is_retryable;
@@ -120,14 +128,50 @@ pub(crate) enum Retries {
     Stop,
 }
 
+/// The numbers one node client has given out, and which of them are settled: acknowledged by
+/// the node or given up on. Short critical sections only (a `try_send`, a few flags).
+#[derive(Debug, Default)]
+struct Window {
+    /// The number the next accepted message gets.
+    next: u64,
+    /// The lowest number not yet settled (`next` when all are).
+    low_water: u64,
+    /// Whether each number from `low_water` up to `next` is settled.
+    settled: VecDeque<bool>,
+}
+
+impl Window {
+    fn take_number(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.settled.push_back(false);
+        seq
+    }
+
+    /// Marks `seqs` settled and moves the low water mark past every settled number at its foot.
+    fn settle(&mut self, seqs: impl Iterator<Item = u64>) {
+        for seq in seqs {
+            if let Some(flag) = seq.checked_sub(self.low_water).and_then(|i| self.settled.get_mut(i as usize)) {
+                *flag = true;
+            }
+        }
+        while self.settled.front() == Some(&true) {
+            self.settled.pop_front();
+            self.low_water += 1;
+        }
+    }
+}
+
 pub(crate) struct NodeClient {
     id: String,
     number: u32,
+    sender_id: SenderId,
+    window: Arc<Mutex<Window>>,
     /// Where the node is now, and the client that calls it there: swapped together when the
     /// node re-registers at a new address, so its queue and counters carry over.
     target: Arc<RwLock<Target>>,
     access: Arc<NodeAccess>,
-    sender: RwLock<Option<Sender<SharedMessage>>>,
+    sender: RwLock<Option<Sender<Queued>>>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
     workers: Mutex<Vec<StoppableThread>>,
@@ -146,6 +190,7 @@ impl NodeClient {
     /// Connects (lazily) to `addr` and starts the workers, named after `number` (unique in the
     /// process; the log line here maps it to the id).
     pub(crate) fn start(
+        instance: u64,
         number: u32,
         id: &str,
         addr: &str,
@@ -169,9 +214,12 @@ impl NodeClient {
             closing_tx: Mutex::new(Some(closing_tx)),
             closing_rx,
         });
+        let window = Arc::new(Mutex::new(Window::default()));
         let node = NodeClient {
             id: id.to_string(),
             number,
+            sender_id: SenderId::new(instance, number),
+            window: window.clone(),
             target: target.clone(),
             access: access.clone(),
             sender: RwLock::new(Some(tx)),
@@ -185,6 +233,8 @@ impl NodeClient {
         for n in 0..config.routine_size {
             let worker = Worker {
                 node_id: node.id.clone(),
+                sender_id: node.sender_id,
+                window: window.clone(),
                 target: target.clone(),
                 access: access.clone(),
                 queue: rx.clone(),
@@ -206,10 +256,11 @@ impl NodeClient {
             }
         }
         info!(
-            "node {number} = {id}: added at {addr} (threads {}..{}, queue {})",
+            "node {number} = {id}: added at {addr} (threads {}..{}, queue {}, sender {})",
             worker_name(number, 0),
             worker_name(number, config.routine_size - 1),
-            config.queue_size
+            config.queue_size,
+            node.sender_id
         );
         Ok(node)
     }
@@ -234,12 +285,22 @@ impl NodeClient {
         info!("node {}: moved from {} to {addr}; its queue follows", self.id, old.addr);
     }
 
-    /// Queues `msg` without blocking.
+    /// Queues `msg` without blocking, numbered in queue order.
     pub(crate) fn offer(&self, msg: &SharedMessage) -> Result<(), Refused> {
-        // try_send never blocks, so holding the read lock across it is fine.
+        // try_send never blocks, so holding the locks across it is fine; the window's lock makes
+        // numbering and queueing one step, so numbers follow queue order, and a refused message
+        // gives its number back (no gap for the node to wait on).
         let result = match &*self.sender.read() {
-            Some(tx) => tx.try_send(msg.clone()),
-            None => Err(TrySendError::Disconnected(msg.clone())),
+            Some(tx) => {
+                let mut window = self.window.lock();
+                let seq = window.next;
+                let sent = tx.try_send(Queued { seq, msg: msg.clone() });
+                if sent.is_ok() {
+                    window.take_number();
+                }
+                sent
+            }
+            None => Err(TrySendError::Disconnected(Queued { seq: 0, msg: msg.clone() })),
         };
         let refused = match result {
             Ok(()) => {
@@ -356,7 +417,7 @@ impl Target {
 struct Pipeline {
     /// Held by the worker collecting the next batch; holds a message that did not fit the
     /// previous batch (byte limit), which starts the next one.
-    collecting: Mutex<Option<SharedMessage>>,
+    collecting: Mutex<Option<Queued>>,
     /// RPCs to this node under way.
     in_flight: AtomicUsize,
     /// A token per finished RPC, to wake a collector waiting for one.
@@ -366,14 +427,14 @@ struct Pipeline {
 
 /// Messages for one RPC, bounded in count and in encoded bytes.
 struct Batch {
-    messages: Vec<SharedMessage>,
+    messages: Vec<Queued>,
     bytes: usize,
     max: usize,
 }
 
 impl Batch {
-    fn new(first: SharedMessage, max: usize) -> Batch {
-        Batch { bytes: first.encoded_len(), messages: vec![first], max }
+    fn new(first: Queued, max: usize) -> Batch {
+        Batch { bytes: first.msg.encoded_len(), messages: vec![first], max }
     }
 
     fn is_full(&self) -> bool {
@@ -381,17 +442,17 @@ impl Batch {
     }
 
     /// Adds `m`, or leaves it in `carried` for the next batch if it would pass the byte limit.
-    fn push_or_carry(&mut self, m: SharedMessage, carried: &mut Option<SharedMessage>) {
-        if self.bytes + m.encoded_len() > BATCH_MAX_BYTES {
+    fn push_or_carry(&mut self, m: Queued, carried: &mut Option<Queued>) {
+        if self.bytes + m.msg.encoded_len() > BATCH_MAX_BYTES {
             *carried = Some(m);
         } else {
-            self.bytes += m.encoded_len();
+            self.bytes += m.msg.encoded_len();
             self.messages.push(m);
         }
     }
 
     /// Takes what is already queued, without waiting.
-    fn fill(&mut self, queue: &Receiver<SharedMessage>, carried: &mut Option<SharedMessage>) {
+    fn fill(&mut self, queue: &Receiver<Queued>, carried: &mut Option<Queued>) {
         while !self.is_full() && carried.is_none() {
             let Ok(m) = queue.try_recv() else { return };
             self.push_or_carry(m, carried);
@@ -402,9 +463,11 @@ impl Batch {
 /// One `n<number>-w<n>` thread.
 struct Worker {
     node_id: String,
+    sender_id: SenderId,
+    window: Arc<Mutex<Window>>,
     target: Arc<RwLock<Target>>,
     access: Arc<NodeAccess>,
-    queue: Receiver<SharedMessage>,
+    queue: Receiver<Queued>,
     pipeline: Arc<Pipeline>,
     counters: Arc<Counters>,
     lifecycle: Arc<Lifecycle>,
@@ -425,7 +488,8 @@ impl Worker {
                 self.pipeline.in_flight.fetch_add(1, Ordering::SeqCst);
                 batch
             };
-            self.deliver(&batch);
+            let batch = self.deliver(batch);
+            self.window.lock().settle(batch.iter().map(|q| q.seq));
             self.pipeline.in_flight.fetch_sub(1, Ordering::SeqCst);
             let _ = self.pipeline.completed_tx.try_send(());
         }
@@ -439,7 +503,7 @@ impl Worker {
     /// full ones in parallel up to `routine_size`). The wait is for completions, not for each
     /// arrival, so a busy node costs a wake-up per RPC rather than per message. `None` once the
     /// queue is closed and empty.
-    fn collect(&self, carried: &mut Option<SharedMessage>) -> Option<Vec<SharedMessage>> {
+    fn collect(&self, carried: &mut Option<Queued>) -> Option<Vec<Queued>> {
         let first = carried.take().or_else(|| self.queue.recv().ok())?;
         let mut batch = Batch::new(first, self.config.batch_max);
         batch.fill(&self.queue, carried);
@@ -456,27 +520,26 @@ impl Worker {
         Some(batch.messages)
     }
 
-    fn deliver(&self, batch: &Vec<SharedMessage>) {
-        let n = batch.len() as u64;
+    /// Sends `messages` until acknowledged or given up on; hands them back to be settled.
+    fn deliver(&self, messages: Vec<Queued>) -> Vec<Queued> {
+        let n = messages.len() as u64;
+        let mut request = BatchRequest { sender: self.sender_id, messages, low_water: 0 };
         let mut attempt = 1;
         loop {
             if self.lifecycle.past_drain_deadline() {
                 self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
-                return;
+                return request.messages;
             }
             let opt = self.access.call_option(self.lifecycle.rpc_timeout(self.config.rpc_timeout));
             self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
+            // Read at each attempt: what was settled meanwhile need not be waited for.
+            request.low_water = self.window.lock().low_water;
             // Cloned (an Arc) so the lock is not held across the RPC.
             let client = self.target.read().client.clone();
-            let result = if batch.len() == 1 {
-                client.unary_call(&BROADCAST, &batch[0], opt)
-            } else {
-                client.unary_call(&BROADCAST_BATCH, batch, opt)
-            };
-            let error = match result {
+            let error = match client.unary_call(&BROADCAST_BATCH, &request, opt) {
                 Ok(_) => {
                     self.counters.sent.fetch_add(n, Ordering::Relaxed);
-                    return;
+                    return request.messages;
                 }
                 Err(e) => e,
             };
@@ -498,7 +561,7 @@ impl Worker {
                     self.node_id
                 );
             }
-            return;
+            return request.messages;
         }
     }
 
@@ -533,5 +596,19 @@ mod tests {
         assert_eq!(worker_name(99_999_999, 1023), "n99999999-w1023");
         assert!(worker_name(99_999_999, 1023).len() <= crate::thread::MAX_NAME_BYTES);
         assert_eq!(worker_name(100_000_003, 0), "n3-w0");
+    }
+
+    #[test]
+    fn the_low_water_mark_waits_for_the_lowest_unsettled_number() {
+        let mut w = Window::default();
+        let seqs: Vec<u64> = (0..5).map(|_| w.take_number()).collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4]);
+        w.settle([1, 2].into_iter());
+        assert_eq!(w.low_water, 0, "0 is still in flight");
+        w.settle([0].into_iter());
+        assert_eq!(w.low_water, 3);
+        w.settle([4, 3, 99].into_iter());
+        assert_eq!((w.low_water, w.next), (5, 5), "all settled; unknown numbers are ignored");
+        assert!(w.settled.is_empty());
     }
 }
