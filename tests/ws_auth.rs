@@ -214,6 +214,25 @@ fn a_bad_token_in_an_auth_frame_closes_with_4001_and_the_reason() {
     wait_until("both closes are counted", PATIENCE, || gw.stats().closed_auth == 2);
 }
 
+/// One event loop, so a delivery seen by one client was handled before a later command from
+/// the other.
+#[test]
+fn a_connection_owing_its_token_gets_no_broadcast_to_everyone() {
+    let keys = Keys::new();
+    let gw = secured(&keys, |c| c.event_loops = 1);
+    let t = token(&keys.node_file(), "alice", None, "1h");
+    let mut pending = Client::connect(gw.ws_addr(), "/ws");
+    let mut alice = Client::connect(gw.ws_addr(), &format!("/ws?token={t}"));
+    wait_connections(&gw, 2);
+    publish(&gw, "", "to everyone");
+    assert_eq!(next_message_on(&mut alice, ""), "to everyone");
+    pending.send_text(&serde_json::json!({"action": "auth", "token": t}).to_string());
+    let first = pending.next_json();
+    assert_eq!(first["type"], "authenticated", "the broadcast before auth must not reach it: {first}");
+    publish(&gw, "", "after auth");
+    assert_eq!(next_message_on(&mut pending, ""), "after auth");
+}
+
 #[test]
 fn a_connection_that_never_authenticates_is_closed_after_the_auth_timeout() {
     let keys = Keys::new();
@@ -399,4 +418,40 @@ fn keys_rotate_on_reload_without_dropping_connections() {
     publish(&gw, "news", "both");
     assert_eq!(next_message_on(&mut alice, "news"), "both");
     assert_eq!(next_message_on(&mut bob, "news"), "both");
+}
+
+/// `subscribe --token` (and the environment variable) connects to a node that requires tokens,
+/// never prints the token, and a node refusing it is a clear error.
+#[test]
+fn subscribe_shows_its_token_and_keeps_it_out_of_its_output() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let keys = Keys::new();
+    let gw = secured(&keys, |_| {});
+    let url = format!("ws://{}/ws", gw.ws_addr());
+    let t = token(&keys.node_file(), "alice", Some("news"), "1h");
+    for via_env in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["subscribe", "--url", &url, "--topic", "news", "--count", "1"]);
+        if via_env {
+            cmd.env("PUSH_MANAGER_WS_TOKEN", &t);
+        } else {
+            cmd.args(["--token", &t]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("connected to") && !line.contains(&t), "{line:?}");
+        wait_connections(&gw, 1);
+        publish(&gw, "news", "for alice");
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"body\":\"for alice\""));
+        wait_connections(&gw, 0);
+    }
+    let out =
+        Command::new(BIN).args(["subscribe", "--url", &url, "--topic", "news", "--token", "bad"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("401"), "{said}");
 }

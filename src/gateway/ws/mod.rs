@@ -456,7 +456,13 @@ impl EventLoop {
 
     fn deliver(&mut self, broadcast: &EncodedBroadcast) {
         let keys: Vec<usize> = match &broadcast.audience {
-            Audience::Everyone => self.conns.iter().map(|(key, _)| key).collect(),
+            // Not a connection still owing its token: it may receive nothing yet.
+            Audience::Everyone => self
+                .conns
+                .iter()
+                .filter(|(_, conn)| matches!(conn, Conn::Open(c) if !matches!(c.access, Access::Pending { .. })))
+                .map(|(key, _)| key)
+                .collect(),
             Audience::Topic(topic) => self.subscriptions.subscribers(topic),
             // The hub lists each user once, and a connection has one user: no key twice.
             Audience::Users(users) => users.iter().flat_map(|user| self.subscriptions.connections_of(user)).collect(),
