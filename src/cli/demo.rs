@@ -2,9 +2,11 @@
 //!
 //! A real etcd (spawned in a temp dir when `etcd` is on PATH, else an in-process stand-in that
 //! speaks the same gRPC API), push-manager, three connect-nodes
-//! registered under leases, and WebSocket subscribers on them. It sends a broadcast per topic and
-//! one to everyone, prints who got what through which node, stops one node and shows discovery
-//! dropping it, then shuts everything down and exits 0 — or 1, saying what went wrong.
+//! registered under leases, and WebSocket subscribers on them, each showing a connection token
+//! (made here with a fresh key) that names its user and grants its topics. It sends a broadcast
+//! per topic and one to everyone, a private message to one user (PushUsers), prints who got what
+//! through which node, stops one node and shows discovery dropping it, then shuts everything down
+//! and exits 0 — or 1, saying what went wrong.
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
@@ -22,10 +24,11 @@ use super::subscribe::subscribe_url;
 use crate::etcd;
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
-use crate::proto::broadcast_request;
 use crate::proto::protocol::BroadCastReply;
 use crate::proto::protocol_grpc::PushServerClient;
+use crate::proto::{broadcast_request, push_users_request};
 use crate::testkit::{poll_until, InProcessEtcd, LocalEtcd};
+use crate::token::{Claims, TokenKeys};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -76,11 +79,14 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     .map_err(|e| e.to_string())?;
     println!("push-manager: serving PushServer on {}, discovering nodes under {PREFIX}", manager.addr());
 
+    let (_key_dir, key_file, keys) = token_keys()?;
+    println!("connection tokens: HS256 with a fresh key in {}", key_file.display());
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let gateway = Gateway::start(gateway::Config {
             grpc_listen: "127.0.0.1:0".into(),
             ws_listen: "127.0.0.1:0".into(),
+            token_key_file: Some(key_file.clone()),
             ..gateway::Config::default()
         })
         .map_err(|e| e.to_string())?;
@@ -112,12 +118,12 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         let url = subscribe_url(
             &format!("ws://{}/ws", gateway.ws_addr()),
             &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-            None,
+            Some(&token_for(&keys, name, topics)),
         );
         readers.push(subscribe(name, id.clone(), &url, deliveries_tx.clone())?);
         let shown =
             if topics.is_empty() { "no topic (broadcasts to everyone only)".to_string() } else { topics.join(", ") };
-        println!("subscriber {name:<6} on {id}: {shown}");
+        println!("subscriber {name:<6} on {id}: {shown} (its token: sub {name:?}, granting {topics:?})");
     }
     drop(deliveries_tx);
     wait_for("every subscriber to be connected", || {
@@ -135,6 +141,8 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         };
         send_and_show(&push, &deliveries, topic, seq, &body, &[])?;
     }
+    seq += 1;
+    send_private_and_show(&push, &deliveries, "bob", seq, "Your order #1234 has shipped")?;
 
     let (id, mut gateway, registration) = nodes.pop().expect("three nodes");
     println!("\nstopping {id}: revoking its lease, then closing its connections");
@@ -173,6 +181,27 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     println!("demo complete");
     Ok(())
+}
+
+/// A key file with one fresh random key (in a temp dir deleted when the first value drops), its
+/// path, and the keys loaded from it.
+fn token_keys() -> Result<(tempfile::TempDir, std::path::PathBuf, TokenKeys), Failure> {
+    use std::io::Read;
+    let dir = tempfile::Builder::new().prefix("push-manager-demo-").tempdir().map_err(|e| e.to_string())?;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).map_err(|e| e.to_string())?;
+    let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.path().join("token-keys");
+    std::fs::write(&path, format!("{key}\n")).map_err(|e| e.to_string())?;
+    let keys = TokenKeys::load(&path)?;
+    Ok((dir, path, keys))
+}
+
+/// A token for subscriber `name`, granting exactly its topics, valid for an hour.
+fn token_for(keys: &TokenKeys, name: &str, topics: &[&str]) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let topics = Some(topics.iter().map(|t| t.to_string()).collect());
+    keys.sign(&Claims { sub: name.into(), exp: now + 3600, nbf: None, iat: Some(now), topics })
 }
 
 /// Keeps whichever registry the demo runs on alive until dropped.
@@ -268,6 +297,33 @@ fn send_and_show(
     Ok(())
 }
 
+/// Sends one PushUsers to `user` and shows that it alone received it, as a `direct` frame.
+fn send_private_and_show(
+    push: &PushServerClient,
+    deliveries: &Receiver<Received>,
+    user: &str,
+    seq: i32,
+    body: &str,
+) -> Result<(), Failure> {
+    let reply = push
+        .push_users(&push_users_request(&[user], 1000, seq, body))
+        .map_err(|e| format!("PushUsers #{seq} failed: {e}"))?;
+    println!(
+        "\nprivate message #{seq} to user {user:?} (PushUsers): {body:?}\n  push-manager: targeted {} node(s), accepted by {}, dropped by {}",
+        reply.get_targeted(),
+        reply.get_accepted(),
+        reply.get_dropped().len()
+    );
+    let d = deliveries.recv_timeout(WAIT).map_err(|_| format!("private message #{seq}: {user} did not receive it"))?;
+    if d.subscriber != user || d.frame["type"] != "direct" || d.frame["seq"] != seq {
+        return Err(format!("private message #{seq} for {user}: {} received {}", d.subscriber, d.text));
+    }
+    println!("  {:<6} got it through {}: {}", d.subscriber, d.node, d.text);
+    // Everyone else is checked by the next broadcast: a stray copy would arrive before it.
+    println!("  nobody else: it goes to the connections whose token names {user:?}, whatever their topics");
+    Ok(())
+}
+
 fn broadcast(push: &PushServerClient, topic: &str, seq: i32, body: &str) -> Result<BroadCastReply, Failure> {
     let req = broadcast_request(topic, 1000, seq, body);
     push.broadcast(&req).map_err(|e| format!("Broadcast #{seq} failed: {e}"))
@@ -292,7 +348,7 @@ fn read_deliveries(
     while let Ok(msg) = socket.read() {
         let (frame, text) = match msg {
             Message::Text(text) => match serde_json::from_str::<serde_json::Value>(text.as_str()) {
-                Ok(frame) if frame["type"] == "message" => (frame, text.to_string()),
+                Ok(frame) if frame["type"] == "message" || frame["type"] == "direct" => (frame, text.to_string()),
                 _ => continue,
             },
             Message::Close(close) => {
