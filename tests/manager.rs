@@ -214,12 +214,15 @@ fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything()
     wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
     let client = push_client(manager.addr());
 
-    // One message is held by the slow node's only worker; then its queue fills.
+    // One message is held by the slow node's only worker; then its queue fills. Each broadcast
+    // waits for the fast node to have taken the one before: its queue is as small as the slow
+    // one's, and on a loaded machine its one worker could otherwise fall ten behind.
     broadcast(&client, "", "first");
     wait_until("the slow node holds one call", Duration::from_secs(5), || slow.parked() == 1);
     let total = 50;
     let mut named = 0;
     for i in 1..total {
+        wait_until("the fast node took the last one", Duration::from_secs(10), || fast.count() == i);
         let reply = broadcast(&client, "", &format!("m{i}"));
         if reply.get_dropped() == ["slow".to_string()] {
             named += 1;
