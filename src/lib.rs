@@ -13,6 +13,7 @@ pub mod duration;
 pub mod etcd;
 pub mod gateway;
 pub mod grpc;
+pub mod loadgen;
 pub mod manager;
 pub mod proto;
 pub mod registry;

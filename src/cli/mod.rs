@@ -1,5 +1,6 @@
 //! The command line: one binary, one subcommand per role or tool.
 
+mod bench;
 mod demo;
 mod node;
 mod nodes;
@@ -34,6 +35,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Measure a running deployment: N WebSocket subscribers, M messages through Broadcast; prints
+    /// deliveries/s, latency, lost/duplicated/out-of-order counts.
+    Bench(bench::BenchArgs),
     /// Run the whole path on loopback: etcd, push-manager, three connect-nodes, WebSocket users.
     Demo(demo::DemoArgs),
     /// Run a connect-node: serve ConnectNode and WebSocket users, registered in etcd under a lease.
@@ -184,6 +188,7 @@ pub type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 /// standard output was closed under us (`push-manager subscribe ... | head -1`), 1 otherwise.
 pub fn run(cli: Cli) -> ExitCode {
     let result: CmdResult = match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args).map_err(Into::into),
         Command::Node(args) => node::run(args),
         Command::Serve(args) => serve::run(args),

@@ -1,0 +1,212 @@
+//! `push-manager bench`: measures a running deployment end to end, in the spirit of `nats bench`.
+//! Subscribers connect to the nodes' WebSocket endpoints (all on one event-loop thread, see
+//! [`crate::loadgen`]), then numbered, timestamped messages go in through push-manager's
+//! Broadcast; the command prints deliveries/s, the publish rate, latency from publish to frame
+//! received, and what was lost, duplicated or out of order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use futures::executor::block_on;
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
+
+use super::parse_duration;
+use super::send::API_KEY_ENV;
+use crate::auth::{bearer, KeyFile};
+use crate::discovery::parse;
+use crate::etcd;
+use crate::grpc::{ClientTls, ClientTlsFlags};
+use crate::loadgen::{self, BroadcastPublisher, Config, Dialect};
+use crate::secret::Secret;
+use crate::token::{Claims, TokenKeys};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// push-manager's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50053")]
+    pub server: String,
+    /// A connect-node's WebSocket URL (ws://host:port/ws); repeat for several nodes: subscribers
+    /// are spread over them round-robin.
+    #[arg(long = "ws", value_name = "URL")]
+    pub ws: Vec<String>,
+    /// etcd endpoints (host:port, comma-separated) to list the registered nodes from, when no --ws
+    /// is given. A node's record holds its gRPC address, not its WebSocket URL, so a record
+    /// without a `ws` field means --ws is needed after all.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// etcd key prefix under which connect-nodes register (with --etcd).
+    #[arg(long, default_value = crate::registry::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = Config::default().subscribers)]
+    pub subscribers: usize,
+    /// Messages to publish.
+    #[arg(long, default_value_t = Config::default().messages)]
+    pub messages: u64,
+    /// Bytes per message body (at least the 51-byte header).
+    #[arg(long, default_value_t = Config::default().size)]
+    pub size: usize,
+    /// Messages per second; 0 publishes flat out.
+    #[arg(long, default_value_t = Config::default().rate)]
+    pub rate: u64,
+    /// Topic subscribed to and published on.
+    #[arg(long, default_value_t = Config::default().topic)]
+    pub topic: String,
+    /// Broadcast calls kept in flight at once.
+    #[arg(long, default_value_t = Config::default().in_flight)]
+    pub in_flight: usize,
+    /// How long connecting and subscribing everyone may take; also each Broadcast's deadline.
+    #[arg(long, default_value_t = Config::default().connect_timeout.into(), value_parser = parse_duration)]
+    pub timeout: humantime::Duration,
+    /// How long to wait for the last deliveries once everything is published; what has not come
+    /// by then counts as lost.
+    #[arg(long, default_value_t = Config::default().drain_timeout.into(), value_parser = parse_duration)]
+    pub drain_timeout: humantime::Duration,
+    /// No progress lines on standard error.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Connection token every subscriber shows (?token=), for nodes with --ws-auth.
+    #[arg(long, conflicts_with = "token_key_file")]
+    pub token: Option<String>,
+    /// The nodes' token key file: sign one token per subscriber (user bench-<i>, granted --topic).
+    #[arg(long)]
+    pub token_key_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed push-manager's: call it over TLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a push-manager that requires one (with --tls-key).
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File whose first key is sent as `authorization: Bearer <key>`; the environment variable
+    /// PUSH_MANAGER_API_KEY is used when this is absent.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+const TLS_FLAGS: ClientTlsFlags = ClientTlsFlags { ca: "--tls-ca", cert: "--tls-cert", key: "--tls-key" };
+
+/// How long a signed subscriber token lives: far longer than any run.
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub fn run(args: BenchArgs) -> super::CmdResult {
+    let config = Config {
+        subscribers: args.subscribers,
+        messages: args.messages,
+        size: args.size,
+        rate: args.rate,
+        topic: args.topic.clone(),
+        in_flight: args.in_flight,
+        connect_timeout: args.timeout.into(),
+        drain_timeout: args.drain_timeout.into(),
+        progress: !args.quiet,
+    };
+    config.validate()?;
+    let urls = ws_urls(&args)?;
+    let token = tokens(&args)?;
+    loadgen::raise_open_files_limit(config.subscribers + 64);
+
+    let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build());
+    let mut channel = ChannelBuilder::new(env);
+    if let Some(tls) =
+        ClientTls::from_flags(args.tls_ca.as_ref(), args.tls_cert.as_ref(), args.tls_key.as_ref(), TLS_FLAGS)
+    {
+        channel = channel.set_credentials(tls.credentials().map_err(|e| e.to_string())?);
+    }
+    let channel = channel.connect(&args.server);
+    // Before opening a thousand connections: a wrong --server should fail at once, and clearly.
+    if !block_on(channel.wait_for_connected(config.connect_timeout)) {
+        return Err(format!(
+            "cannot connect to push-manager at {} within {} (is it running? if it serves TLS, give --tls-ca)",
+            args.server, args.timeout
+        )
+        .into());
+    }
+    let mut option = CallOption::default().timeout(config.connect_timeout);
+    if let Some(key) = api_key(&args)? {
+        option = option.headers(bearer(&key));
+    }
+    let mut publisher = BroadcastPublisher::new(channel, option, &config.topic, config.in_flight);
+    let report = loadgen::run(&config, &urls, Dialect::PushManager, &*token, &mut publisher)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The subscribers' URLs: --ws, else what the nodes registered in etcd say.
+fn ws_urls(args: &BenchArgs) -> Result<Vec<String>, String> {
+    for url in &args.ws {
+        let host = url.strip_prefix("ws://").unwrap_or_default();
+        if host.is_empty() || url.contains('#') {
+            return Err(format!(
+                "--ws {url:?} is not a ws:// URL like ws://127.0.0.1:8090/ws (bench speaks plain ws:// only)"
+            ));
+        }
+    }
+    if !args.ws.is_empty() {
+        return Ok(args.ws.clone());
+    }
+    let Some(endpoints) = &args.etcd else {
+        return Err("give the nodes' WebSocket URLs with --ws (repeatable), or --etcd to list the nodes".into());
+    };
+    let client =
+        etcd::Client::connect(etcd::Config { endpoints: super::parse_endpoints(endpoints), ..etcd::Config::default() })
+            .map_err(|e| format!("--etcd {endpoints}: {e}"))?;
+    let listing = client.get_prefix(&args.prefix).map_err(|e| format!("--etcd {endpoints}: {e}"))?;
+    let mut urls = Vec::new();
+    let mut without = Vec::new();
+    for kv in &listing.kvs {
+        let Ok(record) = parse(&args.prefix, &kv.key, &kv.value) else { continue };
+        let ws = serde_json::from_slice::<serde_json::Value>(&kv.value)
+            .ok()
+            .and_then(|v| v.get("ws").and_then(|w| w.as_str()).map(str::to_string));
+        match ws {
+            Some(url) => urls.push(url),
+            None => without.push(format!("{} ({})", record.id, record.addr)),
+        }
+    }
+    if !without.is_empty() {
+        return Err(format!(
+            "etcd lists node(s) {} under {:?} by gRPC address only, which does not say where their WebSocket \
+             endpoint is: give each node's URL with --ws",
+            without.join(", "),
+            args.prefix
+        ));
+    }
+    if urls.is_empty() {
+        return Err(format!("etcd at {endpoints} lists no connect-node under {:?}", args.prefix));
+    }
+    Ok(urls)
+}
+
+/// Subscriber `i`'s token: --token for everyone, or one signed per subscriber with
+/// --token-key-file, or none.
+fn tokens(args: &BenchArgs) -> Result<Box<dyn Fn(usize) -> Option<String>>, String> {
+    if let Some(token) = args.token.clone() {
+        return Ok(Box::new(move |_| Some(token.clone())));
+    }
+    let Some(path) = &args.token_key_file else { return Ok(Box::new(|_| None)) };
+    let keys = TokenKeys::load(path).map_err(|e| format!("--token-key-file {}: {e}", path.display()))?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| "the clock is before 1970")?.as_secs();
+    let topic = args.topic.clone();
+    Ok(Box::new(move |i| {
+        Some(keys.sign(&Claims {
+            sub: format!("bench-{i}"),
+            exp: now + TOKEN_TTL.as_secs(),
+            nbf: None,
+            iat: Some(now),
+            topics: Some(vec![topic.clone()]),
+        }))
+    }))
+}
+
+/// The API key to send: --api-key-file's first, else PUSH_MANAGER_API_KEY, else none.
+fn api_key(args: &BenchArgs) -> Result<Option<Secret>, String> {
+    if let Some(path) = &args.api_key_file {
+        return KeyFile::load("--api-key-file", path).map(|keys| Some(keys.first()));
+    }
+    Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
+}
