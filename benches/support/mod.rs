@@ -10,10 +10,11 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment};
+use futures::{SinkExt, TryStreamExt};
+use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment, WriteFlags};
 use push_manager::grpc::ClientTls;
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::BroadCastReq;
@@ -99,6 +100,49 @@ pub fn hammer(load: Load, secs: Duration, make_caller: impl Fn() -> Box<dyn FnMu
     stop.store(true, Ordering::Relaxed);
     threads.into_iter().for_each(|t| t.join().unwrap());
     (calls.load(Ordering::Relaxed), units.load(Ordering::Relaxed))
+}
+
+/// What one `BroadcastStream` call did.
+pub struct Published {
+    /// Messages sent, and the time from opening the stream to its last reply.
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// Node queues that took a message, summed over messages; and those that dropped one.
+    pub accepted: u64,
+    pub dropped: u64,
+}
+
+/// Publishes copies of `req` over one `BroadcastStream` call for `secs`, as fast as push-manager
+/// takes them (its flow control paces the sending thread), while this thread reads the replies.
+pub fn publish_stream(client: &PushServerClient, req: BroadCastReq, secs: Duration) -> Published {
+    let start = Instant::now();
+    let (mut tx, rx) = client.broadcast_stream().expect("the stream opens");
+    let sender = thread::Builder::new()
+        .name("bench-stream".into())
+        .spawn(move || {
+            // Requests leave in batches while the stream is busy.
+            tx.enhance_batch(true);
+            let mut sent = 0u64;
+            block_on(async {
+                while start.elapsed() < secs {
+                    for _ in 0..64 {
+                        tx.feed((req.clone(), WriteFlags::default())).await.expect("stream send");
+                    }
+                    sent += 64;
+                }
+                tx.close().await.expect("the stream closes");
+            });
+            sent
+        })
+        .unwrap();
+    let (accepted, dropped) = block_on(rx.try_fold((0u64, 0u64), |(accepted, dropped), r| {
+        assert_eq!(r.get_code(), 0, "a stream reply: {}", r.get_error());
+        let reply = r.get_reply();
+        futures::future::ready(Ok((accepted + reply.get_accepted() as u64, dropped + reply.get_dropped().len() as u64)))
+    }))
+    .expect("the stream's replies");
+    let sent = sender.join().expect("the sending thread");
+    Published { sent, elapsed: start.elapsed(), accepted, dropped }
 }
 
 /// A channel to `addr`, over TLS when `tls` is given.
