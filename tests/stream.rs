@@ -24,7 +24,9 @@ use common::grpc::{push_client, with_key, OP};
 use common::ws::Client;
 use common::{wait_until, BIN, PATIENCE};
 use push_manager::manager::{Config, Manager};
-use push_manager::proto::protocol::{BroadCastReq, StreamReply};
+use push_manager::proto::protocol::{
+    BroadCastReq, BroadcastStreamReq, PushUsersReq, PushUsersStreamReq, StreamReplies, StreamReply,
+};
 use push_manager::proto::protocol_grpc::PushServerClient;
 use push_manager::proto::{broadcast_request, push_users_request};
 use push_manager::testkit::{poll_until, Sink};
@@ -48,23 +50,32 @@ fn with_sinks(etcd: &Etcd, nodes: usize, tweak: impl FnOnce(&mut Config)) -> (Ma
     (manager, sinks)
 }
 
-/// Sends `messages` over one stream, closes it, and returns every reply (or the call's error).
-fn stream_all<Req: Send + 'static>(
-    (mut tx, rx): (grpcio::ClientDuplexSender<Req>, ClientDuplexReceiver<StreamReply>),
-    messages: Vec<Req>,
-) -> grpcio::Result<Vec<StreamReply>> {
+/// Sends `elements` over one stream, closes it, and returns every reply, element by element (or
+/// the call's error).
+fn stream_all<Element: Send + 'static>(
+    (mut tx, rx): (grpcio::ClientDuplexSender<Element>, ClientDuplexReceiver<StreamReplies>),
+    elements: Vec<Element>,
+) -> grpcio::Result<Vec<Vec<StreamReply>>> {
     let writer = thread::spawn(move || {
         block_on(async {
-            for m in messages {
-                tx.send((m, WriteFlags::default())).await?;
+            for e in elements {
+                tx.send((e, WriteFlags::default())).await?;
             }
             tx.close().await
         })
     });
-    let replies = block_on(rx.try_collect::<Vec<_>>());
+    let replies = block_on(rx.map_ok(|mut r| r.take_replies().into_vec()).try_collect::<Vec<_>>());
     // A write fails when the server ended the call; its status is the reader's error.
     let _ = writer.join().unwrap();
     replies
+}
+
+fn broadcasts(messages: Vec<BroadCastReq>) -> BroadcastStreamReq {
+    BroadcastStreamReq { messages: messages.into(), ..Default::default() }
+}
+
+fn pushes(messages: Vec<PushUsersReq>) -> PushUsersStreamReq {
+    PushUsersStreamReq { messages: messages.into(), ..Default::default() }
 }
 
 fn body(i: usize) -> String {
@@ -87,8 +98,19 @@ fn messages_over_one_stream_get_one_reply_each_in_order_and_reach_users_in_order
     }
 
     let client = push_client(manager.addr());
-    let messages = (0..N).map(|i| broadcast_request("news", OP, i as i32, body(i))).collect();
-    let replies = stream_all(client.broadcast_stream().unwrap(), messages).unwrap();
+    // Elements of 1 to 7 messages: indices count messages across them.
+    let mut messages = (0..N).map(|i| broadcast_request("news", OP, i as i32, body(i))).peekable();
+    let mut elements = vec![];
+    for size in (1..=7).cycle() {
+        if messages.peek().is_none() {
+            break;
+        }
+        elements.push(broadcasts(messages.by_ref().take(size).collect()));
+    }
+    let sizes: Vec<usize> = elements.iter().map(|e| e.get_messages().len()).collect();
+    let replies = stream_all(client.broadcast_stream().unwrap(), elements).unwrap();
+    assert_eq!(replies.iter().map(Vec::len).collect::<Vec<_>>(), sizes, "one reply per message of each element");
+    let replies: Vec<StreamReply> = replies.into_iter().flatten().collect();
     assert_eq!(replies.len(), N);
     for (i, r) in replies.iter().enumerate() {
         assert_eq!((r.get_index(), r.get_code(), r.get_error()), (i as u64, 0, ""), "{r:?}");
@@ -109,7 +131,7 @@ fn a_refused_message_gets_its_reason_and_the_stream_goes_on() {
     let client = push_client(manager.addr());
     let mut with_users = broadcast_request("", OP, 3, "m3");
     with_users.set_user_ids(vec!["alice".to_string()].into());
-    let messages = vec![
+    let messages = [
         broadcast_request("", OP, 0, "m0"),
         broadcast_request("a b", OP, 1, "m1"),
         broadcast_request("", OP, 2, "m2"),
@@ -117,7 +139,9 @@ fn a_refused_message_gets_its_reason_and_the_stream_goes_on() {
         BroadCastReq::new(),
         broadcast_request("", OP, 5, "m5"),
     ];
-    let replies = stream_all(client.broadcast_stream().unwrap(), messages).unwrap();
+    // The first message alone, the rest in one element.
+    let elements = vec![broadcasts(messages[..1].to_vec()), broadcasts(messages[1..].to_vec())];
+    let replies: Vec<_> = stream_all(client.broadcast_stream().unwrap(), elements).unwrap().concat();
     let outcomes: Vec<_> =
         replies.iter().map(|r| (r.get_index(), r.get_code(), r.get_reply().get_accepted())).collect();
     assert_eq!(outcomes, [(0, 0, 1), (1, 3, 0), (2, 0, 1), (3, 3, 0), (4, 3, 0), (5, 0, 1)]);
@@ -129,12 +153,12 @@ fn a_refused_message_gets_its_reason_and_the_stream_goes_on() {
     assert_eq!(sinks[0].bodies(), [b"m0".to_vec(), b"m2".to_vec(), b"m5".to_vec()]);
 
     // PushUsersStream, the same way: a bad id refused in the middle, the rest delivered.
-    let pushes = vec![
+    let element = pushes(vec![
         push_users_request(&["alice", "bob", "alice"], OP, 0, "p0"),
         push_users_request(&["al ice"], OP, 1, "p1"),
         push_users_request(&["carol"], OP, 2, "p2"),
-    ];
-    let replies = stream_all(client.push_users_stream().unwrap(), pushes).unwrap();
+    ]);
+    let replies = stream_all(client.push_users_stream().unwrap(), vec![element]).unwrap().concat();
     let outcomes: Vec<_> = replies.iter().map(|r| (r.get_index(), r.get_code())).collect();
     assert_eq!(outcomes, [(0, 0), (1, 3), (2, 0)]);
     assert!(replies[1].get_error().starts_with("user_ids[0]: user id contains ' '"), "{:?}", replies[1]);
@@ -151,20 +175,21 @@ fn the_api_key_is_checked_once_when_the_stream_opens() {
     std::fs::write(&keys, "right-key\n").unwrap();
     let (manager, sinks) = with_sinks(&etcd, 1, |c| c.api_key_file = Some(keys));
     let client = push_client(manager.addr());
-    let one = || vec![broadcast_request("", OP, 0, "x")];
+    let one = || vec![broadcasts(vec![broadcast_request("", OP, 0, "x")])];
 
     for opt in [grpcio::CallOption::default(), with_key("wrong-key")] {
         match stream_all(client.broadcast_stream_opt(opt.clone()).unwrap(), one()) {
             Err(grpcio::Error::RpcFailure(s)) => assert_eq!(s.code(), RpcStatusCode::UNAUTHENTICATED, "{s:?}"),
             other => panic!("expected UNAUTHENTICATED, got {other:?}"),
         }
-        match stream_all(client.push_users_stream_opt(opt).unwrap(), vec![push_users_request(&["a"], OP, 0, "x")]) {
+        let push = vec![pushes(vec![push_users_request(&["a"], OP, 0, "x")])];
+        match stream_all(client.push_users_stream_opt(opt).unwrap(), push) {
             Err(grpcio::Error::RpcFailure(s)) => assert_eq!(s.code(), RpcStatusCode::UNAUTHENTICATED, "{s:?}"),
             other => panic!("expected UNAUTHENTICATED, got {other:?}"),
         }
     }
     assert_eq!(sinks[0].count(), 0, "nothing from a refused stream was delivered");
-    let replies = stream_all(client.broadcast_stream_opt(with_key("right-key")).unwrap(), one()).unwrap();
+    let replies = stream_all(client.broadcast_stream_opt(with_key("right-key")).unwrap(), one()).unwrap().concat();
     assert_eq!((replies.len(), replies[0].get_code()), (1, 0), "{replies:?}");
     wait_until("the message arrives", PATIENCE, || sinks[0].count() == 1);
 }
@@ -176,8 +201,12 @@ fn with_no_node_each_message_is_refused_unavailable_and_the_stream_goes_on_until
     wait_until("etcd listed", PATIENCE, || manager.listings() > 0);
     let client = push_client(manager.addr());
     let (mut tx, mut rx) = client.broadcast_stream().unwrap();
-    let mut send = |m: BroadCastReq| block_on(tx.send((m, WriteFlags::default()))).unwrap();
-    let mut next = || block_on(rx.next()).expect("a reply").expect("the stream goes on");
+    let mut send = |m: BroadCastReq| block_on(tx.send((broadcasts(vec![m]), WriteFlags::default()))).unwrap();
+    let mut next = || {
+        let mut replies = block_on(rx.next()).expect("a reply").expect("the stream goes on").take_replies();
+        assert_eq!(replies.len(), 1);
+        replies.pop().unwrap()
+    };
 
     send(broadcast_request("", OP, 0, "x"));
     let r = next();
@@ -212,7 +241,7 @@ fn a_caller_that_stops_reading_replies_is_held_back_not_buffered_for() {
     let (counter, progress) = (sent.clone(), last_progress.clone());
     let writer = thread::spawn(move || {
         block_on(async {
-            let msg = broadcast_request("", OP, 0, "x");
+            let msg = broadcasts(vec![broadcast_request("", OP, 0, "x")]);
             for _ in 0..TOTAL {
                 tx.send((msg.clone(), WriteFlags::default())).await?;
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -235,12 +264,38 @@ fn a_caller_that_stops_reading_replies_is_held_back_not_buffered_for() {
 
     // Reading the replies lets the writer go on, to the end.
     let replies = block_on(rx.try_fold(0u64, |n, r| {
-        assert_eq!(r.get_index(), n);
+        assert_eq!(r.get_replies()[0].get_index(), n);
         futures::future::ready(Ok(n + 1))
     }))
     .unwrap();
     writer.join().unwrap().unwrap();
     assert_eq!(replies, TOTAL);
+}
+
+#[test]
+fn an_element_of_more_than_1024_messages_ends_the_stream_with_a_reason() {
+    let etcd = Etcd::start();
+    // Room for the whole element, taken at once.
+    let (manager, sinks) = with_sinks(&etcd, 1, |c| c.queue_size = 2048);
+    let client = push_client(manager.addr());
+    let (mut tx, mut rx) = client.broadcast_stream().unwrap();
+    let element = |n| broadcasts(vec![broadcast_request("", OP, 0, "x"); n]);
+    block_on(tx.send((element(1024), WriteFlags::default()))).unwrap();
+    let replies = block_on(rx.next()).expect("replies").expect("the stream goes on");
+    assert_eq!(replies.get_replies().len(), 1024);
+    assert_eq!(replies.get_replies()[1023].get_index(), 1023);
+
+    // The writer may or may not see the end before the reader does; the status is the reader's.
+    let _ = block_on(tx.send((element(1025), WriteFlags::default())));
+    match block_on(rx.next()) {
+        Some(Err(grpcio::Error::RpcFailure(s))) => {
+            assert_eq!(s.code(), RpcStatusCode::INVALID_ARGUMENT, "{s:?}");
+            assert_eq!(s.message(), "a stream element holds 1025 messages; the limit is 1024");
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    wait_until("the first element arrives", PATIENCE, || sinks[0].count() == 1024);
+    assert_eq!(manager.nodes()[0].enqueued, 1024, "nothing of the refused element was offered");
 }
 
 fn send(server: &str, args: &[&str], stdin: Option<&str>) -> Output {

@@ -17,7 +17,7 @@ use futures::{SinkExt, TryStreamExt};
 use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment, WriteFlags};
 use push_manager::grpc::ClientTls;
 use push_manager::proto::broadcast_request;
-use push_manager::proto::protocol::BroadCastReq;
+use push_manager::proto::protocol::{BroadCastReq, BroadcastStreamReq};
 use push_manager::proto::protocol_grpc::PushServerClient;
 use push_manager::testkit::{signal, spawn_serve, wait_until, LocalEtcd, Sink};
 
@@ -112,33 +112,40 @@ pub struct Published {
     pub dropped: u64,
 }
 
-/// Publishes copies of `req` over one `BroadcastStream` call for `secs`, as fast as push-manager
-/// takes them (its flow control paces the sending thread), while this thread reads the replies.
+/// Messages per `BroadcastStream` element in [`publish_stream`], as `push-manager send` batches
+/// what it has at hand.
+pub const STREAM_ELEMENT: usize = 256;
+
+/// Publishes copies of `req` over one `BroadcastStream` call for `secs`, [`STREAM_ELEMENT`] per
+/// element, as fast as push-manager takes them (its flow control paces the sending thread),
+/// while this thread reads the replies.
 pub fn publish_stream(client: &PushServerClient, req: BroadCastReq, secs: Duration) -> Published {
     let start = Instant::now();
     let (mut tx, rx) = client.broadcast_stream().expect("the stream opens");
+    let element = BroadcastStreamReq { messages: vec![req; STREAM_ELEMENT].into(), ..Default::default() };
     let sender = thread::Builder::new()
         .name("bench-stream".into())
         .spawn(move || {
-            // Requests leave in batches while the stream is busy.
+            // Elements leave in batches while the stream is busy.
             tx.enhance_batch(true);
             let mut sent = 0u64;
             block_on(async {
                 while start.elapsed() < secs {
-                    for _ in 0..64 {
-                        tx.feed((req.clone(), WriteFlags::default())).await.expect("stream send");
-                    }
-                    sent += 64;
+                    tx.feed((element.clone(), WriteFlags::default())).await.expect("stream send");
+                    sent += STREAM_ELEMENT as u64;
                 }
                 tx.close().await.expect("the stream closes");
             });
             sent
         })
         .unwrap();
-    let (accepted, dropped) = block_on(rx.try_fold((0u64, 0u64), |(accepted, dropped), r| {
-        assert_eq!(r.get_code(), 0, "a stream reply: {}", r.get_error());
-        let reply = r.get_reply();
-        futures::future::ready(Ok((accepted + reply.get_accepted() as u64, dropped + reply.get_dropped().len() as u64)))
+    let (accepted, dropped) = block_on(rx.try_fold((0u64, 0u64), |(mut accepted, mut dropped), replies| {
+        for r in replies.get_replies() {
+            assert_eq!(r.get_code(), 0, "a stream reply: {}", r.get_error());
+            accepted += r.get_reply().get_accepted() as u64;
+            dropped += r.get_reply().get_dropped().len() as u64;
+        }
+        futures::future::ready(Ok((accepted, dropped)))
     }))
     .expect("the stream's replies");
     let sent = sender.join().expect("the sending thread");

@@ -23,7 +23,7 @@ use grpcio::{
 use super::parse_duration;
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::{ClientTls, ClientTlsFlags};
-use crate::proto::protocol::StreamReply;
+use crate::proto::protocol::{BroadcastStreamReq, PushUsersStreamReq, StreamReplies, StreamReply};
 use crate::proto::protocol_grpc::PushServerClient;
 use crate::proto::{broadcast_request, push_users_request};
 use crate::secret::Secret;
@@ -211,7 +211,8 @@ fn stream(args: &SendArgs, client: &PushServerClient, opt: CallOption, body: Vec
         let topic = args.topic.clone();
         let (tx, rx) = client.broadcast_stream_opt(opt).map_err(open_failed)?;
         let make = move |seq, body| broadcast_request(&topic, op, seq, body);
-        (spawn_writer(tx, bodies, make, seq, rate, tally.clone()), rx)
+        let element = |messages: Vec<_>| BroadcastStreamReq { messages: messages.into(), ..Default::default() };
+        (spawn_writer(tx, bodies, make, element, seq, rate, tally.clone()), rx)
     } else {
         let users = args.users.clone();
         let (tx, rx) = client.push_users_stream_opt(opt).map_err(open_failed)?;
@@ -219,7 +220,8 @@ fn stream(args: &SendArgs, client: &PushServerClient, opt: CallOption, body: Vec
             let users: Vec<&str> = users.iter().map(String::as_str).collect();
             push_users_request(&users, op, seq, body)
         };
-        (spawn_writer(tx, bodies, make, seq, rate, tally.clone()), rx)
+        let element = |messages: Vec<_>| PushUsersStreamReq { messages: messages.into(), ..Default::default() };
+        (spawn_writer(tx, bodies, make, element, seq, rate, tally.clone()), rx)
     };
     let progress = Progress::start(tally.clone(), start);
     let read = read_replies(replies, &tally);
@@ -242,42 +244,76 @@ fn stream(args: &SendArgs, client: &PushServerClient, opt: CallOption, body: Vec
     }
 }
 
-/// Starts the thread writing `bodies` to the stream as `make(seq, body)`, at most `rate` per second.
-fn spawn_writer<Req: Send + 'static>(
-    mut tx: ClientDuplexSender<Req>,
+/// The most messages, and bytes of bodies, `send` puts in one stream element: a few hundred
+/// amortise the cost of a gRPC message; the byte bound keeps an element far below what
+/// push-manager receives in one (a larger body goes alone).
+const ELEMENT_MESSAGES: usize = 256;
+const ELEMENT_BYTES: usize = 1 << 20;
+
+/// Starts the thread writing `bodies` to the stream as `make(seq, body)`, at most `rate` per
+/// second, whatever is at hand (up to [`ELEMENT_MESSAGES`]) in one element built by `element`.
+fn spawn_writer<Req: Send + 'static, Element: Send + 'static>(
+    mut tx: ClientDuplexSender<Element>,
     mut bodies: Bodies,
     make: impl Fn(i32, Vec<u8>) -> Req + Send + 'static,
+    element: fn(Vec<Req>) -> Element,
     first_seq: i32,
     rate: Option<u64>,
     tally: Arc<Tally>,
 ) -> thread::JoinHandle<Result<(), SendError>> {
     let body = move || {
-        // Messages leave in batches while push-manager is busy, one by one when it is not.
+        // Elements leave in batches while push-manager is busy, one by one when it is not.
         tx.enhance_batch(true);
         let start = Instant::now();
         block_on(async {
-            let mut seq = first_seq;
-            let mut n = 0u64;
+            let (mut seq, mut n) = (first_seq, 0u64);
+            let (mut pending, mut pending_bytes) = (Vec::new(), 0);
             while let Some(next) = bodies.next() {
                 let (body, more_at_hand) = next?;
-                if let Some(rate) = rate {
-                    let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        tx.flush().await.map_err(ended)?;
-                        thread::sleep(wait);
-                    }
+                let due = rate.map(|rate| start + Duration::from_secs_f64(n as f64 / rate as f64));
+                if let Some(wait) = due.and_then(|due| due.checked_duration_since(Instant::now())) {
+                    // What is ready leaves before the wait, not after it.
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                    tx.flush().await.map_err(ended)?;
+                    thread::sleep(wait);
                 }
-                tx.feed((make(seq, body), WriteFlags::default())).await.map_err(ended)?;
+                if pending_bytes + body.len() > ELEMENT_BYTES {
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                }
+                pending_bytes += body.len();
+                pending.push(make(seq, body));
+                if !more_at_hand || pending.len() == ELEMENT_MESSAGES {
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                }
                 if !more_at_hand {
                     tx.flush().await.map_err(ended)?;
                 }
-                tally.sent.fetch_add(1, Ordering::Relaxed);
                 (seq, n) = (seq.wrapping_add(1), n + 1);
             }
+            send_pending(&mut tx, &mut pending, &tally, element).await?;
             tx.close().await.map_err(ended)
         })
     };
     thread::Builder::new().name("send-stream".into()).spawn(body).expect("spawning the stream's writer")
+}
+
+/// Feeds what `pending` holds to the stream as one element, if anything.
+async fn send_pending<Req, Element>(
+    tx: &mut ClientDuplexSender<Element>,
+    pending: &mut Vec<Req>,
+    tally: &Tally,
+    element: fn(Vec<Req>) -> Element,
+) -> Result<(), SendError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let count = pending.len() as u64;
+    tx.feed((element(std::mem::take(pending)), WriteFlags::default())).await.map_err(ended)?;
+    tally.sent.fetch_add(count, Ordering::Relaxed);
+    Ok(())
 }
 
 /// A write to a stream failed: push-manager ended the call, whose status the reader reports.
@@ -286,26 +322,27 @@ fn ended(e: grpcio::Error) -> SendError {
 }
 
 /// Reads replies until push-manager ends the stream, counting outcomes and printing refusals.
-fn read_replies(replies: ClientDuplexReceiver<StreamReply>, tally: &Tally) -> grpcio::Result<()> {
-    block_on(replies.try_for_each(|r| {
-        tally.replied.fetch_add(1, Ordering::Relaxed);
-        if r.get_code() != 0 {
-            let refused = tally.refused.fetch_add(1, Ordering::Relaxed);
-            if refused < REFUSALS_SHOWN {
-                eprintln!(
-                    "message {} refused ({:?}): {}",
-                    r.get_index(),
-                    RpcStatusCode::from(r.get_code()),
-                    r.get_error()
-                );
-            }
-        } else if r.get_reply().get_dropped().is_empty() {
-            tally.accepted.fetch_add(1, Ordering::Relaxed);
-        } else {
-            tally.dropped.fetch_add(1, Ordering::Relaxed);
+fn read_replies(replies: ClientDuplexReceiver<StreamReplies>, tally: &Tally) -> grpcio::Result<()> {
+    block_on(replies.try_for_each(|element| {
+        for r in element.get_replies() {
+            count_reply(r, tally);
         }
         futures::future::ready(Ok(()))
     }))
+}
+
+fn count_reply(r: &StreamReply, tally: &Tally) {
+    tally.replied.fetch_add(1, Ordering::Relaxed);
+    if r.get_code() != 0 {
+        let refused = tally.refused.fetch_add(1, Ordering::Relaxed);
+        if refused < REFUSALS_SHOWN {
+            eprintln!("message {} refused ({:?}): {}", r.get_index(), RpcStatusCode::from(r.get_code()), r.get_error());
+        }
+    } else if r.get_reply().get_dropped().is_empty() {
+        tally.accepted.fetch_add(1, Ordering::Relaxed);
+    } else {
+        tally.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Prints what a stream did every second on standard error until dropped.

@@ -7,15 +7,18 @@
 //! into its reply or status; a stream turns it into one [`StreamReply`] and goes on. The handlers
 //! never block (they only `try_send`), so they run on gRPC's completion-queue threads directly.
 //!
-//! A stream is flow-controlled by grpcio's futures: `DuplexSink::send_all` asks for the next
-//! request only once the sink can take the previous reply, so a caller publishing faster than
-//! the replies drain (or one that stops reading them) is held back by HTTP/2 flow control, and
-//! push-manager holds at most a reply or two per stream. A message the node queues cannot take is
-//! reported `dropped`, as in unary, never waited for.
+//! A stream element carries one message or many, answered by one `StreamReplies`: a gRPC
+//! message (a receive, a send, their completion-queue round trips and a write syscall) costs
+//! far more than offering a broadcast, so only batches let one connection publish 100k+
+//! messages per second. A stream is flow-controlled by grpcio's futures: `DuplexSink::send_all`
+//! asks for the next element only once the sink can take the previous replies, so a caller
+//! publishing faster than the replies drain (or one that stops reading them) is held back by
+//! HTTP/2 flow control, and push-manager holds the replies of an element or two per stream. A
+//! message the node queues cannot take is reported `dropped`, as in unary, never waited for.
 
 use std::sync::Arc;
 
-use futures::{FutureExt, SinkExt, StreamExt, TryFutureExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use grpcio::{DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode, UnarySink, WriteFlags};
 use log::debug;
 
@@ -23,9 +26,15 @@ use super::fanout::Fanout;
 use super::message::Outgoing;
 use crate::auth::KeyFile;
 use crate::discovery;
-use crate::proto::protocol::{BroadCastReply, BroadCastReq, PushUsersReq, StreamReply};
+use crate::proto::protocol::{
+    BroadCastReply, BroadCastReq, BroadcastStreamReq, PushUsersReq, PushUsersStreamReq, StreamReplies, StreamReply,
+};
 use crate::proto::protocol_grpc::PushServer;
 use crate::proto::{users_broadcast, validate_broadcast, validate_push_users};
+
+/// The most messages one stream element may carry: bounds the replies built for one element
+/// (and the work done before the next reply can leave) whatever the element's byte size.
+pub(crate) const MAX_STREAM_ELEMENT: usize = 1024;
 
 #[derive(Clone)]
 pub(crate) struct PushService {
@@ -94,15 +103,17 @@ impl PushService {
         }
     }
 
-    /// A stream: admits the caller once, then answers each message with its outcome, in order,
-    /// until the caller closes its side (the stream then ends with OK) or goes away.
-    fn stream<Req: Send + 'static>(
+    /// A stream: admits the caller once, then answers each element with the outcome of each of
+    /// its messages, in order, until the caller closes its side (the stream then ends with OK),
+    /// sends an element of more than [`MAX_STREAM_ELEMENT`] messages, or goes away.
+    fn stream<Element: Send + 'static, Req: Send + 'static>(
         &self,
         ctx: RpcContext,
-        requests: RequestStream<Req>,
-        mut sink: DuplexSink<StreamReply>,
+        elements: RequestStream<Element>,
+        mut sink: DuplexSink<StreamReplies>,
         what: &'static str,
-        validate: impl Fn(&PushService, Req) -> Result<BroadCastReq, String> + Send + 'static,
+        messages: fn(Element) -> Vec<Req>,
+        validate: fn(&PushService, Req) -> Result<BroadCastReq, String>,
     ) {
         if let Err(status) = self.admit(&ctx, what) {
             ctx.spawn(sink.fail(status).map(drop));
@@ -110,22 +121,45 @@ impl PushService {
         }
         let service = self.clone();
         let mut index = 0;
-        let mut replies = requests.map(move |req| {
-            let req = req?;
-            let reply = stream_reply(index, service.offer(what, || validate(&service, req)));
-            index += 1;
-            Ok((reply, WriteFlags::default()))
+        let mut replies = elements.map(move |element| {
+            let batch = messages(element?);
+            if batch.len() > MAX_STREAM_ELEMENT {
+                let msg = format!("a stream element holds {} messages; the limit is {MAX_STREAM_ELEMENT}", batch.len());
+                return Err(grpcio::Error::RpcFinished(Some(RpcStatus::with_message(
+                    RpcStatusCode::INVALID_ARGUMENT,
+                    msg,
+                ))));
+            }
+            let mut out = StreamReplies::new();
+            out.set_replies(
+                batch
+                    .into_iter()
+                    .map(|req| {
+                        let reply = stream_reply(index, service.offer(what, || validate(&service, req)));
+                        index += 1;
+                        reply
+                    })
+                    .collect(),
+            );
+            Ok((out, WriteFlags::default()))
         });
         // Replies leave in batches when they queue up, one at a time when they do not.
         sink.enhance_batch(true);
         let peer = ctx.peer();
-        ctx.spawn(
-            async move {
-                sink.send_all(&mut replies).await?;
-                sink.close().await
+        ctx.spawn(async move {
+            let sent = sink.send_all(&mut replies).await;
+            let ended = match sent {
+                Ok(()) => sink.close().await,
+                Err(grpcio::Error::RpcFinished(Some(status))) => {
+                    debug!("ended a {what} stream from {peer}: {}", status.message());
+                    sink.fail(status).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ended {
+                debug!("a {what} stream from {peer} ended early: {e}");
             }
-            .unwrap_or_else(move |e| debug!("a {what} stream from {peer} ended early: {e}")),
-        );
+        });
     }
 
     /// Why no node can take a `what`, as precisely as discovery knows.
@@ -180,18 +214,20 @@ impl PushServer for PushService {
     fn broadcast_stream(
         &mut self,
         ctx: RpcContext,
-        requests: RequestStream<BroadCastReq>,
-        sink: DuplexSink<StreamReply>,
+        elements: RequestStream<BroadcastStreamReq>,
+        sink: DuplexSink<StreamReplies>,
     ) {
-        self.stream(ctx, requests, sink, "broadcast", PushService::check_broadcast);
+        let messages = |mut e: BroadcastStreamReq| e.take_messages().into_vec();
+        self.stream(ctx, elements, sink, "broadcast", messages, PushService::check_broadcast);
     }
 
     fn push_users_stream(
         &mut self,
         ctx: RpcContext,
-        requests: RequestStream<PushUsersReq>,
-        sink: DuplexSink<StreamReply>,
+        elements: RequestStream<PushUsersStreamReq>,
+        sink: DuplexSink<StreamReplies>,
     ) {
-        self.stream(ctx, requests, sink, "push", PushService::check_push_users);
+        let messages = |mut e: PushUsersStreamReq| e.take_messages().into_vec();
+        self.stream(ctx, elements, sink, "push", messages, PushService::check_push_users);
     }
 }
