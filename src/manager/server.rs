@@ -116,7 +116,9 @@ impl PushService {
         validate: fn(&PushService, Req) -> Result<BroadCastReq, String>,
     ) {
         if let Err(status) = self.admit(&ctx, what) {
-            ctx.spawn(sink.fail(status).map(drop));
+            // Dropping an unfinished request stream cancels the call, which would replace the
+            // status by CANCELLED: it goes only once the status is out.
+            ctx.spawn(sink.fail(status).map(move |_| drop(elements)));
             return;
         }
         let service = self.clone();
