@@ -18,6 +18,11 @@
 //! plus system time): deliveries per CPU-second is what push-manager would deliver per core of
 //! its own, the figure that sizes a deployment.
 //!
+//! With default batching, one more path: "stream", one caller connection publishing over one
+//! `BroadcastStream` call as fast as push-manager's flow control lets it, run by run alternately
+//! with unary calls at the heaviest load ("unary (alt.)"), so both see the same machine; the
+//! issue's target for it is 1,000,000 node deliveries/s with 4 nodes.
+//!
 //! Each figure is the median of REPS runs. Real etcd, loopback. Latency is
 //! `benches/fanout_latency.rs`'s question.
 //!
@@ -34,9 +39,14 @@ use std::time::{Duration, Instant};
 use grpcio::{ChannelBuilder, Environment};
 use push_manager::proto::protocol_grpc::{ConnectNodeClient, PushServerClient};
 use push_manager::testkit::{wait_until, LocalEtcd, Sink};
-use support::{env_or, grpc_env, hammer, median, register, request, start_etcd, Load, Serve, BODY_BYTES};
+use support::{
+    env_or, grpc_env, hammer, median, publish_stream, register, request, start_etcd, Load, Serve, BODY_BYTES,
+};
 
 const NODE_COUNTS: [usize; 3] = [1, 4, 16];
+/// The "calls in flight" of the streaming path, printed as `stream`: one caller connection with
+/// one `BroadcastStream` call, paced by flow control rather than by a number of calls.
+const STREAM: usize = 0;
 /// Calls each load-generator thread keeps in flight, from light to past saturation for every path.
 const IN_FLIGHT: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
 
@@ -108,6 +118,10 @@ struct Paths {
     direct: Curve,
     one_per_message: Curve,
     batched: Curve,
+    /// One `BroadcastStream` connection against default batching, and unary calls at the heaviest
+    /// load run alternately with it.
+    stream: Point,
+    unary_alongside: Point,
 }
 
 impl Paths {
@@ -188,6 +202,25 @@ fn through_serve(load: Load, env: &Arc<Environment>, serve: &Serve, sinks: &[Sin
     }
 }
 
+/// One caller connection publishing over `BroadcastStream` as fast as push-manager takes it.
+fn streamed(env: &Arc<Environment>, serve: &Serve, sinks: &[Sink], secs: Duration) -> Run {
+    let (before, rpcs_before, cpu_before) = (total(sinks), rpcs(sinks), serve.cpu());
+    let start = Instant::now();
+    let client = PushServerClient::new(ChannelBuilder::new(env.clone()).connect(&serve.addr));
+    let published = publish_stream(&client, request(vec![b'x'; BODY_BYTES]), secs);
+    wait_until("accepted deliveries arrive", Duration::from_secs(120), || total(sinks) - before >= published.accepted);
+    let elapsed = start.elapsed();
+    Run {
+        broadcasts_per_s: published.sent as f64 / published.elapsed.as_secs_f64(),
+        dropped: published.dropped,
+        delivered: published.accepted,
+        elapsed,
+        cpu: Some(serve.cpu() - cpu_before),
+        received: total(sinks) - before,
+        rpcs: rpcs(sinks) - rpcs_before,
+    }
+}
+
 fn direct(load: Load, env: &Arc<Environment>, sinks: &[Sink], secs: Duration) -> Run {
     let addrs: Vec<String> = sinks.iter().map(|s| s.addr.clone()).collect();
     let (calls, _) = hammer(load, secs, || {
@@ -230,9 +263,9 @@ const HEADER: [&str; 10] = [
 
 fn print_point(nodes: usize, path: &str, p: &Point, direct: &Point) {
     let or_dash = |v: Option<f64>, precision: usize| v.map_or("-".to_string(), |v| format!("{v:.precision$}"));
+    let in_flight = if p.in_flight == STREAM { "stream".to_string() } else { p.in_flight.to_string() };
     println!(
-        "{nodes:>5}  {path:<13} {:>9} {:>13.0} {:>13.0} {:>9.2}x {:>9} {:>9.1} {:>9} {:>13}",
-        p.in_flight,
+        "{nodes:>5}  {path:<13} {in_flight:>9} {:>13.0} {:>13.0} {:>9.2}x {:>9} {:>9.1} {:>9} {:>13}",
         p.broadcasts_per_s,
         p.deliveries_per_s,
         p.deliveries_per_s / direct.deliveries_per_s,
@@ -265,7 +298,7 @@ fn measure(
             })
             .collect(),
     };
-    let mut curves = vec![];
+    let (mut curves, mut streams) = (vec![], vec![]);
     for batch_max in [1, 64] {
         let serve = Serve::start(etcd, env, &prefix, nodes, batch_max);
         let path = format!("batch-max {batch_max}");
@@ -277,10 +310,40 @@ fn measure(
             points.push(point);
         }
         curves.push(Curve { points });
+        if batch_max == 64 {
+            streams.push(stream_against_unary(nodes, loads, secs, reps, env, &serve, &sinks, &direct));
+        }
     }
     let batched = curves.pop().expect("batched curve");
     let one_per_message = curves.pop().expect("--batch-max 1 curve");
-    Paths { direct, one_per_message, batched }
+    let (stream, unary_alongside) = streams.pop().expect("stream figures");
+    Paths { direct, one_per_message, batched, stream, unary_alongside }
+}
+
+/// One `BroadcastStream` connection, alternated run by run with unary calls at the heaviest load,
+/// so that both see the same machine; printed as two rows.
+#[allow(clippy::too_many_arguments)]
+fn stream_against_unary(
+    nodes: usize,
+    loads: &[Load],
+    secs: Duration,
+    reps: usize,
+    env: &Arc<Environment>,
+    serve: &Serve,
+    sinks: &[Sink],
+    direct: &Curve,
+) -> (Point, Point) {
+    let heaviest = *loads.last().expect("at least one load");
+    let (mut streamed_runs, mut unary_runs) = (vec![], vec![]);
+    for _ in 0..reps {
+        streamed_runs.push(streamed(env, serve, sinks, secs));
+        unary_runs.push(through_serve(heaviest, env, serve, sinks, secs));
+    }
+    let (stream, unary) = (Point::of(STREAM, streamed_runs), Point::of(heaviest.in_flight, unary_runs));
+    let baseline = direct.at(heaviest.in_flight);
+    print_point(nodes, "stream", &stream, baseline);
+    print_point(nodes, "unary (alt.)", &unary, baseline);
+    (stream, unary)
 }
 
 fn main() {
@@ -332,7 +395,24 @@ fn summarize(results: &[(usize, Paths)]) {
             paths.batched.points.iter().map(|p| format!("{:>6.1}x", paths.same_load_ratio(p.in_flight))).collect();
         println!("{nodes:>5}{ratios} {:>8.1}x {:>8.1}x", paths.peak_ratio(), paths.efficiency_ratio());
     }
+    println!("\none caller connection: BroadcastStream against unary calls at the heaviest load, run alternately");
+    println!(
+        "{:>5} {:>16} {:>16} {:>16} {:>16}",
+        "nodes", "stream msgs/s", "stream deliv/s", "unary msgs/s", "unary deliv/s"
+    );
+    for (nodes, paths) in results {
+        let (s, u) = (&paths.stream, &paths.unary_alongside);
+        println!(
+            "{nodes:>5} {:>16.0} {:>16.0} {:>16.0} {:>16.0}",
+            s.broadcasts_per_s, s.deliveries_per_s, u.broadcasts_per_s, u.deliveries_per_s
+        );
+    }
     if let Some((_, paths)) = results.iter().find(|(nodes, _)| *nodes == 4) {
+        println!(
+            "4 nodes: one BroadcastStream connection publishes {:.0} messages/s, {:.0} node deliveries/s \
+             (target >= 1,000,000)",
+            paths.stream.broadcasts_per_s, paths.stream.deliveries_per_s
+        );
         let heaviest = paths.batched.points.last().expect("at least one load").in_flight;
         println!(
             "4 nodes: default batching delivers {:.1}x per push-manager CPU-second what --batch-max 1 does \

@@ -10,13 +10,14 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment};
+use futures::{SinkExt, TryStreamExt};
+use grpcio::{Channel, ChannelBuilder, EnvBuilder, Environment, WriteFlags};
 use push_manager::grpc::ClientTls;
 use push_manager::proto::broadcast_request;
-use push_manager::proto::protocol::BroadCastReq;
+use push_manager::proto::protocol::{BroadCastReq, BroadcastStreamReq};
 use push_manager::proto::protocol_grpc::PushServerClient;
 use push_manager::testkit::{signal, spawn_serve, wait_until, LocalEtcd, Sink};
 
@@ -99,6 +100,56 @@ pub fn hammer(load: Load, secs: Duration, make_caller: impl Fn() -> Box<dyn FnMu
     stop.store(true, Ordering::Relaxed);
     threads.into_iter().for_each(|t| t.join().unwrap());
     (calls.load(Ordering::Relaxed), units.load(Ordering::Relaxed))
+}
+
+/// What one `BroadcastStream` call did.
+pub struct Published {
+    /// Messages sent, and the time from opening the stream to its last reply.
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// Node queues that took a message, summed over messages; and those that dropped one.
+    pub accepted: u64,
+    pub dropped: u64,
+}
+
+/// Messages per `BroadcastStream` element in [`publish_stream`], as `push-manager send` batches
+/// what it has at hand.
+pub const STREAM_ELEMENT: usize = 256;
+
+/// Publishes copies of `req` over one `BroadcastStream` call for `secs`, [`STREAM_ELEMENT`] per
+/// element, as fast as push-manager takes them (its flow control paces the sending thread),
+/// while this thread reads the replies.
+pub fn publish_stream(client: &PushServerClient, req: BroadCastReq, secs: Duration) -> Published {
+    let start = Instant::now();
+    let (mut tx, rx) = client.broadcast_stream().expect("the stream opens");
+    let element = BroadcastStreamReq { messages: vec![req; STREAM_ELEMENT].into(), ..Default::default() };
+    let sender = thread::Builder::new()
+        .name("bench-stream".into())
+        .spawn(move || {
+            // Elements leave in batches while the stream is busy.
+            tx.enhance_batch(true);
+            let mut sent = 0u64;
+            block_on(async {
+                while start.elapsed() < secs {
+                    tx.feed((element.clone(), WriteFlags::default())).await.expect("stream send");
+                    sent += STREAM_ELEMENT as u64;
+                }
+                tx.close().await.expect("the stream closes");
+            });
+            sent
+        })
+        .unwrap();
+    let (accepted, dropped) = block_on(rx.try_fold((0u64, 0u64), |(mut accepted, mut dropped), replies| {
+        for r in replies.get_replies() {
+            assert_eq!(r.get_code(), 0, "a stream reply: {}", r.get_error());
+            accepted += r.get_reply().get_accepted() as u64;
+            dropped += r.get_reply().get_dropped().len() as u64;
+        }
+        futures::future::ready(Ok((accepted, dropped)))
+    }))
+    .expect("the stream's replies");
+    let sent = sender.join().expect("the sending thread");
+    Published { sent, elapsed: start.elapsed(), accepted, dropped }
 }
 
 /// A channel to `addr`, over TLS when `tls` is given.

@@ -1,21 +1,35 @@
 //! `push-manager send`: one Broadcast call (or, with `--user`, one PushUsers call), its reply
-//! printed.
+//! printed; or, with `--count` or `--lines`, many messages over one BroadcastStream (PushUsersStream)
+//! call, summed up.
+//!
+//! A stream is written by a thread of its own, as fast as push-manager's flow control lets it
+//! (or at `--rate`), while the calling thread reads the replies; a third prints progress every
+//! second on standard error, so a long run shows it is moving.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use clap::Args;
-use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
+use clap::{ArgGroup, Args};
+use futures::executor::block_on;
+use futures::{SinkExt, TryStreamExt};
+use grpcio::{
+    CallOption, ChannelBuilder, ClientDuplexReceiver, ClientDuplexSender, EnvBuilder, RpcStatusCode, WriteFlags,
+};
 
 use super::parse_duration;
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::{ClientTls, ClientTlsFlags};
+use crate::proto::protocol::{BroadcastStreamReq, PushUsersStreamReq, StreamReplies, StreamReply};
 use crate::proto::protocol_grpc::PushServerClient;
 use crate::proto::{broadcast_request, push_users_request};
 use crate::secret::Secret;
 
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("stream").args(["count", "lines"])))]
 pub struct SendArgs {
     /// push-manager's gRPC address.
     #[arg(long, default_value = "127.0.0.1:50053")]
@@ -33,9 +47,21 @@ pub struct SendArgs {
     /// Sequence number carried in the frame.
     #[arg(long, default_value_t = 0)]
     pub seq: i32,
-    /// Deadline of the call.
+    /// Deadline of the call. A stream (--count, --lines) has none: it lasts as long as its input.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: humantime::Duration,
+    /// Send N copies of the body over one stream (BroadcastStream, or PushUsersStream with
+    /// --user), the frame's seq counting up from --seq, and print a summary.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Send each line of standard input as one message over one stream, as lines come (without
+    /// the line end; an empty line is an empty body), seq counting up from --seq.
+    #[arg(long, conflicts_with = "body")]
+    pub lines: bool,
+    /// With --count or --lines: send at most R messages per second (default: as fast as
+    /// push-manager takes them).
+    #[arg(long, value_name = "R", requires = "stream", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
     /// CA certificate (PEM) that signed push-manager's: call it over TLS.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -70,15 +96,22 @@ pub enum SendError {
     /// The certificate files or the API key could not be read.
     #[error("{0}")]
     Credentials(String),
+    /// push-manager refused some messages of a stream (each was reported on standard error).
+    #[error("push-manager refused {refused} of {sent} message(s)")]
+    Refused { refused: u64, sent: u64 },
 }
 
 pub fn run(args: SendArgs) -> Result<(), SendError> {
-    let body = match &args.body {
-        Some(b) => b.clone().into_bytes(),
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            buf
+    let body = if args.lines {
+        Vec::new()
+    } else {
+        match &args.body {
+            Some(b) => b.clone().into_bytes(),
+            None => {
+                let mut buf = Vec::new();
+                std::io::stdin().read_to_end(&mut buf)?;
+                buf
+            }
         }
     };
 
@@ -93,6 +126,9 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     let mut opt = CallOption::default().timeout(args.timeout.into());
     if let Some(key) = api_key(&args).map_err(SendError::Credentials)? {
         opt = opt.headers(bearer(&key));
+    }
+    if args.count.is_some() || args.lines {
+        return stream(&args, &client, opt, body);
     }
     let reply = if args.users.is_empty() {
         client.broadcast_opt(&broadcast_request(&args.topic, args.op, args.seq, body), opt)
@@ -110,6 +146,242 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
         if dropped.is_empty() { String::new() } else { format!(": {}", dropped.join(", ")) }
     );
     Ok(())
+}
+
+/// The messages of a stream: `--count` copies of the body, or standard input's lines.
+enum Bodies {
+    Copies { body: Vec<u8>, left: u64 },
+    Lines(std::io::BufReader<std::io::Stdin>),
+}
+
+impl Bodies {
+    /// The next body, and whether another is at hand without waiting (if not, what was fed so far
+    /// must be flushed before waiting for the input); `None` at the end.
+    fn next(&mut self) -> Option<std::io::Result<(Vec<u8>, bool)>> {
+        match self {
+            Bodies::Copies { body, left } => {
+                *left = left.checked_sub(1)?;
+                Some(Ok((body.clone(), *left > 0)))
+            }
+            Bodies::Lines(input) => {
+                let mut line = Vec::new();
+                match input.read_until(b'\n', &mut line) {
+                    Ok(0) => None,
+                    Ok(_) => {
+                        let end = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
+                        let end = line[..end].strip_suffix(b"\r").map_or(end, <[u8]>::len);
+                        line.truncate(end);
+                        Some(Ok((line, !input.buffer().is_empty())))
+                    }
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }
+    }
+}
+
+/// What a stream did so far, shared by the thread writing it, the one reading its replies and
+/// the one reporting progress.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    replied: AtomicU64,
+    /// Messages every targeted node accepted.
+    accepted: AtomicU64,
+    /// Messages at least one node dropped (queue full or closing).
+    dropped: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// How many refusals are printed one by one; the rest are only counted.
+const REFUSALS_SHOWN: u64 = 10;
+
+/// `--count`/`--lines`: opens the stream, writes the messages from a thread of its own, reads
+/// the replies here, and prints the summary.
+fn stream(args: &SendArgs, client: &PushServerClient, opt: CallOption, body: Vec<u8>) -> Result<(), SendError> {
+    let bodies = match args.count {
+        Some(left) => Bodies::Copies { body, left },
+        None => Bodies::Lines(std::io::BufReader::new(std::io::stdin())),
+    };
+    let (op, seq, rate) = (args.op, args.seq, args.rate);
+    let open_failed = |e| SendError::Rpc(describe(args, e));
+    let tally = Arc::new(Tally::default());
+    let start = Instant::now();
+    let (writer, replies) = if args.users.is_empty() {
+        let topic = args.topic.clone();
+        let (tx, rx) = client.broadcast_stream_opt(opt).map_err(open_failed)?;
+        let make = move |seq, body| broadcast_request(&topic, op, seq, body);
+        let element = |messages: Vec<_>| BroadcastStreamReq { messages: messages.into(), ..Default::default() };
+        (spawn_writer(tx, bodies, make, element, seq, rate, tally.clone()), rx)
+    } else {
+        let users = args.users.clone();
+        let (tx, rx) = client.push_users_stream_opt(opt).map_err(open_failed)?;
+        let make = move |seq, body| {
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            push_users_request(&users, op, seq, body)
+        };
+        let element = |messages: Vec<_>| PushUsersStreamReq { messages: messages.into(), ..Default::default() };
+        (spawn_writer(tx, bodies, make, element, seq, rate, tally.clone()), rx)
+    };
+    let progress = Progress::start(tally.clone(), start);
+    let read = read_replies(replies, &tally);
+    drop(progress);
+    let written = writer.join().expect("the stream's writer does not panic");
+    // The call's own status explains a failed write better than the write's error does.
+    read.map_err(|e| SendError::Rpc(describe(args, e)))?;
+    written?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let [sent, accepted, dropped, refused] =
+        [&tally.sent, &tally.accepted, &tally.dropped, &tally.refused].map(|n| n.load(Ordering::Relaxed));
+    println!(
+        "sent {sent} message(s) in {elapsed:.2} s ({:.0} messages/s): accepted by all nodes {accepted}, \
+         dropped somewhere {dropped}, refused {refused}",
+        sent as f64 / elapsed.max(1e-9)
+    );
+    match refused {
+        0 => Ok(()),
+        refused => Err(SendError::Refused { refused, sent }),
+    }
+}
+
+/// The most messages, and bytes of bodies, `send` puts in one stream element: a few hundred
+/// amortise the cost of a gRPC message; the byte bound keeps an element far below what
+/// push-manager receives in one (a larger body goes alone).
+const ELEMENT_MESSAGES: usize = 256;
+const ELEMENT_BYTES: usize = 1 << 20;
+
+/// Starts the thread writing `bodies` to the stream as `make(seq, body)`, at most `rate` per
+/// second, whatever is at hand (up to [`ELEMENT_MESSAGES`]) in one element built by `element`.
+fn spawn_writer<Req: Send + 'static, Element: Send + 'static>(
+    mut tx: ClientDuplexSender<Element>,
+    mut bodies: Bodies,
+    make: impl Fn(i32, Vec<u8>) -> Req + Send + 'static,
+    element: fn(Vec<Req>) -> Element,
+    first_seq: i32,
+    rate: Option<u64>,
+    tally: Arc<Tally>,
+) -> thread::JoinHandle<Result<(), SendError>> {
+    let body = move || {
+        // Elements leave in batches while push-manager is busy, one by one when it is not.
+        tx.enhance_batch(true);
+        let start = Instant::now();
+        block_on(async {
+            let (mut seq, mut n) = (first_seq, 0u64);
+            let (mut pending, mut pending_bytes) = (Vec::new(), 0);
+            while let Some(next) = bodies.next() {
+                let (body, more_at_hand) = next?;
+                let due = rate.map(|rate| start + Duration::from_secs_f64(n as f64 / rate as f64));
+                if let Some(wait) = due.and_then(|due| due.checked_duration_since(Instant::now())) {
+                    // What is ready leaves before the wait, not after it.
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                    tx.flush().await.map_err(ended)?;
+                    thread::sleep(wait);
+                }
+                if pending_bytes + body.len() > ELEMENT_BYTES {
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                }
+                pending_bytes += body.len();
+                pending.push(make(seq, body));
+                if !more_at_hand || pending.len() == ELEMENT_MESSAGES {
+                    send_pending(&mut tx, &mut pending, &tally, element).await?;
+                    pending_bytes = 0;
+                }
+                if !more_at_hand {
+                    tx.flush().await.map_err(ended)?;
+                }
+                (seq, n) = (seq.wrapping_add(1), n + 1);
+            }
+            send_pending(&mut tx, &mut pending, &tally, element).await?;
+            tx.close().await.map_err(ended)
+        })
+    };
+    thread::Builder::new().name("send-stream".into()).spawn(body).expect("spawning the stream's writer")
+}
+
+/// Feeds what `pending` holds to the stream as one element, if anything.
+async fn send_pending<Req, Element>(
+    tx: &mut ClientDuplexSender<Element>,
+    pending: &mut Vec<Req>,
+    tally: &Tally,
+    element: fn(Vec<Req>) -> Element,
+) -> Result<(), SendError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let count = pending.len() as u64;
+    tx.feed((element(std::mem::take(pending)), WriteFlags::default())).await.map_err(ended)?;
+    tally.sent.fetch_add(count, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A write to a stream failed: push-manager ended the call, whose status the reader reports.
+fn ended(e: grpcio::Error) -> SendError {
+    SendError::Rpc(format!("the stream ended while sending: {e}"))
+}
+
+/// Reads replies until push-manager ends the stream, counting outcomes and printing refusals.
+fn read_replies(replies: ClientDuplexReceiver<StreamReplies>, tally: &Tally) -> grpcio::Result<()> {
+    block_on(replies.try_for_each(|element| {
+        for r in element.get_replies() {
+            count_reply(r, tally);
+        }
+        futures::future::ready(Ok(()))
+    }))
+}
+
+fn count_reply(r: &StreamReply, tally: &Tally) {
+    tally.replied.fetch_add(1, Ordering::Relaxed);
+    if r.get_code() != 0 {
+        let refused = tally.refused.fetch_add(1, Ordering::Relaxed);
+        if refused < REFUSALS_SHOWN {
+            eprintln!("message {} refused ({:?}): {}", r.get_index(), RpcStatusCode::from(r.get_code()), r.get_error());
+        }
+    } else if r.get_reply().get_dropped().is_empty() {
+        tally.accepted.fetch_add(1, Ordering::Relaxed);
+    } else {
+        tally.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Prints what a stream did every second on standard error until dropped.
+struct Progress {
+    done: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(tally: Arc<Tally>, start: Instant) -> Progress {
+        let (done, stopped) = crossbeam_channel::bounded::<()>(0);
+        let ticks = crossbeam_channel::tick(Duration::from_secs(1));
+        let report = move || loop {
+            crossbeam_channel::select! {
+                recv(ticks) -> _ => {
+                    let (sent, replied) = (tally.sent.load(Ordering::Relaxed), tally.replied.load(Ordering::Relaxed));
+                    let secs = start.elapsed().as_secs_f64();
+                    eprintln!(
+                        "{secs:.0} s: sent {sent}, replied {replied} ({:.0} messages/s), refused {}",
+                        sent as f64 / secs,
+                        tally.refused.load(Ordering::Relaxed)
+                    );
+                }
+                recv(stopped) -> _ => return,
+            }
+        };
+        let thread = thread::Builder::new().name("send-progress".into()).spawn(report).expect("spawning progress");
+        Progress { done: Some(done), thread: Some(thread) }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        // Dropping the sender disconnects the channel, which ends the thread's select.
+        self.done.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The API key to send: the first of `--api-key-file`, else `PUSH_MANAGER_API_KEY`, else none.

@@ -1,22 +1,40 @@
 //! `protocol.PushServer`: validates a broadcast or a push to users and offers it to every
-//! node's queue.
+//! node's queue, one request per call or many over a stream.
 //!
-//! Both methods take the same steps, in one place ([`PushService::offer`]): the caller's key,
-//! the request's own rule, a node to deliver to, then the offer and the reply. The handlers
+//! Every method takes the same steps, in one place: the caller's key ([`PushService::admit`],
+//! once per call, so once per stream), then per message the request's own rule, a node to
+//! deliver to, the offer and the outcome ([`PushService::offer`]). A unary call turns the outcome
+//! into its reply or status; a stream turns it into one [`StreamReply`] and goes on. The handlers
 //! never block (they only `try_send`), so they run on gRPC's completion-queue threads directly.
+//!
+//! A stream element carries one message or many, answered by one `StreamReplies`: a gRPC
+//! message (a receive, a send, their completion-queue round trips and a write syscall) costs
+//! far more than offering a broadcast, so only batches let one connection publish 100k+
+//! messages per second. A stream is flow-controlled by grpcio's futures: `DuplexSink::send_all`
+//! asks for the next element only once the sink can take the previous replies, so a caller
+//! publishing faster than the replies drain (or one that stops reading them) is held back by
+//! HTTP/2 flow control, and push-manager holds the replies of an element or two per stream. A
+//! message the node queues cannot take is reported `dropped`, as in unary, never waited for.
 
 use std::sync::Arc;
 
-use grpcio::{RpcContext, RpcStatus, RpcStatusCode, UnarySink};
+use futures::{FutureExt, SinkExt, StreamExt};
+use grpcio::{DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode, UnarySink, WriteFlags};
 use log::debug;
 
 use super::fanout::Fanout;
 use super::message::Outgoing;
 use crate::auth::KeyFile;
 use crate::discovery;
-use crate::proto::protocol::{BroadCastReply, BroadCastReq, PushUsersReq};
+use crate::proto::protocol::{
+    BroadCastReply, BroadCastReq, BroadcastStreamReq, PushUsersReq, PushUsersStreamReq, StreamReplies, StreamReply,
+};
 use crate::proto::protocol_grpc::PushServer;
 use crate::proto::{users_broadcast, validate_broadcast, validate_push_users};
+
+/// The most messages one stream element may carry: bounds the replies built for one element
+/// (and the work done before the next reply can leave) whatever the element's byte size.
+pub(crate) const MAX_STREAM_ELEMENT: usize = 1024;
 
 #[derive(Clone)]
 pub(crate) struct PushService {
@@ -32,41 +50,117 @@ pub(crate) struct PushService {
 }
 
 impl PushService {
-    /// Authenticates the caller, then checks the request with `validate` (which also turns it
-    /// into what the nodes are sent), then offers that to every node and replies how it went.
-    /// `what` names the request in logs and in the no-node refusal.
+    /// Whether the caller may call at all: its API key, when keys are required. `what` names the
+    /// call in the log.
+    fn admit(&self, ctx: &RpcContext, what: &str) -> Result<(), RpcStatus> {
+        match self.api_keys.as_ref().map(|keys| keys.check(ctx.request_headers())) {
+            Some(Err(refusal)) => {
+                debug!("refused a {what} from {}: {refusal}", ctx.peer());
+                Err(RpcStatus::with_message(RpcStatusCode::UNAUTHENTICATED, refusal.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks one message with `validate` (which also turns it into what the nodes are sent),
+    /// then offers that to every node and says how it went. `what` names the message in the
+    /// no-node refusal.
     fn offer(
         &self,
-        ctx: RpcContext,
-        sink: UnarySink<BroadCastReply>,
         what: &str,
         validate: impl FnOnce() -> Result<BroadCastReq, String>,
-    ) {
-        if let Some(Err(refusal)) = self.api_keys.as_ref().map(|keys| keys.check(ctx.request_headers())) {
-            debug!("refused a {what} from {}: {refusal}", ctx.peer());
-            ctx.spawn(reply_error(sink, RpcStatusCode::UNAUTHENTICATED, refusal.to_string()));
-            return;
-        }
-        let req = match validate() {
-            Ok(req) => req,
-            Err(msg) => {
-                debug!("refused a {what} from {}: {msg}", ctx.peer());
-                ctx.spawn(reply_error(sink, RpcStatusCode::INVALID_ARGUMENT, msg));
-                return;
-            }
-        };
+    ) -> Result<BroadCastReply, RpcStatus> {
+        let req = validate().map_err(|msg| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, msg))?;
         if self.fanout.node_count() == 0 {
-            ctx.spawn(reply_error(sink, RpcStatusCode::UNAVAILABLE, self.no_node(what)));
-            return;
+            return Err(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, self.no_node(what)));
         }
         let report = self.fanout.offer(&Outgoing::new(&req));
         let mut reply = BroadCastReply::new();
         reply.set_targeted(report.targeted);
         reply.set_accepted(report.accepted);
         reply.set_dropped(report.dropped.into());
+        Ok(reply)
+    }
+
+    /// A unary call: admits the caller, offers its one message, and replies.
+    fn unary(
+        &self,
+        ctx: RpcContext,
+        sink: UnarySink<BroadCastReply>,
+        what: &str,
+        validate: impl FnOnce() -> Result<BroadCastReq, String>,
+    ) {
+        let outcome = self.admit(&ctx, what).and_then(|()| self.offer(what, validate));
+        // The caller may have gone away; nothing to do about it.
+        match outcome {
+            Ok(reply) => ctx.spawn(sink.success(reply).map(drop)),
+            Err(status) => {
+                if status.code() == RpcStatusCode::INVALID_ARGUMENT {
+                    debug!("refused a {what} from {}: {}", ctx.peer(), status.message());
+                }
+                ctx.spawn(sink.fail(status).map(drop))
+            }
+        }
+    }
+
+    /// A stream: admits the caller once, then answers each element with the outcome of each of
+    /// its messages, in order, until the caller closes its side (the stream then ends with OK),
+    /// sends an element of more than [`MAX_STREAM_ELEMENT`] messages, or goes away.
+    fn stream<Element: Send + 'static, Req: Send + 'static>(
+        &self,
+        ctx: RpcContext,
+        elements: RequestStream<Element>,
+        mut sink: DuplexSink<StreamReplies>,
+        what: &'static str,
+        messages: fn(Element) -> Vec<Req>,
+        validate: fn(&PushService, Req) -> Result<BroadCastReq, String>,
+    ) {
+        if let Err(status) = self.admit(&ctx, what) {
+            // Dropping an unfinished request stream cancels the call, which would replace the
+            // status by CANCELLED: it goes only once the status is out.
+            ctx.spawn(sink.fail(status).map(move |_| drop(elements)));
+            return;
+        }
+        let service = self.clone();
+        let mut index = 0;
+        let mut replies = elements.map(move |element| {
+            let batch = messages(element?);
+            if batch.len() > MAX_STREAM_ELEMENT {
+                let msg = format!("a stream element holds {} messages; the limit is {MAX_STREAM_ELEMENT}", batch.len());
+                return Err(grpcio::Error::RpcFinished(Some(RpcStatus::with_message(
+                    RpcStatusCode::INVALID_ARGUMENT,
+                    msg,
+                ))));
+            }
+            let mut out = StreamReplies::new();
+            out.set_replies(
+                batch
+                    .into_iter()
+                    .map(|req| {
+                        let reply = stream_reply(index, service.offer(what, || validate(&service, req)));
+                        index += 1;
+                        reply
+                    })
+                    .collect(),
+            );
+            Ok((out, WriteFlags::default()))
+        });
+        // Replies leave in batches when they queue up, one at a time when they do not.
+        sink.enhance_batch(true);
+        let peer = ctx.peer();
         ctx.spawn(async move {
-            // The caller may have gone away; nothing to do about it.
-            let _ = sink.success(reply).await;
+            let sent = sink.send_all(&mut replies).await;
+            let ended = match sent {
+                Ok(()) => sink.close().await,
+                Err(grpcio::Error::RpcFinished(Some(status))) => {
+                    debug!("ended a {what} stream from {peer}: {}", status.message());
+                    sink.fail(status).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ended {
+                debug!("a {what} stream from {peer} ended early: {e}");
+            }
         });
     }
 
@@ -86,22 +180,56 @@ impl PushService {
             )
         }
     }
+
+    fn check_broadcast(&self, req: BroadCastReq) -> Result<BroadCastReq, String> {
+        validate_broadcast(&req, self.max_message_bytes).map(|()| req)
+    }
+
+    fn check_push_users(&self, req: PushUsersReq) -> Result<BroadCastReq, String> {
+        validate_push_users(&req, self.max_message_bytes, self.max_push_users).map(|()| users_broadcast(&req))
+    }
+}
+
+/// The reply to message `index` of a stream, whatever its outcome.
+fn stream_reply(index: u64, outcome: Result<BroadCastReply, RpcStatus>) -> StreamReply {
+    let mut reply = StreamReply::new();
+    reply.set_index(index);
+    match outcome {
+        Ok(offered) => reply.set_reply(offered),
+        Err(status) => {
+            reply.set_code(status.code().into());
+            reply.set_error(status.message().to_string());
+        }
+    }
+    reply
 }
 
 impl PushServer for PushService {
     fn broadcast(&mut self, ctx: RpcContext, req: BroadCastReq, sink: UnarySink<BroadCastReply>) {
-        let max_body = self.max_message_bytes;
-        self.offer(ctx, sink, "broadcast", || validate_broadcast(&req, max_body).map(|()| req));
+        self.unary(ctx, sink, "broadcast", || self.check_broadcast(req));
     }
 
     fn push_users(&mut self, ctx: RpcContext, req: PushUsersReq, sink: UnarySink<BroadCastReply>) {
-        let (max_body, max_users) = (self.max_message_bytes, self.max_push_users);
-        self.offer(ctx, sink, "push", || {
-            validate_push_users(&req, max_body, max_users).map(|()| users_broadcast(&req))
-        });
+        self.unary(ctx, sink, "push", || self.check_push_users(req));
     }
-}
 
-async fn reply_error(sink: UnarySink<BroadCastReply>, code: RpcStatusCode, msg: String) {
-    let _ = sink.fail(RpcStatus::with_message(code, msg)).await;
+    fn broadcast_stream(
+        &mut self,
+        ctx: RpcContext,
+        elements: RequestStream<BroadcastStreamReq>,
+        sink: DuplexSink<StreamReplies>,
+    ) {
+        let messages = |mut e: BroadcastStreamReq| e.take_messages().into_vec();
+        self.stream(ctx, elements, sink, "broadcast", messages, PushService::check_broadcast);
+    }
+
+    fn push_users_stream(
+        &mut self,
+        ctx: RpcContext,
+        elements: RequestStream<PushUsersStreamReq>,
+        sink: DuplexSink<StreamReplies>,
+    ) {
+        let messages = |mut e: PushUsersStreamReq| e.take_messages().into_vec();
+        self.stream(ctx, elements, sink, "push", messages, PushService::check_push_users);
+    }
 }
