@@ -100,7 +100,7 @@ impl Handshaking {
             Some(tls) => (Transport::tls(stream, tls).map_err(io::Error::other)?, None),
             None => {
                 let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
-                (Transport::Plain(stream), Some(answer))
+                (Transport::plain(stream), Some(answer))
             }
         };
         registry.register(stream.socket_mut(), token, Interest::READABLE | Interest::WRITABLE)?;
