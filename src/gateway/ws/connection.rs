@@ -13,7 +13,8 @@
 //!
 //! Frames leave in batches: tungstenite passes each one straight to the [`Transport`], which
 //! gathers them until [`Connection::flush`] (once per turn of the loop, after the inbox is
-//! drained) or [`WRITE_BATCH`] bytes, whichever comes first, and writes them in one syscall. A
+//! drained) or `--ws-write-bytes` are queued, whichever comes first, and writes them in one
+//! syscall (several if the batch holds more than that). A
 //! frame alone in its turn goes out in that turn; frames that arrive together leave together.
 
 use std::collections::VecDeque;
@@ -35,10 +36,8 @@ use crate::gateway::stats::Stats;
 
 /// How long a connection we are closing may take to take its close frame and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
-/// Most bytes of queued frames written in one syscall: a connection with this much queued
-/// writes it at once, and a flush writes what is queued in batches of it. Bounds the buffer a
-/// connection holds while it writes (it is given back once written out).
-pub(crate) const WRITE_BATCH: usize = 32 << 10;
+/// The largest `--ws-write-bytes`: what a connection's transport may gather for one write.
+pub(crate) const MAX_WRITE_BATCH: usize = 256 << 10;
 /// A message longer than this goes out in fragments of this size, so that it takes no more of
 /// tungstenite's write buffer than one fragment.
 const FRAGMENT_BYTES: usize = 4096;
@@ -87,7 +86,8 @@ pub(crate) enum Read {
 enum Batches {
     /// Everything (the end of a turn, a flush).
     All,
-    /// Only whole [`WRITE_BATCH`]es, leaving the rest for the flush at the end of the turn.
+    /// Only whole batches of `write_bytes`, leaving the rest for the flush at the end of the
+    /// turn.
     Full,
 }
 
@@ -136,6 +136,8 @@ pub(crate) struct Connection {
     dirty: bool,
     /// Frames started since the last [`Connection::report`].
     frames: u64,
+    /// Most bytes of queued frames per write (`--ws-write-bytes`).
+    write_bytes: usize,
     last_seen: Instant,
     last_ping: Instant,
     phase: Phase,
@@ -146,7 +148,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(ws: WebSocket<Transport>) -> Connection {
+    pub(crate) fn new(ws: WebSocket<Transport>, write_bytes: usize) -> Connection {
         let now = Instant::now();
         Connection {
             ws,
@@ -157,6 +159,7 @@ impl Connection {
             blocked: false,
             dirty: false,
             frames: 0,
+            write_bytes,
             last_seen: now,
             last_ping: now,
             phase: Phase::Active,
@@ -263,7 +266,7 @@ impl Connection {
             return Ok(Next::Drop);
         }
         // A full batch need not wait for the end of the turn.
-        if self.queued >= WRITE_BATCH && self.pump(stats, Batches::Full) == Next::Drop {
+        if self.queued >= self.write_bytes && self.pump(stats, Batches::Full) == Next::Drop {
             return Ok(Next::Drop);
         }
         Ok(self.mark_dirty())
@@ -292,11 +295,11 @@ impl Connection {
             return Next::Drop;
         }
         while !self.blocked && !self.queue.is_empty() {
-            if batches == Batches::Full && self.queued < WRITE_BATCH {
+            if batches == Batches::Full && self.queued < self.write_bytes {
                 break;
             }
             let mut batch = 0;
-            while batch < WRITE_BATCH && !self.blocked {
+            while batch < self.write_bytes && !self.blocked {
                 let Some((message, len)) = self.next_frame() else { break };
                 batch += len;
                 self.queued -= len;
@@ -520,7 +523,7 @@ mod tests {
         let config = super::super::websocket_config(1 << 20);
         let socket = Transport::plain(mio::net::TcpStream::from_std(server));
         let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
-        (Connection::new(ws), client)
+        (Connection::new(ws, crate::gateway::Config::default().ws_write_bytes), client)
     }
 
     /// Reads one frame off the raw client socket: (FIN, opcode, payload).
@@ -650,9 +653,9 @@ mod tests {
             let _ = conn.enqueue(&numbered(i, LEN), 1 << 20, &stats).unwrap();
         }
         assert_eq!(conn.flush(&stats), Next::Keep);
-        // A write takes frames until WRITE_BATCH bytes of them: no fewer writes than that
+        // A write takes frames until `write_bytes` bytes of them: no fewer writes than that
         // allows, and no more.
-        let per_write = WRITE_BATCH.div_ceil(LEN);
+        let per_write = conn.write_bytes.div_ceil(LEN);
         assert_eq!(writes(&stats), FRAMES.div_ceil(per_write) as u64, "{FRAMES} frames of {LEN} bytes");
         assert_eq!(stats.frames_sent.load(std::sync::atomic::Ordering::Relaxed), FRAMES as u64);
         for i in 0..FRAMES {

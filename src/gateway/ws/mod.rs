@@ -49,6 +49,7 @@ use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BU
 use handshake::{Handshaking, Opening, RefusedBy, Step};
 use subscriptions::Subscriptions;
 
+pub(crate) use connection::MAX_WRITE_BATCH;
 pub(crate) use handshake::{http_response, WS_PATH};
 
 /// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
@@ -74,6 +75,8 @@ pub(crate) struct LoopConfig {
     pong_timeout: Duration,
     /// How long a busy loop may hold writes back for more deliveries to share them; zero: never.
     write_delay: Duration,
+    /// Bytes of queued frames per write.
+    write_bytes: usize,
     /// Time a socket has to complete its handshake.
     handshake_timeout: Duration,
     /// Topic length and count limits, for query strings and commands.
@@ -90,6 +93,7 @@ impl LoopConfig {
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
             write_delay: config.ws_write_delay,
+            write_bytes: config.ws_write_bytes,
             handshake_timeout: config.handshake_timeout,
             limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
             gatekeeper,
@@ -723,6 +727,7 @@ mod tests {
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
             write_delay: Duration::ZERO,
+            write_bytes: 4096,
             handshake_timeout: Duration::from_secs(10),
             limits: TopicLimits { max_len: 8, max_per_connection: 2 },
             gatekeeper: Arc::new(Gatekeeper::open()),

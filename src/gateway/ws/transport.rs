@@ -27,16 +27,20 @@ use std::sync::Arc;
 use mio::net::TcpStream;
 use rustls::{ServerConfig, ServerConnection};
 
-use super::connection::{MAX_WRITE_BUFFER, WRITE_BATCH};
+use super::connection::{MAX_WRITE_BATCH, MAX_WRITE_BUFFER};
 
 /// Most bytes rustls may hold for a connection's outgoing side (plaintext waiting for the
 /// handshake, or records the socket has not taken), as tungstenite's own write buffer is held to
 /// `MAX_WRITE_BUFFER`: past it writes return `WouldBlock`, frames wait in the connection's queue,
 /// and `max_out_buffer` judges a slow TLS client as it does a plaintext one.
 const TLS_BUFFER_LIMIT: usize = MAX_WRITE_BUFFER;
-/// Most bytes `out` holds before `write` first tries the socket: a batch, the frame or fragment
-/// that passed it and a control frame.
-const OUT_LIMIT: usize = 2 * WRITE_BATCH;
+/// Most bytes `out` holds before `write` first tries the socket: the largest batch, the frame or
+/// fragment that passed it and a control frame. The connection flushes at its batch size, so
+/// only a batch the socket refused comes near it.
+const OUT_LIMIT: usize = 2 * MAX_WRITE_BATCH;
+/// What `out` starts with: room for a batch of small frames at the default size without
+/// growing, without taking the largest batch's worth for a lone frame.
+const OUT_START: usize = 16 << 10;
 
 /// A connection's stream, plaintext or TLS, and what was written to it but not yet flushed.
 pub(crate) struct Transport {
@@ -254,8 +258,8 @@ impl Write for Transport {
             }
         }
         if self.out.capacity() == 0 {
-            // One allocation for the whole batch rather than a doubling every few frames.
-            self.out.reserve(WRITE_BATCH);
+            // One allocation for most batches rather than a doubling every few frames.
+            self.out.reserve(OUT_START);
         }
         let taken = buf.len().min(OUT_LIMIT - self.out.len());
         self.out.extend_from_slice(&buf[..taken]);
