@@ -132,6 +132,13 @@ pub struct NodeArgs {
     /// Also refuse upgrade requests without an Origin header (non-browser clients send none).
     #[arg(long)]
     pub require_origin: bool,
+    /// While deliveries keep coming, how long an event loop may hold writes back so more frames
+    /// share each syscall (at most 100ms); 0 never waits. A delivery to an idle node never waits.
+    #[arg(long, default_value_t = Config::default().ws_write_delay.into(), value_parser = parse_duration)]
+    pub ws_write_delay: humantime::Duration,
+    /// Most bytes of queued frames one connection writes in one syscall (1024..=262144).
+    #[arg(long, default_value_t = Config::default().ws_write_bytes)]
+    pub ws_write_bytes: usize,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -173,6 +180,8 @@ impl NodeArgs {
                 max_push_users: self.max_push_users,
                 reorder_hold: self.reorder_hold.into(),
                 reorder_hold_messages: self.reorder_hold_messages,
+                ws_write_delay: self.ws_write_delay.into(),
+                ws_write_bytes: self.ws_write_bytes,
             },
             etcd: self.registry.config()?,
             prefix: self.registry.prefix.clone(),

@@ -124,7 +124,22 @@ pub struct Config {
     /// Default 4096: more than push-manager keeps in flight to one node with default flags
     /// (`--queue-size` 1000 plus `--routine-size` 10 times `--batch-max` 64).
     pub reorder_hold_messages: usize,
+    /// `--ws-write-delay`: while deliveries keep coming to an event loop (one turn of it after
+    /// another, each within this of the last), how long it may hold its connections' writes
+    /// back so that more frames share each syscall; a connection with `ws_write_bytes` queued
+    /// writes at once all the same. A delivery to an idle loop is written in the turn
+    /// it arrives, so light traffic never waits. Zero: never wait. At most
+    /// [`MAX_WS_WRITE_DELAY`]. Default 1 ms.
+    pub ws_write_delay: Duration,
+    /// `--ws-write-bytes`: most bytes of queued frames a connection writes in one syscall; one
+    /// with this much queued writes at once, without waiting for the end of the loop's turn or
+    /// `ws_write_delay`. The buffer it takes is given back once written out. 1 KiB..=256 KiB.
+    /// Default 32 KiB.
+    pub ws_write_bytes: usize,
 }
+
+/// Longest `--ws-write-delay`: beyond it the wait would be felt as latency, not saved as CPU.
+pub(crate) const MAX_WS_WRITE_DELAY: Duration = Duration::from_millis(100);
 
 impl Default for Config {
     fn default() -> Config {
@@ -158,6 +173,8 @@ impl Default for Config {
             max_push_users: 1000,
             reorder_hold: Duration::from_secs(1),
             reorder_hold_messages: 4096,
+            ws_write_delay: Duration::from_millis(1),
+            ws_write_bytes: 32 << 10,
         }
     }
 }
@@ -237,6 +254,17 @@ impl Config {
         }
         if let Some(ws_tls) = &self.ws_tls {
             ws_tls.server_config()?;
+        }
+        if self.ws_write_delay > MAX_WS_WRITE_DELAY {
+            return bad(format!(
+                "--ws-write-delay must be at most {} (0 never waits), got {}",
+                humantime::format_duration(MAX_WS_WRITE_DELAY),
+                humantime::format_duration(self.ws_write_delay)
+            ));
+        }
+        let max_write_bytes = super::ws::MAX_WRITE_BATCH;
+        if !(1024..=max_write_bytes).contains(&self.ws_write_bytes) {
+            return bad(format!("--ws-write-bytes must be 1024..={max_write_bytes}, got {}", self.ws_write_bytes));
         }
         check_duration("--reorder-hold", self.reorder_hold)?;
         if self.reorder_hold.is_zero() {
@@ -474,6 +502,11 @@ mod tests {
         check(Config { reorder_hold: Duration::ZERO, ..local() }, "--reorder-hold");
         check(Config { reorder_hold: Duration::MAX, ..local() }, "--reorder-hold");
         check(Config { reorder_hold_messages: 0, ..local() }, "--reorder-hold-messages");
+        check(Config { ws_write_delay: MAX_WS_WRITE_DELAY + Duration::from_nanos(1), ..local() }, "--ws-write-delay");
+        Config { ws_write_delay: Duration::ZERO, ..local() }.validate().expect("0: never wait");
+        Config { ws_write_delay: MAX_WS_WRITE_DELAY, ..local() }.validate().unwrap();
+        check(Config { ws_write_bytes: 1023, ..local() }, "--ws-write-bytes");
+        check(Config { ws_write_bytes: (256 << 10) + 1, ..local() }, "--ws-write-bytes");
     }
 
     #[test]

@@ -40,8 +40,32 @@ pub(crate) enum Audience {
 pub(crate) enum LoopMsg {
     /// A freshly accepted socket for the loop to shake hands with and own.
     Accepted(mio::net::TcpStream),
-    /// A broadcast to fan out to the loop's matching connections.
-    Publish(Arc<EncodedBroadcast>),
+    /// Broadcasts to fan out to the loop's matching connections, in order: one from a unary
+    /// call, a whole `BroadcastBatch` from push-manager, so that a batch reaches each loop as one
+    /// hand-off and leaves each connection in as few writes as its bytes allow.
+    Publish(Arc<[EncodedBroadcast]>),
+}
+
+/// What waits in one loop's inbox, for admission: added by the hub before sending, taken off by
+/// the loop as it takes each batch.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    /// Broadcasts (not batches) waiting.
+    pub(crate) broadcasts: AtomicUsize,
+    /// Bytes of their frames.
+    pub(crate) bytes: AtomicUsize,
+}
+
+impl Backlog {
+    fn add(&self, broadcasts: usize, bytes: usize) {
+        self.broadcasts.fetch_add(broadcasts, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(&self, broadcasts: usize, bytes: usize) {
+        self.broadcasts.fetch_sub(broadcasts, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// The way into one event loop: its inbound channel and the waker that interrupts its poll.
@@ -52,9 +76,8 @@ pub(crate) struct LoopHandle {
     /// Set by the first sender after the loop last looked at its queue; only that sender pays
     /// for the wake-up syscall. The loop clears it *before* draining the queue.
     pub(crate) wake_pending: Arc<AtomicBool>,
-    /// Bytes of message frames in `tx` not yet taken by the loop: added here before sending,
-    /// taken off by the loop as it takes each one.
-    pub(crate) queued_bytes: Arc<AtomicUsize>,
+    /// Broadcasts and bytes of frames in `tx` not yet taken by the loop.
+    pub(crate) backlog: Arc<Backlog>,
 }
 
 impl LoopHandle {
@@ -143,8 +166,8 @@ impl Hub {
     /// Called before publishing, so a refused batch delivers nothing; the queues can still pass
     /// the limits by what broadcasts admitted meanwhile carry.
     pub(crate) fn admit(&self) -> Result<(), String> {
-        let backlog = self.loops.iter().map(|l| l.tx.len()).max().unwrap_or(0);
-        let bytes = self.loops.iter().map(|l| l.queued_bytes.load(Ordering::Relaxed)).max().unwrap_or(0);
+        let backlog = self.loops.iter().map(|l| l.backlog.broadcasts.load(Ordering::Relaxed)).max().unwrap_or(0);
+        let bytes = self.loops.iter().map(|l| l.backlog.bytes.load(Ordering::Relaxed)).max().unwrap_or(0);
         let why = if backlog >= self.limits.deliveries {
             format!(
                 "{backlog} deliveries wait in one of its event loops (limit {}, --max-loop-backlog)",
@@ -169,6 +192,39 @@ impl Hub {
     /// Returns the connections it was fanned out to: the count at this moment (a connection
     /// subscribing, authenticating or leaving concurrently may or may not be among them).
     pub fn publish(&self, msg: &BroadCastReq) -> u64 {
+        self.publish_batch(std::slice::from_ref(msg))
+    }
+
+    /// [`Hub::publish`] for each of `messages`, in order, handed to each event loop as one
+    /// message: the loop fans the whole batch out before it writes, so each connection gets it
+    /// in as few writes as the bytes allow. Returns the deliveries over all of them.
+    pub fn publish_batch(&self, messages: &[BroadCastReq]) -> u64 {
+        if messages.is_empty() {
+            return 0;
+        }
+        let mut delivered = 0;
+        let batch: Arc<[EncodedBroadcast]> = messages
+            .iter()
+            .map(|msg| {
+                let (broadcast, count) = self.encode(msg);
+                delivered += count;
+                broadcast
+            })
+            .collect();
+        let bytes = batch.iter().map(|b| b.frame.len()).sum();
+        let _order = self.order.lock();
+        for handle in &self.loops {
+            handle.backlog.add(batch.len(), bytes);
+            // A loop that is gone (gateway shutting down) has no connections left to reach.
+            if !handle.send(LoopMsg::Publish(batch.clone())) {
+                handle.backlog.sub(batch.len(), bytes);
+            }
+        }
+        delivered
+    }
+
+    /// One broadcast's audience and frame, and how many connections it reaches now.
+    fn encode(&self, msg: &BroadCastReq) -> (EncodedBroadcast, u64) {
         Stats::inc(&self.stats.messages_received);
         let (audience, delivered, frame) = if !msg.get_user_ids().is_empty() {
             Stats::inc(&self.stats.direct_received);
@@ -181,17 +237,7 @@ impl Hub {
             let topic = msg.get_topic();
             (Audience::Topic(topic.into()), self.counts.topics.get(topic), protocol::encode_message_frame(msg))
         };
-        let broadcast = Arc::new(EncodedBroadcast { audience, frame: Utf8Bytes::from(frame) });
-        let bytes = broadcast.frame.len();
-        let _order = self.order.lock();
-        for handle in &self.loops {
-            handle.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-            // A loop that is gone (gateway shutting down) has no connections left to reach.
-            if !handle.send(LoopMsg::Publish(broadcast.clone())) {
-                handle.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            }
-        }
-        delivered
+        (EncodedBroadcast { audience, frame: Utf8Bytes::from(frame) }, delivered)
     }
 
     /// WebSocket connections currently open (past the handshake, not closing).

@@ -25,7 +25,7 @@ mod stats;
 mod ws;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};
-use hub::{BacklogLimits, LoopHandle, SharedCounts};
+use hub::{Backlog, BacklogLimits, LoopHandle, SharedCounts};
 use sequencer::{HoldLimits, Sequencer};
 use service::Activity;
 use stats::Stats;
@@ -285,20 +285,20 @@ fn spawn_loop(
     // channel: a full channel would make the publisher block or drop half a fan-out.
     let (tx, inbox) = crossbeam_channel::unbounded();
     let wake_pending = Arc::new(AtomicBool::new(false));
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let backlog = Arc::new(Backlog::default());
     let parts = LoopParts {
         poll,
         waker: waker.clone(),
         inbox,
         wake_pending: wake_pending.clone(),
-        inbox_bytes: queued_bytes.clone(),
+        backlog: backlog.clone(),
         counts,
         stats,
         config: LoopConfig::new(config, gatekeeper),
         tls,
     };
     let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
-    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, queued_bytes }))
+    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, backlog }))
 }
 
 /// The wake-up that makes a thread sleeping in a mio poll look at its stop channel.
@@ -320,7 +320,7 @@ fn spawn_sweep(sequencer: Arc<Sequencer>, hub: Arc<Hub>) -> Result<StoppableThre
     Ok(StoppableThread::spawn("seq-sweep", move |stop| loop {
         crossbeam_channel::select! {
             recv(stop) -> _ => return,
-            recv(ticks) -> _ => sequencer.sweep(Instant::now(), |m| hub.publish(m)),
+            recv(ticks) -> _ => sequencer.sweep(Instant::now(), |batch| hub.publish_batch(batch)),
         }
     })?)
 }

@@ -15,7 +15,8 @@
 //! [`FORGET_IDLE_SENDER`] are forgotten, so restarts of push-manager do not add up.
 //!
 //! Publishing happens under the sender's lock, which is what keeps the order; it never blocks
-//! (the hub only queues). Time is passed in, so the rules are tested without clocks.
+//! (the hub only queues). What one call releases is published as one batch, so that a batch
+//! from push-manager stays one batch on the way to the event loops. Time is passed in, so the rules are tested without clocks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -87,19 +88,33 @@ impl std::fmt::Display for SkipReason {
 }
 
 /// What the rules act on for one sender: its state, the counters, and where released messages go.
-struct Apply<'a, P: FnMut(&BroadCastReq) -> u64> {
+struct Apply<'a, P: FnMut(&[BroadCastReq]) -> u64> {
     state: &'a mut SenderState,
     sender: &'a [u8],
     stats: &'a Stats,
     publish: P,
     now: Instant,
+    /// Released in this call, in order, published together by [`Apply::finish`].
+    released: Vec<BroadCastReq>,
     /// Deliveries the hub reported for what was published.
     delivered: u64,
 }
 
-impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
-    fn publish(&mut self, msg: &BroadCastReq) {
-        self.delivered += (self.publish)(msg);
+impl<'a, P: FnMut(&[BroadCastReq]) -> u64> Apply<'a, P> {
+    fn new(state: &'a mut SenderState, sender: &'a [u8], stats: &'a Stats, publish: P, now: Instant) -> Self {
+        Apply { state, sender, stats, publish, now, released: Vec::new(), delivered: 0 }
+    }
+
+    fn publish(&mut self, msg: BroadCastReq) {
+        self.released.push(msg);
+    }
+
+    /// Publishes what was released, still under the sender's lock: the order is kept.
+    fn finish(mut self) -> u64 {
+        if !self.released.is_empty() {
+            self.delivered += (self.publish)(&self.released);
+        }
+        self.delivered
     }
 
     /// Publishes what is held right behind `next`, and restarts the gap clock for what remains.
@@ -110,7 +125,7 @@ impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
                 break;
             }
             let msg = entry.remove();
-            self.publish(&msg);
+            self.publish(msg);
             self.state.next += 1;
             released = true;
         }
@@ -130,7 +145,7 @@ impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
             match self.state.held.first_key_value() {
                 Some((&seq, _)) if seq == self.state.next => {
                     let msg = self.state.held.remove(&seq).expect("just seen");
-                    self.publish(&msg);
+                    self.publish(msg);
                     self.state.next += 1;
                 }
                 first => {
@@ -152,7 +167,7 @@ impl<P: FnMut(&BroadCastReq) -> u64> Apply<'_, P> {
         if seq < self.state.next || self.state.held.contains_key(&seq) {
             Stats::inc(&self.stats.duplicate_messages);
         } else if seq == self.state.next {
-            self.publish(&msg);
+            self.publish(msg);
             self.state.next += 1;
             self.release();
         } else {
@@ -192,7 +207,7 @@ impl Sequencer {
         sequence: &Sequence,
         messages: Vec<BroadCastReq>,
         now: Instant,
-        publish: impl FnMut(&BroadCastReq) -> u64,
+        publish: impl FnMut(&[BroadCastReq]) -> u64,
     ) -> u64 {
         let sender = sequence.get_sender();
         let low_water = sequence.get_low_water();
@@ -213,7 +228,7 @@ impl Sequencer {
         // ten minutes, then this batch) is applied here and starts afresh with its next batch.
         let mut state = state.lock();
         state.last_seen = now;
-        let mut apply = Apply { state: &mut state, sender, stats: &self.stats, publish, now, delivered: 0 };
+        let mut apply = Apply::new(&mut state, sender, &self.stats, publish, now);
         if low_water > apply.state.next {
             apply.skip_to(low_water, SkipReason::SenderGaveUp);
         }
@@ -221,10 +236,10 @@ impl Sequencer {
             apply.take(seq, msg);
         }
         self.enforce_message_limit(&mut apply);
-        apply.delivered
+        apply.finish()
     }
 
-    fn enforce_message_limit<P: FnMut(&BroadCastReq) -> u64>(&self, apply: &mut Apply<'_, P>) {
+    fn enforce_message_limit<P: FnMut(&[BroadCastReq]) -> u64>(&self, apply: &mut Apply<'_, P>) {
         while apply.state.held.len() > self.limits.messages {
             let first = *apply.state.held.keys().next().expect("more than the limit, so not empty");
             apply.skip_to(first, SkipReason::HoldMessages);
@@ -233,15 +248,15 @@ impl Sequencer {
 
     /// Skips every gap open for the hold time (publishing what waited behind it) and forgets
     /// senders idle for [`FORGET_IDLE_SENDER`].
-    pub(crate) fn sweep(&self, now: Instant, mut publish: impl FnMut(&BroadCastReq) -> u64) {
+    pub(crate) fn sweep(&self, now: Instant, mut publish: impl FnMut(&[BroadCastReq]) -> u64) {
         let mut senders = self.senders.lock();
         senders.retain(|sender, state| {
             let mut state = state.lock();
             if state.gap_since.is_some_and(|since| now.saturating_duration_since(since) >= self.limits.time) {
                 let first = *state.held.keys().next().expect("a gap has something held behind it");
-                let mut apply =
-                    Apply { state: &mut state, sender, stats: &self.stats, publish: &mut publish, now, delivered: 0 };
+                let mut apply = Apply::new(&mut state, sender, &self.stats, &mut publish, now);
                 apply.skip_to(first, SkipReason::HoldTime);
+                apply.finish();
             }
             let idle = state.held.is_empty() && now.saturating_duration_since(state.last_seen) >= FORGET_IDLE_SENDER;
             if idle {
@@ -295,17 +310,17 @@ mod tests {
             let messages = seqs.iter().map(|s| body(&format!("{}{s}", sender[0] as char))).collect();
             validate(&sequence, seqs.len()).unwrap();
             let published = &mut self.published;
-            self.seq.apply(&sequence, messages, self.now, |m| {
-                published.push(String::from_utf8(m.get_proto().get_body().to_vec()).unwrap());
-                1
+            self.seq.apply(&sequence, messages, self.now, |batch| {
+                published.extend(batch.iter().map(|m| String::from_utf8(m.get_proto().get_body().to_vec()).unwrap()));
+                batch.len() as u64
             })
         }
 
         fn sweep(&mut self) {
             let published = &mut self.published;
-            self.seq.sweep(self.now, |m| {
-                published.push(String::from_utf8(m.get_proto().get_body().to_vec()).unwrap());
-                1
+            self.seq.sweep(self.now, |batch| {
+                published.extend(batch.iter().map(|m| String::from_utf8(m.get_proto().get_body().to_vec()).unwrap()));
+                batch.len() as u64
             });
         }
 

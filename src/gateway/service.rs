@@ -123,14 +123,15 @@ impl ConnectNode for ConnectNodeService {
         let received = batch.get_messages().len();
         // Without a sequence (an older push-manager, a tool): delivered as it comes.
         if !batch.has_sequence() {
-            let delivered = batch.get_messages().iter().map(|m| self.hub.publish(m)).sum();
+            let delivered = self.hub.publish_batch(batch.get_messages());
             return succeed(&ctx, sink, received as u32, delivered);
         }
         if let Err(why) = sequencer::validate(batch.get_sequence(), received) {
             return fail(&ctx, sink, RpcStatusCode::INVALID_ARGUMENT, why);
         }
         let messages = batch.take_messages().into_vec();
-        let delivered = self.sequencer.apply(batch.get_sequence(), messages, Instant::now(), |m| self.hub.publish(m));
+        let now = Instant::now();
+        let delivered = self.sequencer.apply(batch.get_sequence(), messages, now, |m| self.hub.publish_batch(m));
         succeed(&ctx, sink, received as u32, delivered);
     }
 }

@@ -29,6 +29,7 @@ pub(crate) struct Stats {
     pub(crate) held_messages: AtomicU64,
     pub(crate) duplicate_messages: AtomicU64,
     pub(crate) skipped_messages: AtomicU64,
+    pub(crate) socket_writes: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -95,6 +96,9 @@ pub struct StatsSnapshot {
     pub skipped_messages: u64,
     /// Sequenced messages waiting behind a gap right now (a gauge).
     pub held_now: u64,
+    /// `write` calls that reached a WebSocket client's socket (on `wss://`, vectored writes of
+    /// TLS records): against `frames_sent`, how many frames share a syscall.
+    pub socket_writes: u64,
 }
 
 impl Stats {
@@ -104,6 +108,12 @@ impl Stats {
 
     pub(crate) fn dec(counter: &AtomicU64) {
         counter.fetch_sub(1, Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Relaxed);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -133,6 +143,7 @@ impl Stats {
             skipped_messages: self.skipped_messages.load(Relaxed),
             // Kept by the sequencer, not here: filled in by `Gateway::stats`.
             held_now: 0,
+            socket_writes: self.socket_writes.load(Relaxed),
         }
     }
 }

@@ -10,6 +10,12 @@
 //! which never shrinks. So a message bigger than [`FRAGMENT_BYTES`] is handed over as a
 //! fragmented WebSocket message, a slice of the shared frame at a time: a 6 MiB broadcast to
 //! 10,000 connections costs one 6 MiB frame and a few KiB per connection, not 60 GB.
+//!
+//! Frames leave in batches: tungstenite passes each one straight to the [`Transport`], which
+//! gathers them until [`Connection::flush`] (once per turn of the loop, after the inbox is
+//! drained) or `--ws-write-bytes` are queued, whichever comes first, and writes them in one
+//! syscall (several if the batch holds more than that). A
+//! frame alone in its turn goes out in that turn; frames that arrive together leave together.
 
 use std::collections::VecDeque;
 use std::io::{self, Read as _};
@@ -30,17 +36,16 @@ use crate::gateway::stats::Stats;
 
 /// How long a connection we are closing may take to take its close frame and hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
-/// Bytes of queued frames handed to tungstenite before each flush: bounds both the syscalls per
-/// burst and the write buffer tungstenite keeps (it never shrinks) per connection.
-pub(crate) const WRITE_BATCH: usize = 4096;
+/// The largest `--ws-write-bytes`: what a connection's transport may gather for one write.
+pub(crate) const MAX_WRITE_BATCH: usize = 256 << 10;
 /// A message longer than this goes out in fragments of this size, so that it takes no more of
-/// tungstenite's write buffer than a batch of small ones.
-const FRAGMENT_BYTES: usize = WRITE_BATCH;
-/// Most bytes tungstenite may hold for a connection: what it buffers before writing out
-/// (`2 * WRITE_BATCH`, see `websocket_config`), the batch or fragment that passed it, and room
-/// to spare for control frames. A data frame past it drops the connection: only a client that
-/// floods us with pings while not reading fills it.
-pub(crate) const MAX_WRITE_BUFFER: usize = 8 * WRITE_BATCH;
+/// tungstenite's write buffer than one fragment.
+const FRAGMENT_BYTES: usize = 4096;
+/// Most bytes tungstenite may hold for a connection: it writes each frame through to the
+/// transport, and keeps only what the transport refused (its buffer full, the socket too): a
+/// frame or fragment, and room to spare for control frames. A data frame past it drops the
+/// connection: only a client that floods us with pings while not reading fills it.
+pub(crate) const MAX_WRITE_BUFFER: usize = 8 * FRAGMENT_BYTES;
 /// Frames a drained queue may keep room for; a queue that grew past it during a burst gives its
 /// memory back once empty instead of holding it for the life of the connection.
 const IDLE_QUEUE_CAPACITY: usize = 64;
@@ -74,6 +79,16 @@ pub(crate) enum Read {
     Refused(Reject),
     /// Nothing more to read in this turn.
     Done(Next),
+}
+
+/// How much of its queue a connection writes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batches {
+    /// Everything (the end of a turn, a flush).
+    All,
+    /// Only whole batches of `write_bytes`, leaving the rest for the flush at the end of the
+    /// turn.
+    Full,
 }
 
 /// Whether the frames still queued on a connection go out before its close frame.
@@ -119,6 +134,10 @@ pub(crate) struct Connection {
     blocked: bool,
     /// Listed in the loop's `dirty`.
     dirty: bool,
+    /// Frames started since the last [`Connection::report`].
+    frames: u64,
+    /// Most bytes of queued frames per write (`--ws-write-bytes`).
+    write_bytes: usize,
     last_seen: Instant,
     last_ping: Instant,
     phase: Phase,
@@ -129,7 +148,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(ws: WebSocket<Transport>) -> Connection {
+    pub(crate) fn new(ws: WebSocket<Transport>, write_bytes: usize) -> Connection {
         let now = Instant::now();
         Connection {
             ws,
@@ -139,6 +158,8 @@ impl Connection {
             in_flight: 0,
             blocked: false,
             dirty: false,
+            frames: 0,
+            write_bytes,
             last_seen: now,
             last_ping: now,
             phase: Phase::Active,
@@ -181,11 +202,14 @@ impl Connection {
     /// discards what a closing peer still sends while draining.
     pub(crate) fn flush(&mut self, stats: &Stats) -> Next {
         self.dirty = false;
-        match self.phase {
-            Phase::Active => self.pump(stats),
+        let next = match self.phase {
+            Phase::Active => self.pump(stats, Batches::All),
             Phase::Closing { .. } => self.drive_close(stats),
             Phase::Draining { .. } => self.drain(),
-        }
+        };
+        // Control frames and the close frame go out here too.
+        self.report(stats);
+        next
     }
 
     /// Reads one message. A closing connection reads nothing; a draining one discards.
@@ -238,19 +262,45 @@ impl Connection {
         self.queue.push_back(frame.clone());
         self.queued += frame.len();
         // A burst is piling up: let the socket take what it can before judging the client.
-        if self.queued >= max_out_buffer / 2 && self.pump(stats) == Next::Drop {
+        if self.queued >= max_out_buffer / 2 && self.pump(stats, Batches::All) == Next::Drop {
+            return Ok(Next::Drop);
+        }
+        // A full batch need not wait for the end of the turn.
+        if self.queued >= self.write_bytes && self.pump(stats, Batches::Full) == Next::Drop {
             return Ok(Next::Drop);
         }
         Ok(self.mark_dirty())
     }
 
     /// Moves queued frames into tungstenite and flushes, batch by batch, while the socket
-    /// takes them.
-    fn pump(&mut self, stats: &Stats) -> Next {
-        while !self.blocked {
+    /// takes them: every frame, or only as many whole batches as are queued.
+    fn pump(&mut self, stats: &Stats, batches: Batches) -> Next {
+        let next = self.pump_batches(batches);
+        self.report(stats);
+        next
+    }
+
+    /// Adds the frames started and the writes made since the last report to the node's
+    /// counters: once per pump, not once per frame, as every connection shares them.
+    fn report(&mut self, stats: &Stats) {
+        Stats::add(&stats.socket_writes, self.ws.get_mut().take_writes());
+        Stats::add(&stats.frames_sent, std::mem::take(&mut self.frames));
+    }
+
+    fn pump_batches(&mut self, batches: Batches) -> Next {
+        // What is already written goes first (control frames, or what the socket refused last
+        // time: tungstenite keeps a frame the transport refused, and would grow by each frame
+        // added behind a full socket). Free when there is nothing.
+        if !self.blocked && !self.write_out() {
+            return Next::Drop;
+        }
+        while !self.blocked && !self.queue.is_empty() {
+            if batches == Batches::Full && self.queued < self.write_bytes {
+                break;
+            }
             let mut batch = 0;
-            while batch < WRITE_BATCH && !self.blocked {
-                let Some((message, len)) = self.next_frame(stats) else { break };
+            while batch < self.write_bytes && !self.blocked {
+                let Some((message, len)) = self.next_frame() else { break };
                 batch += len;
                 self.queued -= len;
                 self.in_flight += len;
@@ -264,19 +314,8 @@ impl Connection {
                     }
                 }
             }
-            if self.blocked {
-                break;
-            }
-            match self.ws.flush() {
-                Ok(()) => self.in_flight = 0,
-                Err(e) if would_block(&e) => self.blocked = true,
-                Err(e) => {
-                    debug!("flush failed: {e}");
-                    return Next::Drop;
-                }
-            }
-            if self.queue.is_empty() {
-                break;
+            if !self.blocked && !self.write_out() {
+                return Next::Drop;
             }
         }
         if self.queue.is_empty() && self.queue.capacity() > IDLE_QUEUE_CAPACITY {
@@ -285,14 +324,33 @@ impl Connection {
         Next::Keep
     }
 
+    /// Writes what tungstenite and the transport hold, in one syscall if the socket takes it;
+    /// false when the connection failed.
+    fn write_out(&mut self) -> bool {
+        match self.ws.flush() {
+            Ok(()) => {
+                self.in_flight = 0;
+                true
+            }
+            Err(e) if would_block(&e) => {
+                self.blocked = true;
+                true
+            }
+            Err(e) => {
+                debug!("flush failed: {e}");
+                false
+            }
+        }
+    }
+
     /// Takes the next message for tungstenite off the queue: the front frame whole, or the
     /// next fragment of a frame longer than [`FRAGMENT_BYTES`]. Returns it with its payload
-    /// length; counts a frame in `frames_sent` when its first byte goes.
-    fn next_frame(&mut self, stats: &Stats) -> Option<(Message, usize)> {
+    /// length; counts a frame in `frames` when its first byte goes.
+    fn next_frame(&mut self) -> Option<(Message, usize)> {
         let front = self.queue.front()?;
         let len = front.len();
         if self.front_sent == 0 && len <= FRAGMENT_BYTES {
-            Stats::inc(&stats.frames_sent);
+            self.frames += 1;
             let frame = self.queue.pop_front()?;
             return Some((Message::Text(frame), len));
         }
@@ -305,7 +363,7 @@ impl Connection {
         let payload: &Bytes = front.as_ref();
         let payload = payload.slice(start..end);
         let opcode = if start == 0 {
-            Stats::inc(&stats.frames_sent);
+            self.frames += 1;
             OpCode::Data(OpData::Text)
         } else {
             OpCode::Data(OpData::Continue)
@@ -339,7 +397,7 @@ impl Connection {
     /// out.
     fn drive_close(&mut self, stats: &Stats) -> Next {
         if self.close_after_queue.is_some() {
-            if self.pump(stats) == Next::Drop {
+            if self.pump(stats, Batches::All) == Next::Drop {
                 return Next::Drop;
             }
             if !self.queue.is_empty() {
@@ -434,15 +492,19 @@ fn would_block(e: &WsError) -> bool {
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-    use tungstenite::protocol::{Role, WebSocketConfig};
+    use tungstenite::protocol::Role;
 
     /// A server-side connection and the raw client socket at its other end, with a send buffer
     /// small enough that the client's receive buffer plus a few KiB fill it.
     fn pair() -> (Connection, std::net::TcpStream) {
+        pair_with_send_buffer(4096)
+    }
+
+    /// [`pair`] with a send buffer of `size` bytes (as the kernel rounds it).
+    fn pair_with_send_buffer(size: libc::c_int) -> (Connection, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let size: libc::c_int = 4096;
         // SAFETY: a live socket and a c_int of the size passed; setsockopt only reads it.
         let set = unsafe {
             libc::setsockopt(
@@ -458,10 +520,10 @@ mod tests {
         // As the accept thread sets it: small writes must not wait for acks.
         server.set_nodelay(true).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let config = WebSocketConfig::default().write_buffer_size(2 * WRITE_BATCH);
-        let socket = Transport::Plain(mio::net::TcpStream::from_std(server));
+        let config = super::super::websocket_config(1 << 20);
+        let socket = Transport::plain(mio::net::TcpStream::from_std(server));
         let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
-        (Connection::new(ws), client)
+        (Connection::new(ws, crate::gateway::Config::default().ws_write_bytes), client)
     }
 
     /// Reads one frame off the raw client socket: (FIN, opcode, payload).
@@ -557,5 +619,103 @@ mod tests {
         assert_eq!(flush_while(&mut conn, &stats, reader), BURST * 100);
         assert!(conn.queue.is_empty());
         assert!(conn.queue.capacity() <= IDLE_QUEUE_CAPACITY, "kept room for {} frames", conn.queue.capacity());
+    }
+
+    fn writes(stats: &Stats) -> u64 {
+        stats.socket_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Frame `i` of a numbered run: its number, padded to `len` bytes.
+    fn numbered(i: usize, len: usize) -> Utf8Bytes {
+        Utf8Bytes::from(format!("{i:0len$}"))
+    }
+
+    /// Reads whole messages (fragments put together) off the raw client socket.
+    fn read_message(client: &mut std::net::TcpStream) -> Vec<u8> {
+        let mut message = Vec::new();
+        loop {
+            let (fin, _, payload) = read_frame(client);
+            message.extend_from_slice(&payload);
+            if fin {
+                return message;
+            }
+        }
+    }
+
+    #[test]
+    fn many_queued_small_frames_leave_in_a_few_writes_each_within_the_batch_bound_in_order() {
+        // Room in the socket for all of it: every write goes through whole.
+        let (mut conn, mut client) = pair_with_send_buffer(4 << 20);
+        let stats = Stats::default();
+        const FRAMES: usize = 1000;
+        const LEN: usize = 100;
+        for i in 0..FRAMES {
+            let _ = conn.enqueue(&numbered(i, LEN), 1 << 20, &stats).unwrap();
+        }
+        assert_eq!(conn.flush(&stats), Next::Keep);
+        // A write takes frames until `write_bytes` bytes of them: no fewer writes than that
+        // allows, and no more.
+        let per_write = conn.write_bytes.div_ceil(LEN);
+        assert_eq!(writes(&stats), FRAMES.div_ceil(per_write) as u64, "{FRAMES} frames of {LEN} bytes");
+        assert_eq!(stats.frames_sent.load(std::sync::atomic::Ordering::Relaxed), FRAMES as u64);
+        for i in 0..FRAMES {
+            assert_eq!(read_message(&mut client), numbered(i, LEN).as_bytes(), "frame {i}");
+        }
+        assert!(conn.ws.get_ref().holds_nothing(), "the write buffer is given back once written out");
+    }
+
+    #[test]
+    fn a_lone_frame_on_an_idle_connection_is_written_by_the_flush_that_follows_it() {
+        let (mut conn, mut client) = pair();
+        let stats = Stats::default();
+        let frame = Utf8Bytes::from("alone");
+        assert_eq!(conn.enqueue(&frame, 1 << 20, &stats).unwrap(), Next::Flush, "the loop is asked to flush it");
+        assert_eq!(writes(&stats), 0, "nothing is written before the flush");
+        assert_eq!(conn.flush(&stats), Next::Keep);
+        assert_eq!(writes(&stats), 1);
+        assert_eq!(read_message(&mut client), b"alone");
+    }
+
+    #[test]
+    fn order_holds_across_coalesced_and_partial_writes_with_fragmented_frames_among_small_ones() {
+        // A small send buffer: writes are cut short and wait for the socket.
+        let (mut conn, mut client) = pair();
+        let stats = Stats::default();
+        let sizes: Vec<usize> = (0..600).map(|i| [100, 20, 9000, 300, 5000][i % 5]).collect();
+        let expected: Vec<Utf8Bytes> = sizes.iter().enumerate().map(|(i, &len)| numbered(i, len)).collect();
+        let count = expected.len();
+        let reader = std::thread::spawn(move || (0..count).map(|_| read_message(&mut client)).collect::<Vec<_>>());
+        for frame in &expected {
+            let _ = conn.enqueue(frame, 64 << 20, &stats).unwrap();
+            let _ = conn.writable();
+            let _ = conn.flush(&stats);
+        }
+        let got = flush_while(&mut conn, &stats, reader);
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(got.as_slice(), want.as_bytes(), "message {i}");
+        }
+        assert!(writes(&stats) < count as u64, "{} writes for {count} messages", writes(&stats));
+    }
+
+    #[test]
+    fn a_slow_consumer_is_refused_at_the_same_bound_with_bytes_held_for_coalescing_counted() {
+        let (mut conn, _client) = pair();
+        let stats = Stats::default();
+        const MAX_OUT: usize = 64 << 10;
+        let frame = Utf8Bytes::from("z".repeat(100));
+        let mut taken = 0;
+        let slow = loop {
+            match conn.enqueue(&frame, MAX_OUT, &stats) {
+                Ok(_) => taken += 1,
+                Err(slow) => break slow,
+            }
+            assert!(taken < 100_000, "the client reads nothing, so the bound must be reached");
+        };
+        assert!(slow.unsent <= MAX_OUT && slow.unsent + frame.len() > MAX_OUT, "unsent {}", slow.unsent);
+        assert!(writes(&stats) > 0, "what fit went to the socket before the client was judged");
+        // Once closing, the queued frames are dropped and only the close frame waits.
+        let _ = conn.leave_active();
+        let _ = conn.begin_close(protocol::CLOSE_SLOW, protocol::REASON_SLOW, QueuedFrames::Discard, &stats);
+        assert_eq!(conn.queued, 0);
     }
 }

@@ -84,6 +84,8 @@ pub(crate) struct Handshaking {
     /// Set by [`Upgrade`] once the request is read: from then on the socket carries our answer.
     request_read: Rc<Cell<bool>>,
     deadline: Instant,
+    /// The open connection's bytes per write (`--ws-write-bytes`).
+    write_bytes: usize,
 }
 
 impl Handshaking {
@@ -100,7 +102,7 @@ impl Handshaking {
             Some(tls) => (Transport::tls(stream, tls).map_err(io::Error::other)?, None),
             None => {
                 let answer = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
-                (Transport::Plain(stream), Some(answer))
+                (Transport::plain(stream), Some(answer))
             }
         };
         registry.register(stream.socket_mut(), token, Interest::READABLE | Interest::WRITABLE)?;
@@ -116,14 +118,18 @@ impl Handshaking {
         };
         let mid = ServerHandshake::start(stream, callback, Some(config.ws));
         let deadline = Instant::now() + config.handshake_timeout;
-        Ok(Handshaking { mid: Some(mid), answer, opening, refused_by, request_read, deadline })
+        let write_bytes = config.write_bytes;
+        Ok(Handshaking { mid: Some(mid), answer, opening, refused_by, request_read, deadline, write_bytes })
     }
 
     /// Takes the handshake as far as the socket allows.
     pub(crate) fn advance(&mut self) -> Step {
         let Some(mid) = self.mid.take() else { return Step::Pending };
         match mid.handshake() {
-            Ok(ws) => Step::Open(Box::new(Connection::new(ws)), std::mem::take(&mut *self.opening.borrow_mut())),
+            Ok(ws) => {
+                let conn = Box::new(Connection::new(ws, self.write_bytes));
+                Step::Open(conn, std::mem::take(&mut *self.opening.borrow_mut()))
+            }
             Err(HandshakeError::Interrupted(mid)) => {
                 self.mid = Some(mid);
                 Step::Pending

@@ -10,7 +10,14 @@
 //! sending without pause cannot hold up the others) and writes only while the socket takes
 //! bytes; a connection whose unsent bytes would pass `max_out_buffer` is closed rather than
 //! allowed to stall the loop or grow without bound (a single frame, whatever its size, is
-//! always taken by a connection with nothing unsent). Every socket a loop is handed counts in
+//! always taken by a connection with nothing unsent).
+//!
+//! Writes are coalesced per turn of the loop: the inbox is drained (a `BroadcastBatch` from
+//! push-manager is one message in it) onto the connections' queues first, then each connection
+//! with something queued writes it in one syscall ([`connection`]). A frame alone in its turn
+//! leaves in that turn. While deliveries keep coming (one turn after another within
+//! `write_delay`), writes wait up to `write_delay` for more to share them; a connection with a
+//! full batch queued writes at once all the same. Every socket a loop is handed counts in
 //! `connections_held` until the loop lets go of it, which is what `max_connections` bounds.
 //! On a `wss://` endpoint each socket carries a rustls session ([`transport`]), driven by the
 //! same reads and writes.
@@ -21,7 +28,7 @@ mod subscriptions;
 mod transport;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,14 +41,15 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, Utf8Bytes};
 
 use super::access::{Access, Gatekeeper, Identity};
-use super::hub::{Audience, EncodedBroadcast, LoopMsg, SharedCounts};
+use super::hub::{Audience, Backlog, EncodedBroadcast, LoopMsg, SharedCounts};
 use super::protocol::{self, AckKind, Command, IdentityKind, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
-use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET, WRITE_BATCH};
+use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET};
 use handshake::{Handshaking, Opening, RefusedBy, Step};
 use subscriptions::Subscriptions;
 
+pub(crate) use connection::MAX_WRITE_BATCH;
 pub(crate) use handshake::{http_response, WS_PATH};
 
 /// The token every gateway poll (the loops' and the accept thread's) gives its waker: slab keys
@@ -49,8 +57,10 @@ pub(crate) use handshake::{http_response, WS_PATH};
 pub(crate) const WAKER: Token = Token(usize::MAX);
 /// How long a stopping loop waits for its connections to finish their close handshakes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Deliveries taken from the inbox between two write passes over the connections.
-const PUBLISH_BATCH: usize = 64;
+/// An audience past which a loop fans a frame out from a copy of its own: the other loops
+/// count references to the shared one on another core, and every clone and drop of it would
+/// move that cache line between them.
+const OWN_COPY_AUDIENCE: usize = 16;
 
 /// What an event loop needs from the gateway config, read only here and in the child modules.
 #[derive(Debug, Clone)]
@@ -63,6 +73,10 @@ pub(crate) struct LoopConfig {
     ping_interval: Duration,
     /// Silence that drops a connection.
     pong_timeout: Duration,
+    /// How long a busy loop may hold writes back for more deliveries to share them; zero: never.
+    write_delay: Duration,
+    /// Bytes of queued frames per write.
+    write_bytes: usize,
     /// Time a socket has to complete its handshake.
     handshake_timeout: Duration,
     /// Topic length and count limits, for query strings and commands.
@@ -78,6 +92,8 @@ impl LoopConfig {
             max_out_buffer: config.max_out_buffer,
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
+            write_delay: config.ws_write_delay,
+            write_bytes: config.ws_write_bytes,
             handshake_timeout: config.handshake_timeout,
             limits: TopicLimits { max_len: config.max_topic_len, max_per_connection: config.max_topics_per_connection },
             gatekeeper,
@@ -95,8 +111,8 @@ pub(crate) struct LoopParts {
     pub(crate) waker: Arc<Waker>,
     pub(crate) inbox: Receiver<LoopMsg>,
     pub(crate) wake_pending: Arc<AtomicBool>,
-    /// The hub's count of frame bytes in `inbox` ([`super::hub::LoopHandle::queued_bytes`]).
-    pub(crate) inbox_bytes: Arc<AtomicUsize>,
+    /// The hub's count of what waits in `inbox` ([`super::hub::LoopHandle::backlog`]).
+    pub(crate) backlog: Arc<Backlog>,
     /// Subscribers per topic and connections per user, over every loop.
     pub(crate) counts: Arc<SharedCounts>,
     pub(crate) stats: Arc<Stats>,
@@ -110,9 +126,9 @@ fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Allocated per connection up front; client commands are small.
         .read_buffer_size(2048)
-        // We flush after each batch ourselves, and hand big frames over a fragment at a time, so
-        // tungstenite's buffer stays within this and a batch.
-        .write_buffer_size(2 * WRITE_BATCH)
+        // Each frame goes straight through to the transport, which gathers a batch and gives its
+        // buffer back once written; tungstenite's own would keep its largest size for good.
+        .write_buffer_size(0)
         // Room for the above and the odd control frame. tungstenite buffers a pong for each
         // ping it reads, written or not: without a cap, a client that pings and never reads
         // grows it without bound. At the cap, pongs wait (the latest replacing the others).
@@ -123,12 +139,13 @@ fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
 
 /// Runs a loop until `stop` disconnects and its connections are closed.
 pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
+    let hold = WriteHold::new(parts.config.write_delay);
     let mut event_loop = EventLoop {
         poll: parts.poll,
         _waker: parts.waker,
         inbox: parts.inbox,
         wake_pending: parts.wake_pending,
-        inbox_bytes: parts.inbox_bytes,
+        backlog: parts.backlog,
         conns: Slab::new(),
         subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
         stats: parts.stats,
@@ -136,6 +153,8 @@ pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
         tls: parts.tls,
         dirty: Vec::new(),
         unread: Vec::new(),
+        hold,
+        keys: Vec::new(),
     };
     event_loop.run(&stop);
 }
@@ -151,7 +170,7 @@ struct EventLoop {
     _waker: Arc<Waker>,
     inbox: Receiver<LoopMsg>,
     wake_pending: Arc<AtomicBool>,
-    inbox_bytes: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     conns: Slab<Conn>,
     subscriptions: Subscriptions,
     stats: Arc<Stats>,
@@ -161,6 +180,10 @@ struct EventLoop {
     dirty: Vec<usize>,
     /// Connections that used up their `READ_BUDGET` with more to read (see [`Next::ReadLater`]).
     unread: Vec<usize>,
+    /// Whether this turn's writes wait for more deliveries to share them.
+    hold: WriteHold,
+    /// The audience of the broadcast being fanned out, kept to reuse its allocation.
+    keys: Vec<usize>,
 }
 
 impl EventLoop {
@@ -175,6 +198,9 @@ impl EventLoop {
             let mut wait = next_sweep.saturating_duration_since(now);
             if let Some(deadline) = stop_deadline {
                 wait = wait.min(deadline.saturating_duration_since(now));
+            }
+            if let Some(due) = self.hold.deadline() {
+                wait = wait.min(due.saturating_duration_since(now));
             }
             if !self.unread.is_empty() {
                 wait = Duration::ZERO;
@@ -199,14 +225,16 @@ impl EventLoop {
             for key in std::mem::take(&mut self.unread) {
                 self.read(key);
             }
-            self.drain_inbox();
+            let delivered = self.drain_inbox();
             if stop_deadline.is_none() && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 info!("{name}: closing {} connections", self.conns.len());
                 stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                 self.close_all();
             }
-            self.flush_dirty();
             let now = Instant::now();
+            if self.hold.due(now, delivered) || stop_deadline.is_some() {
+                self.flush_dirty();
+            }
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + tick;
@@ -224,23 +252,23 @@ impl EventLoop {
         debug!("{name}: stopped ({left} connections dropped without finishing their close)");
     }
 
-    fn drain_inbox(&mut self) {
+    /// Takes everything queued for the loop; returns whether it held deliveries. Connections
+    /// write full batches as they fill, the rest when the turn's writes are due.
+    fn drain_inbox(&mut self) -> bool {
         // Cleared before draining: a message sent after this point wakes us again.
         self.wake_pending.store(false, Ordering::SeqCst);
-        let mut published = 0;
+        let mut delivered = false;
         loop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
-                Ok(LoopMsg::Publish(broadcast)) => {
-                    self.inbox_bytes.fetch_sub(broadcast.frame.len(), Ordering::Relaxed);
-                    self.deliver(&broadcast);
-                    published += 1;
-                    // Write as we go, so a long backlog is not judged against one buffer.
-                    if published % PUBLISH_BATCH == 0 {
-                        self.flush_dirty();
+                Ok(LoopMsg::Publish(batch)) => {
+                    self.backlog.sub(batch.len(), batch.iter().map(|b| b.frame.len()).sum());
+                    for broadcast in batch.iter() {
+                        self.deliver(broadcast);
                     }
+                    delivered = true;
                 }
-                Err(_) => return,
+                Err(_) => return delivered,
             }
         }
     }
@@ -455,21 +483,31 @@ impl EventLoop {
     }
 
     fn deliver(&mut self, broadcast: &EncodedBroadcast) {
-        let keys: Vec<usize> = match &broadcast.audience {
+        let mut keys = std::mem::take(&mut self.keys);
+        match &broadcast.audience {
             // Not a connection still owing its token: it may receive nothing yet.
-            Audience::Everyone => self
-                .conns
-                .iter()
-                .filter(|(_, conn)| matches!(conn, Conn::Open(c) if !matches!(c.access, Access::Pending { .. })))
-                .map(|(key, _)| key)
-                .collect(),
-            Audience::Topic(topic) => self.subscriptions.subscribers(topic),
+            Audience::Everyone => keys.extend(
+                self.conns
+                    .iter()
+                    .filter(|(_, conn)| matches!(conn, Conn::Open(c) if !matches!(c.access, Access::Pending { .. })))
+                    .map(|(key, _)| key),
+            ),
+            Audience::Topic(topic) => keys.extend(self.subscriptions.subscribers(topic)),
             // The hub lists each user once, and a connection has one user: no key twice.
-            Audience::Users(users) => users.iter().flat_map(|user| self.subscriptions.connections_of(user)).collect(),
-        };
-        for key in keys {
-            self.enqueue(key, &broadcast.frame);
+            Audience::Users(users) => {
+                keys.extend(users.iter().flat_map(|user| self.subscriptions.connections_of(user)))
+            }
         }
+        let frame = if keys.len() > OWN_COPY_AUDIENCE {
+            Utf8Bytes::from(broadcast.frame.as_str().to_owned())
+        } else {
+            broadcast.frame.clone()
+        };
+        for &key in &keys {
+            self.enqueue(key, &frame);
+        }
+        keys.clear();
+        self.keys = keys;
     }
 
     /// Queues a frame on an active connection, or closes it if its unsent bytes would pass
@@ -611,6 +649,46 @@ fn overdue(access: &Access, now: Instant, config: &LoopConfig) -> Option<Reject>
     }
 }
 
+/// When a loop's connections write what was queued on them. At the end of each turn, unless
+/// deliveries keep coming (this turn took some, and so did one less than `delay` before): then
+/// writes wait until `delay` after the turn that started holding them, so that more frames share
+/// each syscall. A delivery to an idle loop never waits; a zero `delay` never holds.
+#[derive(Debug)]
+struct WriteHold {
+    delay: Duration,
+    /// The last turn that took deliveries from the inbox.
+    last_delivery: Option<Instant>,
+    /// When the writes held back are due.
+    until: Option<Instant>,
+}
+
+impl WriteHold {
+    fn new(delay: Duration) -> WriteHold {
+        WriteHold { delay, last_delivery: None, until: None }
+    }
+
+    /// Called once a turn, after the inbox is drained: whether the connections write now.
+    fn due(&mut self, now: Instant, delivered: bool) -> bool {
+        if delivered {
+            let busy = self.last_delivery.is_some_and(|last| now.saturating_duration_since(last) < self.delay);
+            self.last_delivery = Some(now);
+            if busy && self.until.is_none() {
+                self.until = Some(now + self.delay);
+            }
+        }
+        let due = self.until.is_none_or(|until| now >= until);
+        if due {
+            self.until = None;
+        }
+        due
+    }
+
+    /// When the writes held back are due, for the poll's timeout.
+    fn deadline(&self) -> Option<Instant> {
+        self.until
+    }
+}
+
 /// How often a loop looks at its timers: often enough to honour the shortest of them.
 fn sweep_interval(config: &LoopConfig) -> Duration {
     let shortest = config
@@ -626,12 +704,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_delivery_to_an_idle_loop_is_written_in_its_turn_and_a_busy_loop_holds_for_the_delay() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut hold = WriteHold::new(ms(2));
+        assert!(hold.due(start, true), "the first delivery: written at once");
+        assert!(hold.due(start + ms(10), true), "idle for longer than the delay: at once");
+        assert!(!hold.due(start + ms(11), true), "deliveries keep coming: held");
+        assert_eq!(hold.deadline(), Some(start + ms(13)));
+        assert!(!hold.due(start + ms(12), true), "more while held: still held, and not for longer");
+        assert!(!hold.due(start + ms(12), false), "a turn without deliveries before the deadline");
+        assert!(hold.due(start + ms(13), false), "the delay ran out: written without more traffic");
+        assert_eq!(hold.deadline(), None);
+        assert!(hold.due(start + ms(30), false), "nothing held: turns write what they have");
+
+        let mut never = WriteHold::new(Duration::ZERO);
+        for i in 0..5 {
+            assert!(never.due(start + Duration::from_nanos(i), true), "0 never waits");
+        }
+        assert_eq!(never.deadline(), None);
+    }
+
+    #[test]
     fn sweeps_often_enough_for_short_timers_and_rarely_for_long_ones() {
         let mut config = LoopConfig {
             ws: websocket_config(1024),
             max_out_buffer: 1 << 20,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
+            write_delay: Duration::ZERO,
+            write_bytes: 4096,
             handshake_timeout: Duration::from_secs(10),
             limits: TopicLimits { max_len: 8, max_per_connection: 2 },
             gatekeeper: Arc::new(Gatekeeper::open()),

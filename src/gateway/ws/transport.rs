@@ -13,6 +13,12 @@
 //! none of the records: what waits in rustls is pushed by the next `write` or `flush`, and
 //! `flush` returns `WouldBlock` for as long as some remains, which is what the connection's
 //! unsent-bytes accounting and its wait for a writable event go by.
+//!
+//! Writes are coalesced here, for both: tungstenite writes each frame through at once (its own
+//! buffer would keep its peak size for the life of the connection), and `write` only appends it
+//! to `out`; `flush` hands `out` to the socket in one `write` (or to rustls as full records, then
+//! one vectored `write`). So the connection decides how many frames share a syscall by when it
+//! flushes, and `out` is given back once empty: an idle connection holds no write buffer.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -21,16 +27,32 @@ use std::sync::Arc;
 use mio::net::TcpStream;
 use rustls::{ServerConfig, ServerConnection};
 
-use super::connection::MAX_WRITE_BUFFER;
+use super::connection::{MAX_WRITE_BATCH, MAX_WRITE_BUFFER};
 
 /// Most bytes rustls may hold for a connection's outgoing side (plaintext waiting for the
 /// handshake, or records the socket has not taken), as tungstenite's own write buffer is held to
 /// `MAX_WRITE_BUFFER`: past it writes return `WouldBlock`, frames wait in the connection's queue,
 /// and `max_out_buffer` judges a slow TLS client as it does a plaintext one.
 const TLS_BUFFER_LIMIT: usize = MAX_WRITE_BUFFER;
+/// Most bytes `out` holds before `write` first tries the socket: the largest batch, the frame or
+/// fragment that passed it and a control frame. The connection flushes at its batch size, so
+/// only a batch the socket refused comes near it.
+const OUT_LIMIT: usize = 2 * MAX_WRITE_BATCH;
+/// What `out` starts with: room for a batch of small frames at the default size without
+/// growing, without taking the largest batch's worth for a lone frame.
+const OUT_START: usize = 16 << 10;
 
-/// A connection's stream, plaintext or TLS.
-pub(crate) enum Transport {
+/// A connection's stream, plaintext or TLS, and what was written to it but not yet flushed.
+pub(crate) struct Transport {
+    stream: Stream,
+    /// Written and not yet handed to the socket (or to rustls): sent by `flush`. Allocated while
+    /// it holds something, freed once empty.
+    out: Vec<u8>,
+    /// `write` calls that reached the socket, since the last [`Transport::take_writes`].
+    writes: u64,
+}
+
+enum Stream {
     Plain(TcpStream),
     /// Boxed: a `ServerConnection` is a few hundred bytes, which plaintext connections should not
     /// carry.
@@ -43,22 +65,78 @@ pub(crate) struct Tls {
     socket: TcpStream,
     /// Our close_notify is queued: it is sent once.
     close_notify_queued: bool,
+    /// `write_tls` calls that reached the socket (each one vectored `write`).
+    writes: u64,
 }
 
 impl Transport {
+    /// The plaintext stream over `socket`.
+    pub(crate) fn plain(socket: TcpStream) -> Transport {
+        Transport { stream: Stream::Plain(socket), out: Vec::new(), writes: 0 }
+    }
+
     /// A TLS server session over `socket`, to be driven by the first reads.
     pub(crate) fn tls(socket: TcpStream, config: &Arc<ServerConfig>) -> Result<Transport, rustls::Error> {
         let mut session = ServerConnection::new(config.clone())?;
         session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-        Ok(Transport::Tls(Box::new(Tls { session, socket, close_notify_queued: false })))
+        let tls = Tls { session, socket, close_notify_queued: false, writes: 0 };
+        Ok(Transport { stream: Stream::Tls(Box::new(tls)), out: Vec::new(), writes: 0 })
     }
 
     /// The socket, to register it with a poll.
     pub(crate) fn socket_mut(&mut self) -> &mut TcpStream {
-        match self {
-            Transport::Plain(socket) => socket,
-            Transport::Tls(tls) => &mut tls.socket,
+        match &mut self.stream {
+            Stream::Plain(socket) => socket,
+            Stream::Tls(tls) => &mut tls.socket,
         }
+    }
+
+    /// Nothing written waits here, and no buffer is kept for it.
+    #[cfg(test)]
+    pub(crate) fn holds_nothing(&self) -> bool {
+        self.out.capacity() == 0
+    }
+
+    /// How many `write` calls reached the socket since the last call.
+    pub(crate) fn take_writes(&mut self) -> u64 {
+        let tls = match &mut self.stream {
+            Stream::Plain(_) => 0,
+            Stream::Tls(tls) => std::mem::take(&mut tls.writes),
+        };
+        std::mem::take(&mut self.writes) + tls
+    }
+
+    /// Hands `out` to the stream until it is empty (`Ok`) or the stream takes no more
+    /// (`WouldBlock`). Gives the buffer back once empty.
+    fn send_out(&mut self) -> io::Result<()> {
+        let mut sent = 0;
+        let result = loop {
+            if sent == self.out.len() {
+                break Ok(());
+            }
+            let written = match &mut self.stream {
+                Stream::Plain(socket) => {
+                    let written = socket.write(&self.out[sent..]);
+                    if written.is_ok() {
+                        self.writes += 1;
+                    }
+                    written
+                }
+                Stream::Tls(tls) => tls.write(&self.out[sent..]),
+            };
+            match written {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if sent == self.out.len() {
+            self.out = Vec::new();
+        } else {
+            self.out.drain(..sent);
+        }
+        result
     }
 
     /// Ends our direction of the stream once what was written is out: for TLS, a close_notify
@@ -66,9 +144,10 @@ impl Transport {
     /// socket's write side is shut. `WouldBlock` while the socket has not taken it all; call
     /// again when it is writable.
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(socket) => socket.shutdown(Shutdown::Write),
-            Transport::Tls(tls) => {
+        self.flush()?;
+        match &mut self.stream {
+            Stream::Plain(socket) => socket.shutdown(Shutdown::Write),
+            Stream::Tls(tls) => {
                 if !tls.close_notify_queued {
                     tls.session.send_close_notify();
                     tls.close_notify_queued = true;
@@ -93,7 +172,7 @@ impl Tls {
         while self.session.wants_write() {
             match self.session.write_tls(&mut self.socket) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
+                Ok(_) => self.writes += 1,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -157,26 +236,42 @@ impl Tls {
 
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(socket) => socket.read(buf),
-            Transport::Tls(tls) => tls.read(buf),
+        match &mut self.stream {
+            Stream::Plain(socket) => socket.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
         }
     }
 }
 
 impl Write for Transport {
+    /// Takes what fits of `buf` into `out`, to go with the next `flush`; tries the socket only
+    /// when `out` is full, and is `WouldBlock` when that makes no room.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(socket) => socket.write(buf),
-            Transport::Tls(tls) => tls.write(buf),
+        if buf.is_empty() {
+            return Ok(0);
         }
+        if self.out.len() >= OUT_LIMIT {
+            match self.send_out() {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ if self.out.len() >= OUT_LIMIT => return Err(io::ErrorKind::WouldBlock.into()),
+                _ => {}
+            }
+        }
+        if self.out.capacity() == 0 {
+            // One allocation for most batches rather than a doubling every few frames.
+            self.out.reserve(OUT_START);
+        }
+        let taken = buf.len().min(OUT_LIMIT - self.out.len());
+        self.out.extend_from_slice(&buf[..taken]);
+        Ok(taken)
     }
 
-    /// For TLS, `WouldBlock` until every record rustls holds is in the socket.
+    /// `WouldBlock` until everything written is in the socket (for TLS: every record).
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(socket) => socket.flush(),
-            Transport::Tls(tls) => tls.send_pending(),
+        self.send_out()?;
+        match &mut self.stream {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(tls) => tls.send_pending(),
         }
     }
 }
@@ -224,7 +319,7 @@ mod tests {
     }
 
     fn server_handshaking(transport: &Transport) -> bool {
-        matches!(transport, Transport::Tls(tls) if tls.session.is_handshaking())
+        matches!(&transport.stream, Stream::Tls(tls) if tls.session.is_handshaking())
     }
 
     /// Waits for the next readiness event, failing the test if none comes.
