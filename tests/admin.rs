@@ -136,7 +136,7 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
             assert_eq!(user.next_json()["seq"], i as i64);
         }
     }
-    let sent = |s: &Scrape, node| value(s, "push_manager_node_sent_total", &[("node", node), ("state", "active")]);
+    let sent = |s: &Scrape, node| value(s, "push_manager_sent_total", &[("node", node), ("state", "active")]);
     wait_until("serve counts every message sent to each node", PATIENCE, || {
         let now = scrape(&admin_s);
         sent(&now, "a") == sent(&before[0], "a") + N as f64 && sent(&now, "b") == sent(&before[0], "b") + N as f64
@@ -144,13 +144,13 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
 
     let s = scrape(&admin_s);
     for metric in [
-        "push_manager_node_enqueued_total",
-        "push_manager_node_sent_total",
-        "push_manager_node_failed_total",
-        "push_manager_node_abandoned_total",
-        "push_manager_node_retried_total",
-        "push_manager_node_rpcs_total",
-        "push_manager_node_dropped_total",
+        "push_manager_enqueued_total",
+        "push_manager_sent_total",
+        "push_manager_failed_total",
+        "push_manager_abandoned_total",
+        "push_manager_retried_total",
+        "push_manager_rpcs_total",
+        "push_manager_dropped_total",
         "push_manager_discovery_listings_total",
     ] {
         assert_kind(&s, metric, counter);
@@ -161,22 +161,22 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
         "push_manager_nodes_retiring",
         "push_manager_etcd_reachable",
         "push_manager_draining",
-        "push_manager_node_queue_depth",
+        "push_manager_queue_depth",
     ] {
         assert_kind(&s, metric, gauge);
     }
-    for metric in ["push_manager_node_messages_per_rpc", "push_manager_node_rpc_latency_seconds"] {
+    for metric in ["push_manager_messages_per_rpc", "push_manager_rpc_latency_seconds"] {
         assert_kind(&s, metric, histogram);
     }
     for node in ["a", "b"] {
         let labels = [("node", node), ("state", "active")];
-        let enqueued = |s: &Scrape| value(s, "push_manager_node_enqueued_total", &labels);
+        let enqueued = |s: &Scrape| value(s, "push_manager_enqueued_total", &labels);
         assert_eq!(enqueued(&s) - enqueued(&before[0]), N as f64, "node {node}");
-        let rpcs = value(&s, "push_manager_node_rpcs_total", &labels);
+        let rpcs = value(&s, "push_manager_rpcs_total", &labels);
         assert!(rpcs >= 1.0, "node {node}: {rpcs} RPCs");
-        assert_eq!(value(&s, "push_manager_node_rpc_latency_seconds_count", &labels), rpcs, "one latency per RPC");
-        assert_eq!(value(&s, "push_manager_node_messages_per_rpc_sum", &labels), sent(&s, node), "messages per RPC");
-        assert_eq!(value(&s, "push_manager_node_dropped_total", &[("node", node), ("reason", "full")]), 0.0);
+        assert_eq!(value(&s, "push_manager_rpc_latency_seconds_count", &labels), rpcs, "one latency per RPC");
+        assert_eq!(value(&s, "push_manager_messages_per_rpc_sum", &labels), sent(&s, node), "messages per RPC");
+        assert_eq!(value(&s, "push_manager_dropped_total", &[("node", node), ("reason", "full")]), 0.0);
     }
     assert_eq!(value(&s, "push_manager_etcd_reachable", &[]), 1.0);
     assert!(value(&s, "push_manager_discovery_listings_total", &[]) >= 1.0);

@@ -213,21 +213,21 @@ fn summarize(base: &str, before: &Snapshot, now: &Snapshot) -> String {
     let label = |labels: &[(String, String)], key: &str| {
         labels.iter().find(|(k, _)| k == key).map_or(String::new(), |(_, v)| v.clone())
     };
-    let series = m.samples.get("push_manager_node_sent_total").into_iter().flatten();
+    let series = m.samples.get("push_manager_sent_total").into_iter().flatten();
     for (node, state) in series.map(|(labels, _)| (label(labels, "node"), label(labels, "state"))) {
         let f = [("node", node.as_str()), ("state", state.as_str())];
         line(format!(
             "{:<24} {:<8} {:>10} {:>9.1} {:>7} {:>9} {:>8} {:>9} {:>8} {:>8.1}",
             node,
             state,
-            m.sum("push_manager_node_sent_total", &f),
-            rate("push_manager_node_sent_total", &f),
-            m.sum("push_manager_node_queue_depth", &f),
-            m.sum("push_manager_node_dropped_total", &f),
-            m.sum("push_manager_node_failed_total", &f),
-            m.sum("push_manager_node_abandoned_total", &f),
-            m.sum("push_manager_node_retried_total", &f),
-            rate("push_manager_node_rpcs_total", &f),
+            m.sum("push_manager_sent_total", &f),
+            rate("push_manager_sent_total", &f),
+            m.sum("push_manager_queue_depth", &f),
+            m.sum("push_manager_dropped_total", &f),
+            m.sum("push_manager_failed_total", &f),
+            m.sum("push_manager_abandoned_total", &f),
+            m.sum("push_manager_retried_total", &f),
+            rate("push_manager_rpcs_total", &f),
         ));
     }
     text

@@ -98,12 +98,12 @@ fn node_metrics(out: &mut Exposition, nodes: &[(&'static str, NodeStats)]) {
         let samples: Vec<_> = labels.iter().zip(nodes).map(|(l, (_, n))| (&l[..], value(n))).collect();
         out.counter(name, help, &samples);
     };
-    counter(out, "push_manager_node_enqueued_total", "Messages a node's queue accepted.", |n| n.enqueued);
-    counter(out, "push_manager_node_sent_total", "Messages a node acknowledged.", |n| n.sent);
-    counter(out, "push_manager_node_failed_total", "Messages given up on after the last attempt failed.", |n| n.failed);
-    counter(out, "push_manager_node_abandoned_total", "Messages still queued at the drain deadline.", |n| n.abandoned);
-    counter(out, "push_manager_node_retried_total", "RPC attempts to a node that were retries.", |n| n.retried);
-    counter(out, "push_manager_node_rpcs_total", "RPC attempts to a node (a batch is one).", |n| n.rpcs);
+    counter(out, "push_manager_enqueued_total", "Messages a node's queue accepted.", |n| n.enqueued);
+    counter(out, "push_manager_sent_total", "Messages a node acknowledged.", |n| n.sent);
+    counter(out, "push_manager_failed_total", "Messages given up on after the last attempt failed.", |n| n.failed);
+    counter(out, "push_manager_abandoned_total", "Messages still queued at the drain deadline.", |n| n.abandoned);
+    counter(out, "push_manager_retried_total", "RPC attempts to a node that were retries.", |n| n.retried);
+    counter(out, "push_manager_rpcs_total", "RPC attempts to a node (a batch is one).", |n| n.rpcs);
 
     let dropped: Vec<([(&str, &str); 3], u64)> = nodes
         .iter()
@@ -114,25 +114,25 @@ fn node_metrics(out: &mut Exposition, nodes: &[(&'static str, NodeStats)]) {
         .collect();
     let dropped: Vec<_> = dropped.iter().map(|(l, v)| (&l[..], *v)).collect();
     out.counter(
-        "push_manager_node_dropped_total",
+        "push_manager_dropped_total",
         "Messages refused by a node's queue: full (at --queue-size) or closing (node removed, shutdown).",
         &dropped,
     );
 
     let depth: Vec<_> = labels.iter().zip(nodes).map(|(l, (_, n))| (&l[..], n.queue_depth as f64)).collect();
-    out.gauge("push_manager_node_queue_depth", "Messages waiting in a node's queue.", &depth);
+    out.gauge("push_manager_queue_depth", "Messages waiting in a node's queue.", &depth);
 
     let histogram = |value: fn(&NodeStats) -> &HistogramSnapshot| -> Vec<_> {
         labels.iter().zip(nodes).map(|(l, (_, n))| (&l[..], value(n))).collect()
     };
     out.histogram(
-        "push_manager_node_messages_per_rpc",
+        "push_manager_messages_per_rpc",
         "Messages carried by each RPC attempt to a node.",
         1.0,
         &histogram(|n| &n.batch_sizes),
     );
     out.histogram(
-        "push_manager_node_rpc_latency_seconds",
+        "push_manager_rpc_latency_seconds",
         "Time from an RPC attempt's start to the node's answer or the failure.",
         1e-6,
         &histogram(|n| &n.rpc_latency_us),
