@@ -146,7 +146,7 @@ impl ClientTls {
     }
 }
 
-/// Builds a server for `service` on `listen` (`host:port`, port 0 picks one), accepting
+/// Builds a server for `services` on `listen` (`host:port`, port 0 picks one), accepting
 /// requests up to `max_receive_bytes`, over TLS when `tls` is given, starts it, and returns it
 /// with the address it is bound to.
 pub fn start_server(
@@ -154,7 +154,7 @@ pub fn start_server(
     listen: &str,
     max_receive_bytes: usize,
     tls: Option<&ServerTls>,
-    service: Service,
+    services: impl IntoIterator<Item = Service>,
 ) -> Result<(Server, SocketAddr), ServerError> {
     let credentials = match tls {
         Some(tls) => tls.credentials()?,
@@ -166,7 +166,9 @@ pub fn start_server(
         .reuse_port(false)
         .max_receive_message_len(max_receive_bytes.min(i32::MAX as usize) as i32)
         .build_args();
-    let mut server = ServerBuilder::new(env).channel_args(args).register_service(service).build()?;
+    let builder =
+        services.into_iter().fold(ServerBuilder::new(env).channel_args(args), ServerBuilder::register_service);
+    let mut server = builder.build()?;
     let port = server
         .add_listening_port(listen, credentials)
         .map_err(|e| ServerError::Bind { addr: listen.to_string(), reason: e.to_string() })?;

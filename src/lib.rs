@@ -6,6 +6,7 @@
 //! and pushes what it receives to its WebSocket subscribers.
 
 pub mod addr;
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod discovery;

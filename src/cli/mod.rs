@@ -6,6 +6,7 @@ mod node;
 mod nodes;
 mod send;
 mod serve;
+mod status;
 mod subscribe;
 mod token;
 
@@ -54,6 +55,8 @@ pub enum Command {
     Nodes(nodes::NodesArgs),
     /// Print a connection token (JWT, HS256) for a WebSocket user.
     Token(token::TokenArgs),
+    /// Summarize a running serve or node from its admin endpoint (--admin URL), once or with --watch.
+    Status(status::StatusArgs),
 }
 
 /// Flags every long-running subcommand shares.
@@ -198,6 +201,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Subscribe(args) => subscribe::run(args).map_err(Into::into),
         Command::Nodes(args) => nodes::run(args),
         Command::Token(args) => token::run(args),
+        Command::Status(args) => status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use clap::Args;
 use log::{info, warn};
 
 use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
+use crate::admin;
 use crate::etcd;
 use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig, WsAuth};
 use crate::registry;
@@ -139,6 +140,10 @@ pub struct NodeArgs {
     /// Most bytes of queued frames one connection writes in one syscall (1024..=262144).
     #[arg(long, default_value_t = Config::default().ws_write_bytes)]
     pub ws_write_bytes: usize,
+    /// Admin HTTP endpoint (/metrics, /healthz, /readyz): host:port, or off [default: 127.0.0.1:9254;
+    /// if that is taken the role runs without one, whereas an address given here must be free].
+    #[arg(long)]
+    pub admin_listen: Option<admin::Listen>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -250,13 +255,21 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
         },
     )
     .map_err(|e| format!("registering in etcd: {e}"))?;
-    // Machine-readable line for scripts and tests that bind port 0.
+    // Outlives the gateway's shutdown, so `/readyz` says "draining" while the node drains.
+    let probe = gateway.probe(Some(registration.state()));
+    let admin = admin::start_from_flag(args.admin_listen, admin::NODE_DEFAULT_LISTEN, probe)?;
+    // Machine-readable lines for scripts and tests that bind port 0.
     let scheme = if config.gateway.ws_tls.is_some() { "wss" } else { "ws" };
     println!("node {node_id} grpc {} ws {scheme}://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
+    if let Some(admin) = &admin {
+        println!("admin http://{}", admin.addr());
+    }
     info!("connect-node {node_id} serving, advertised as {addr}");
 
     signals.wait(None, || Tick::Continue, || gateway.reload_credentials())?;
     info!("shutdown signal received: deregistering, then delivering what push-manager still sends");
+    // First: load balancers hear NOT_SERVING while the node still answers.
+    gateway.begin_drain();
     registration.deregister();
     let grace = config.shutdown_grace;
     if gateway.wait_until_quiet(grace) {
@@ -270,5 +283,6 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     if stats.connections_open != 0 {
         warn!("{} connection(s) did not close cleanly", stats.connections_open);
     }
+    drop(admin);
     Ok(())
 }

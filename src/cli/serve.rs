@@ -7,6 +7,7 @@ use clap::Args;
 use log::{error, info};
 
 use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
+use crate::admin;
 use crate::grpc::ClientTls;
 use crate::manager::{Config, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
 
@@ -80,6 +81,10 @@ pub struct ServeArgs {
     /// the same file). Re-read on SIGHUP.
     #[arg(long)]
     pub node_token_file: Option<PathBuf>,
+    /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /nodes): host:port, or off [default: 127.0.0.1:9253;
+    /// if that is taken the role runs without one, whereas an address given here must be free].
+    #[arg(long)]
+    pub admin_listen: Option<admin::Listen>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -122,6 +127,11 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     let mut manager = Manager::start(args.config()?)?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
+    // Outlives the manager's shutdown, so `/readyz` says "draining" while queues drain.
+    let admin = admin::start_from_flag(args.admin_listen, admin::SERVE_DEFAULT_LISTEN, manager.probe())?;
+    if let Some(admin) = &admin {
+        println!("admin http://{}", admin.addr());
+    }
     let stats_interval: Duration = args.stats_interval.into();
     let mut next_stats = Instant::now() + stats_interval;
     let mut last = Vec::new();
@@ -149,6 +159,7 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     }
     info!("shutdown signal received");
     manager.shutdown();
+    drop(admin);
     Ok(())
 }
 

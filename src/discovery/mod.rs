@@ -81,6 +81,8 @@ pub struct Status {
     /// Why the last listing failed, when etcd answered but the listing did not work (a refused
     /// user, a permission, a compaction); `None` after a success or when etcd is unreachable.
     listing_error: parking_lot::Mutex<Option<String>>,
+    /// Set when the thread's body ends, however it ends (a panic included).
+    ended: AtomicBool,
 }
 
 impl Status {
@@ -98,6 +100,22 @@ impl Status {
     pub fn listing_error(&self) -> Option<String> {
         self.listing_error.lock().clone()
     }
+
+    /// Whether the thread is still at work: what [`Discovery::is_running`] says, for those who
+    /// hold only the status.
+    pub fn is_running(&self) -> bool {
+        !self.ended.load(Ordering::Relaxed)
+    }
+}
+
+/// Marks the status ended when dropped: at the end of the thread's body, or during a panic's
+/// unwinding.
+struct EndsWith(Arc<Status>);
+
+impl Drop for EndsWith {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Discovery {
@@ -110,9 +128,11 @@ impl Discovery {
             etcd_reachable: AtomicBool::new(true),
             listings: AtomicU64::new(0),
             listing_error: Default::default(),
+            ended: AtomicBool::new(false),
         });
         let shared = status.clone();
         let thread = StoppableThread::spawn("discovery", move |shutdown| {
+            let _ends = EndsWith(shared.clone());
             let poller = Poller {
                 client,
                 config,

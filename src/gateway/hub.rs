@@ -121,6 +121,13 @@ impl Counts {
     pub(crate) fn get(&self, name: &str) -> u64 {
         self.counts.lock().get(name).copied().unwrap_or(0)
     }
+
+    /// How many names have at least one, and how many there are over all names (for metrics:
+    /// O(names) under the lock, once per scrape).
+    pub(crate) fn totals(&self) -> (usize, u64) {
+        let counts = self.counts.lock();
+        (counts.len(), counts.values().sum())
+    }
 }
 
 /// The topic and user counts every loop keeps up to date.

@@ -11,12 +11,16 @@
 //! the node in etcd is the caller's business ([`Registration`]); a caller that deregistered
 //! lets push-manager finish sending with [`Gateway::wait_until_quiet`] before stopping.
 //! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
+//!
+//! The gRPC server also hosts `grpc.health.v1.Health`, NOT_SERVING from [`Gateway::begin_drain`]
+//! on; [`Gateway::probe`] is what the admin endpoint reads (`observe.rs`).
 
 mod accept;
 mod access;
 mod config;
 mod error;
 mod hub;
+mod observe;
 mod protocol;
 mod registration;
 mod sequencer;
@@ -35,14 +39,16 @@ use log::{info, warn};
 pub use config::{Config, NodeConfig, WsAuth, WsTls};
 pub use error::{Error, Result};
 pub use hub::Hub;
-pub use registration::{Registration, RegistrationConfig};
+pub use registration::{Registration, RegistrationConfig, RegistrationState};
 pub use stats::StatsSnapshot;
 
+use crate::admin::{Probe, Serving};
 use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};
 use hub::{Backlog, BacklogLimits, LoopHandle, SharedCounts};
+use observe::{GatewayProbe, Liveness};
 use sequencer::{HoldLimits, Sequencer};
 use service::Activity;
 use stats::Stats;
@@ -52,6 +58,9 @@ use ws::{LoopConfig, LoopParts};
 /// have stopped sending ([`Gateway::wait_until_quiet`]): push-manager hears of a deregistration
 /// through its etcd watch within milliseconds, then sends what it had queued back to back.
 pub const QUIET_BEFORE_STOP: Duration = Duration::from_millis(500);
+
+/// The service the gRPC server hosts, as `grpc.health.v1.Health` names it.
+const SERVICE_NAME: &str = "protocol.ConnectNode";
 
 /// How long gRPC calls in flight may take to end when the server stops, before they are
 /// cancelled. Handlers never block, so only a stalled client is still in a call by then.
@@ -74,6 +83,14 @@ pub struct Gateway {
     token: Option<Arc<KeyFile>>,
     /// The keys WebSocket connection tokens are signed with, re-read on SIGHUP.
     token_keys: Option<Arc<TokenKeys>>,
+    /// SERVING until the drain begins; reported by gRPC health and `/readyz`.
+    serving: Arc<Serving>,
+    /// Which of the threads above have ended, for `/healthz`.
+    liveness: Arc<Liveness>,
+    /// Subscriptions per topic and connections per user, for the metrics.
+    counts: Arc<SharedCounts>,
+    /// Each event loop's way in, for the metrics' backlog.
+    loop_handles: Vec<LoopHandle>,
 }
 
 impl Gateway {
@@ -106,16 +123,17 @@ impl Gateway {
             .map_err(|e| Error::Bind { addr: config.ws_listen.clone(), reason: e.to_string() })?;
         let ws_addr = listener.local_addr()?;
 
+        let liveness = Arc::new(Liveness::default());
         let mut loops = Vec::with_capacity(config.event_loops);
         let mut handles = Vec::with_capacity(config.event_loops);
         for n in 0..config.event_loops {
-            let (thread, handle) =
-                spawn_loop(n, &config, gatekeeper.clone(), ws_tls.clone(), counts.clone(), stats.clone())?;
+            let parts = (gatekeeper.clone(), ws_tls.clone(), counts.clone(), stats.clone());
+            let (thread, handle) = spawn_loop(n, &config, parts, &liveness)?;
             loops.push(thread);
             handles.push(handle);
         }
         let limits = BacklogLimits { deliveries: config.max_loop_backlog, bytes: config.max_loop_backlog_bytes };
-        let hub = Arc::new(Hub::new(handles.clone(), counts, stats.clone(), limits));
+        let hub = Arc::new(Hub::new(handles.clone(), counts.clone(), stats.clone(), limits));
         let hold = HoldLimits { time: config.reorder_hold, messages: config.reorder_hold_messages };
         let sequencer = Arc::new(Sequencer::new(hold, stats.clone()));
         // From here on, an error drops `gateway`, which stops what was started.
@@ -132,8 +150,12 @@ impl Gateway {
             sweep: None,
             token: token.clone(),
             token_keys,
+            serving: Arc::new(Serving::new(&[SERVICE_NAME])),
+            liveness: liveness.clone(),
+            counts,
+            loop_handles: handles.clone(),
         };
-        gateway.sweep = Some(spawn_sweep(sequencer.clone(), gateway.hub.clone())?);
+        gateway.sweep = Some(spawn_sweep(sequencer.clone(), gateway.hub.clone(), liveness.alive("seq-sweep"))?);
 
         let answers_plain_http = ws_tls.is_none();
         let (acceptor, waker) = accept::Acceptor::new(
@@ -143,7 +165,11 @@ impl Gateway {
             config.max_connections,
             answers_plain_http,
         )?;
-        let accept = StoppableThread::spawn("ws-accept", move |stop| acceptor.run(stop))?;
+        let alive = liveness.alive("ws-accept");
+        let accept = StoppableThread::spawn("ws-accept", move |stop| {
+            let _alive = alive;
+            acceptor.run(stop)
+        })?;
         gateway.accept = Some(accept.with_wake(wake_to_stop(waker)));
 
         let admission = service::Admission {
@@ -154,7 +180,7 @@ impl Gateway {
         };
         let service =
             service::ConnectNodeService::new(gateway.hub.clone(), gateway.activity.clone(), admission, sequencer);
-        let (server, grpc_addr) = start_grpc(&config, service)?;
+        let (server, grpc_addr) = start_grpc(&config, service, gateway.serving.health_service())?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
         let scheme = if answers_plain_http { "ws" } else { "wss" };
@@ -180,6 +206,26 @@ impl Gateway {
                 Err(e) => warn!("reloading the token key file failed, keeping the keys loaded before: {e}"),
             }
         }
+    }
+
+    /// From now on NOT_SERVING (gRPC health) and not ready (`/readyz`): call it first when
+    /// stopping, while the gRPC port still answers. Idempotent.
+    pub fn begin_drain(&self) {
+        self.serving.begin_drain();
+    }
+
+    /// What the admin endpoint reads: metrics, health, and readiness, which waits for
+    /// `registration` when there is one.
+    pub fn probe(&self, registration: Option<Arc<RegistrationState>>) -> Arc<dyn Probe> {
+        Arc::new(GatewayProbe {
+            stats: self.stats.clone(),
+            sequencer: self.sequencer.clone(),
+            counts: self.counts.clone(),
+            loops: self.loop_handles.clone(),
+            liveness: self.liveness.clone(),
+            serving: self.serving.clone(),
+            registration,
+        })
     }
 
     /// The address the gRPC service is bound to (the real port when 0 was asked for).
@@ -237,6 +283,7 @@ impl Gateway {
     /// shutting down" (after what was queued for it), waits a bounded time for the close
     /// handshakes and joins every thread. Idempotent.
     pub fn shutdown(&mut self) {
+        self.begin_drain();
         self.stop_grpc();
         // What is still held behind a gap is dropped with the node, as a restart would.
         if let Some(sweep) = &mut self.sweep {
@@ -271,13 +318,14 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// What every event loop shares.
+type LoopShared = (Arc<Gatekeeper>, Option<Arc<rustls::ServerConfig>>, Arc<SharedCounts>, Arc<Stats>);
+
 fn spawn_loop(
     n: usize,
     config: &Config,
-    gatekeeper: Arc<Gatekeeper>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    counts: Arc<SharedCounts>,
-    stats: Arc<Stats>,
+    (gatekeeper, tls, counts, stats): LoopShared,
+    liveness: &Arc<Liveness>,
 ) -> Result<(StoppableThread, LoopHandle)> {
     let poll = mio::Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), ws::WAKER)?);
@@ -297,7 +345,12 @@ fn spawn_loop(
         config: LoopConfig::new(config, gatekeeper),
         tls,
     };
-    let thread = StoppableThread::spawn(format!("ws-loop-{n}"), move |stop| ws::run(parts, stop))?;
+    let name = format!("ws-loop-{n}");
+    let alive = liveness.alive(name.clone());
+    let thread = StoppableThread::spawn(name, move |stop| {
+        let _alive = alive;
+        ws::run(parts, stop)
+    })?;
     Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, backlog }))
 }
 
@@ -315,20 +368,28 @@ fn wake_to_stop(waker: Arc<mio::Waker>) -> impl FnOnce() + Send + 'static {
 const GRPC_MAX_RECEIVE_BYTES: usize = 64 << 20;
 
 /// `seq-sweep`: runs the sequencer's sweep on a tick, publishing what it releases.
-fn spawn_sweep(sequencer: Arc<Sequencer>, hub: Arc<Hub>) -> Result<StoppableThread> {
+fn spawn_sweep(sequencer: Arc<Sequencer>, hub: Arc<Hub>, alive: observe::Alive) -> Result<StoppableThread> {
     let ticks = crossbeam_channel::tick(sequencer.sweep_interval());
-    Ok(StoppableThread::spawn("seq-sweep", move |stop| loop {
-        crossbeam_channel::select! {
-            recv(stop) -> _ => return,
-            recv(ticks) -> _ => sequencer.sweep(Instant::now(), |batch| hub.publish_batch(batch)),
+    Ok(StoppableThread::spawn("seq-sweep", move |stop| {
+        let _alive = alive;
+        loop {
+            crossbeam_channel::select! {
+                recv(stop) -> _ => return,
+                recv(ticks) -> _ => sequencer.sweep(Instant::now(), |batch| hub.publish_batch(batch)),
+            }
         }
     })?)
 }
 
-fn start_grpc(config: &Config, service: service::ConnectNodeService) -> Result<(grpcio::Server, SocketAddr)> {
+fn start_grpc(
+    config: &Config,
+    service: service::ConnectNodeService,
+    health: grpcio::Service,
+) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service);
-    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, config.tls.as_ref(), service)?)
+    let services = [service, health];
+    Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, config.tls.as_ref(), services)?)
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a node holds a socket per

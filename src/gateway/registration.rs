@@ -7,6 +7,8 @@
 //! and a log line for each change of state. Deregistering revokes the lease, so push-manager's
 //! watch removes the node at once rather than after the TTL.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{at, never, select, tick, Receiver};
@@ -32,9 +34,37 @@ pub struct RegistrationConfig {
     pub ttl: Duration,
 }
 
+/// Whether the node is registered now, and how often it registered: what the admin endpoint
+/// reports, kept by the `etcd-register` thread.
+#[derive(Debug, Default)]
+pub struct RegistrationState {
+    registered: AtomicBool,
+    registrations: AtomicU64,
+}
+
+impl RegistrationState {
+    /// Whether the node's key is in etcd under a live lease, as far as the thread knows.
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
+    }
+
+    /// Successful registrations, the first included: more than one means it registered again.
+    pub fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, keep_alive: Option<&KeepAlive>) {
+        if keep_alive.is_some() {
+            self.registrations.fetch_add(1, Ordering::Relaxed);
+        }
+        self.registered.store(keep_alive.is_some(), Ordering::Relaxed);
+    }
+}
+
 /// A registration kept alive by its thread; dropping it deregisters.
 pub struct Registration {
     client: etcd::Client,
+    state: Arc<RegistrationState>,
     /// `etcd-register`; ends with the keep-alive it holds, if any, for us to revoke.
     thread: StoppableThread<Option<KeepAlive>>,
 }
@@ -76,16 +106,25 @@ impl Registration {
             }
             Err(e) => return Err(e),
         };
-        let keeper = Keeper { client: client.clone(), config };
+        let state = Arc::new(RegistrationState::default());
+        state.set(first.as_ref());
+        let keeper = Keeper { client: client.clone(), config, state: state.clone() };
         let thread = StoppableThread::spawn("etcd-register", move |stop| keeper.run(first, stop))?;
-        Ok(Registration { client, thread })
+        Ok(Registration { client, state, thread })
+    }
+
+    /// Whether the node is registered now and how often it registered.
+    pub fn state(&self) -> Arc<RegistrationState> {
+        self.state.clone()
     }
 
     /// Idempotent: stops re-registering and revokes the lease, which deletes the key now.
     pub fn deregister(&mut self) {
         // `None`: deregistered before, never registered, registering again was failing, or the
         // thread panicked (logged by the handle); there is no lease to revoke.
-        let Some(Some(mut keep_alive)) = self.thread.shutdown() else { return };
+        let ended = self.thread.shutdown();
+        self.state.set(None);
+        let Some(Some(mut keep_alive)) = ended else { return };
         let id = keep_alive.lease().id;
         keep_alive.shutdown();
         match self.client.revoke(id) {
@@ -111,6 +150,7 @@ fn is_transient(e: &etcd::Error) -> bool {
 struct Keeper {
     client: etcd::Client,
     config: RegistrationConfig,
+    state: Arc<RegistrationState>,
 }
 
 impl Keeper {
@@ -138,6 +178,7 @@ impl Keeper {
                 recv(retry) -> _ => {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     current = self.try_register(backoff);
+                    self.state.set(current.as_ref());
                     retry_at = Instant::now() + backoff;
                     false
                 }
@@ -145,8 +186,10 @@ impl Keeper {
             };
             if lease_gone {
                 drop(current.take()); // stops the old keep-alive thread
+                self.state.set(None);
                 backoff = INITIAL_BACKOFF;
                 current = self.try_register(backoff);
+                self.state.set(current.as_ref());
                 retry_at = Instant::now() + backoff;
             }
         }

@@ -7,12 +7,16 @@
 //!
 //! Each instance numbers what it sends to each node under a random instance id (logged at
 //! start), so that a node applies it in order and once; see `message` and `node`.
+//!
+//! The gRPC server also hosts `grpc.health.v1.Health`, NOT_SERVING from the start of `shutdown`;
+//! [`Manager::probe`] is what the admin endpoint reads (`observe.rs`).
 
 mod config;
 mod error;
 mod fanout;
 mod message;
 mod node;
+mod observe;
 mod server;
 mod throttle;
 
@@ -27,13 +31,18 @@ pub use config::{Config, RetryPolicy, NODE_TLS_FLAGS};
 pub use error::{Error, Result};
 pub use node::NodeStats;
 
+use crate::admin::{Probe, Serving};
 use crate::auth::KeyFile;
 use crate::discovery::{self, Discovery};
 use crate::etcd;
 use crate::proto::protocol_grpc::create_push_server;
 use fanout::Fanout;
 use node::NodeAccess;
+use observe::ManagerProbe;
 use server::PushService;
+
+/// The service the gRPC server hosts, as `grpc.health.v1.Health` names it.
+const SERVICE_NAME: &str = "protocol.PushServer";
 
 /// How long calls in flight may take to end at shutdown before they are cancelled.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -42,7 +51,11 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 pub struct Manager {
     server: Option<grpcio::Server>,
     discovery: Option<Discovery>,
+    /// Discovery's status, kept past its shutdown for the admin endpoint.
+    discovery_status: Arc<discovery::Status>,
     fanout: Arc<Fanout>,
+    /// SERVING until shutdown begins; reported by gRPC health and `/readyz`.
+    serving: Arc<Serving>,
     addr: SocketAddr,
     api_keys: Option<Arc<KeyFile>>,
     node_token: Option<Arc<KeyFile>>,
@@ -86,12 +99,13 @@ impl Manager {
             etcd_endpoints: config.etcd.endpoints.join(","),
             api_keys: api_keys.clone(),
         };
+        let serving = Arc::new(Serving::new(&[SERVICE_NAME]));
         let (server, addr) = crate::grpc::start_server(
             env,
             &config.listen,
             receive_limit(&config),
             config.tls.as_ref(),
-            create_push_server(service),
+            [create_push_server(service), serving.health_service()],
         )?;
         info!(
             "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}; instance {:016x}",
@@ -99,7 +113,16 @@ impl Manager {
             config.prefix,
             fanout.instance()
         );
-        Ok(Manager { server: Some(server), discovery: Some(discovery), fanout, addr, api_keys, node_token })
+        Ok(Manager {
+            server: Some(server),
+            discovery_status: discovery.status(),
+            discovery: Some(discovery),
+            fanout,
+            serving,
+            addr,
+            api_keys,
+            node_token,
+        })
     }
 
     /// The address the gRPC server is bound to.
@@ -133,6 +156,15 @@ impl Manager {
         self.discovery.as_ref().map_or(0, |d| d.status().listings())
     }
 
+    /// What the admin endpoint reads: metrics, health, readiness and the node set.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(ManagerProbe {
+            fanout: self.fanout.clone(),
+            discovery: self.discovery_status.clone(),
+            serving: self.serving.clone(),
+        })
+    }
+
     /// Re-reads the API key and node token files (SIGHUP). Calls in flight are not disturbed; a
     /// file that cannot be read keeps its old keys. Logs counts, never keys.
     pub fn reload_credentials(&self) {
@@ -149,6 +181,8 @@ impl Manager {
     /// timeout, and joins every thread.
     pub fn shutdown(&mut self) {
         let Some(server) = self.server.take() else { return };
+        // First, so health checkers hear it while the port still answers.
+        self.serving.begin_drain();
         info!("push-manager shutting down: no new broadcasts, draining node queues");
         // Handlers never block, so whatever is still open after this is a stalled client.
         crate::grpc::stop_server(server, STOP_GRACE);

@@ -30,6 +30,7 @@ use super::config::Config;
 use super::error::Error;
 use super::message::{BatchRequest, Queued, SenderId, SharedMessage, BROADCAST_BATCH};
 use super::throttle::Throttle;
+use crate::admin::{Histogram, HistogramSnapshot};
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::is_retryable;
 use crate::grpc::{ClientTls, TlsError};
@@ -39,8 +40,14 @@ use crate::thread::StoppableThread;
 /// well under gRPC's default 4 MiB receive limit on the connect-node.
 const BATCH_MAX_BYTES: usize = 2 << 20;
 
+/// Bounds of the messages-per-RPC histogram.
+const BATCH_SIZE_BOUNDS: &[u64] = &[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
+/// Bounds of the RPC latency histogram, in microseconds (0.5 ms to 10 s).
+const RPC_LATENCY_BOUNDS_US: &[u64] =
+    &[500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000];
+
 /// Running totals for one node. Messages, not RPCs, unless the name says otherwise.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 struct Counters {
     enqueued: AtomicU64,
     dropped_full: AtomicU64,
@@ -50,6 +57,27 @@ struct Counters {
     abandoned: AtomicU64,
     retried: AtomicU64,
     rpcs: AtomicU64,
+    /// Messages per RPC attempt.
+    batch_sizes: Histogram,
+    /// Time from an RPC attempt's start to its answer (or failure), in microseconds.
+    rpc_latency_us: Histogram,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters {
+            enqueued: AtomicU64::default(),
+            dropped_full: AtomicU64::default(),
+            dropped_closing: AtomicU64::default(),
+            sent: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            abandoned: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            rpcs: AtomicU64::default(),
+            batch_sizes: Histogram::new(BATCH_SIZE_BOUNDS),
+            rpc_latency_us: Histogram::new(RPC_LATENCY_BOUNDS_US),
+        }
+    }
 }
 
 /// A snapshot of one node's counters.
@@ -77,6 +105,10 @@ pub struct NodeStats {
     pub rpcs: u64,
     /// Messages waiting in its queue now.
     pub queue_depth: u64,
+    /// Messages per RPC attempt.
+    pub batch_sizes: HistogramSnapshot,
+    /// RPC attempts' latency, in microseconds.
+    pub rpc_latency_us: HistogramSnapshot,
 }
 
 impl NodeStats {
@@ -200,7 +232,7 @@ impl NodeClient {
         let target = Arc::new(RwLock::new(Target::new(access, addr)?));
         let (tx, rx) = bounded(config.queue_size);
         let (closing_tx, closing_rx) = bounded(0);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new());
         let (completed_tx, completed_rx) = bounded(config.routine_size);
         let pipeline = Arc::new(Pipeline {
             collecting: Mutex::new(None),
@@ -365,6 +397,8 @@ impl NodeClient {
             retried: load(&c.retried),
             rpcs: load(&c.rpcs),
             queue_depth: self.sender.read().as_ref().map_or(0, |tx| tx.len() as u64),
+            batch_sizes: c.batch_sizes.snapshot(),
+            rpc_latency_us: c.rpc_latency_us.snapshot(),
         }
     }
 }
@@ -536,7 +570,11 @@ impl Worker {
             request.low_water = self.window.lock().low_water;
             // Cloned (an Arc) so the lock is not held across the RPC.
             let client = self.target.read().client.clone();
-            let error = match client.unary_call(&BROADCAST_BATCH, &request, opt) {
+            self.counters.batch_sizes.observe(n);
+            let started = Instant::now();
+            let result = client.unary_call(&BROADCAST_BATCH, &request, opt);
+            self.counters.rpc_latency_us.observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            let error = match result {
                 Ok(_) => {
                     self.counters.sent.fetch_add(n, Ordering::Relaxed);
                     return request.messages;
