@@ -47,7 +47,7 @@ pub enum Command {
     Node(node::NodeArgs),
     /// Run push-manager: serve protocol.PushServer and fan broadcasts out to connect-nodes found in etcd.
     Serve(serve::ServeArgs),
-    /// Call PushServer/Broadcast (or, with --user, PushServer/PushUsers) once and print the reply.
+    /// Call PushServer/Broadcast or PushUsers (--user) once, or stream many messages (--count, --lines), and print the outcome.
     Send(send::SendArgs),
     /// Connect to a connect-node's WebSocket endpoint and print each message as it arrives.
     Subscribe(subscribe::SubscribeArgs),
