@@ -12,14 +12,11 @@ use clap::Args;
 use futures::executor::block_on;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
-use super::parse_duration;
-use super::send::API_KEY_ENV;
-use crate::auth::{bearer, KeyFile};
+use super::{parse_duration, CallerArgs};
+use crate::auth::bearer;
 use crate::discovery::parse;
 use crate::etcd;
-use crate::grpc::{ClientTls, ClientTlsFlags};
 use crate::loadgen::{self, BroadcastPublisher, Config, Dialect};
-use crate::secret::Secret;
 use crate::token::{Claims, TokenKeys};
 
 #[derive(Args, Debug)]
@@ -73,22 +70,9 @@ pub struct BenchArgs {
     /// The nodes' token key file: sign one token per subscriber (user bench-<i>, granted --topic).
     #[arg(long)]
     pub token_key_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed push-manager's: call it over TLS.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a push-manager that requires one (with --tls-key).
-    #[arg(long, requires = "tls_key", requires = "tls_ca")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// File whose first key is sent as `authorization: Bearer <key>`; the environment variable
-    /// PUSH_MANAGER_API_KEY is used when this is absent.
-    #[arg(long)]
-    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub caller: CallerArgs,
 }
-
-const TLS_FLAGS: ClientTlsFlags = ClientTlsFlags { ca: "--tls-ca", cert: "--tls-cert", key: "--tls-key" };
 
 /// How long a signed subscriber token lives: far longer than any run.
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -112,10 +96,8 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build());
     let mut channel = ChannelBuilder::new(env);
-    if let Some(tls) =
-        ClientTls::from_flags(args.tls_ca.as_ref(), args.tls_cert.as_ref(), args.tls_key.as_ref(), TLS_FLAGS)
-    {
-        channel = channel.set_credentials(tls.credentials().map_err(|e| e.to_string())?);
+    if let Some(credentials) = args.caller.credentials()? {
+        channel = channel.set_credentials(credentials);
     }
     let channel = channel.connect(&args.server);
     // Before opening a thousand connections: a wrong --server should fail at once, and clearly.
@@ -127,7 +109,7 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
         .into());
     }
     let mut option = CallOption::default().timeout(config.connect_timeout);
-    if let Some(key) = api_key(&args)? {
+    if let Some(key) = args.caller.api_key()? {
         option = option.headers(bearer(&key));
     }
     let mut publisher = BroadcastPublisher::new(channel, option, &config.topic, config.in_flight);
@@ -201,12 +183,4 @@ fn tokens(args: &BenchArgs) -> Result<Box<dyn Fn(usize) -> Option<String>>, Stri
             topics: Some(vec![topic.clone()]),
         }))
     }))
-}
-
-/// The API key to send: --api-key-file's first, else PUSH_MANAGER_API_KEY, else none.
-fn api_key(args: &BenchArgs) -> Result<Option<Secret>, String> {
-    if let Some(path) = &args.api_key_file {
-        return KeyFile::load("--api-key-file", path).map(|keys| Some(keys.first()));
-    }
-    Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
 }

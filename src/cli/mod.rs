@@ -119,6 +119,48 @@ impl ServerTlsArgs {
     }
 }
 
+/// How a client reaches push-manager's `PushServer`: TLS and the API key. Shared by `send` and
+/// `bench`, so both take the same flags and say the same things.
+#[derive(Args, Debug, Clone)]
+pub struct CallerArgs {
+    /// CA certificate (PEM) that signed push-manager's: call it over TLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a push-manager that requires one (with --tls-key).
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File whose first key is sent as `authorization: Bearer <key>`; the environment variable
+    /// PUSH_MANAGER_API_KEY is used when this is absent.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// The environment variable an API key may come from.
+pub const API_KEY_ENV: &str = "PUSH_MANAGER_API_KEY";
+
+impl CallerArgs {
+    const TLS_FLAGS: crate::grpc::ClientTlsFlags =
+        crate::grpc::ClientTlsFlags { ca: "--tls-ca", cert: "--tls-cert", key: "--tls-key" };
+
+    /// TLS credentials when `--tls-ca` is given; an unreadable file is an error naming its flag.
+    pub fn credentials(&self) -> Result<Option<grpcio::ChannelCredentials>, String> {
+        let tls =
+            ClientTls::from_flags(self.tls_ca.as_ref(), self.tls_cert.as_ref(), self.tls_key.as_ref(), Self::TLS_FLAGS);
+        tls.map(|tls| tls.credentials().map_err(|e| e.to_string())).transpose()
+    }
+
+    /// The API key to send: the first of `--api-key-file`, else `PUSH_MANAGER_API_KEY`, else none.
+    pub fn api_key(&self) -> Result<Option<Secret>, String> {
+        if let Some(path) = &self.api_key_file {
+            return crate::auth::KeyFile::load("--api-key-file", path).map(|keys| Some(keys.first()));
+        }
+        Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
+    }
+}
+
 /// The environment variable `--etcd-user`'s password may come from.
 pub const ETCD_PASSWORD_ENV: &str = "PUSH_MANAGER_ETCD_PASSWORD";
 

@@ -7,7 +7,6 @@
 //! second on standard error, so a long run shows it is moving.
 
 use std::io::{BufRead, Read};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -20,13 +19,11 @@ use grpcio::{
     CallOption, ChannelBuilder, ClientDuplexReceiver, ClientDuplexSender, EnvBuilder, RpcStatusCode, WriteFlags,
 };
 
-use super::parse_duration;
-use crate::auth::{bearer, KeyFile};
-use crate::grpc::{ClientTls, ClientTlsFlags};
+use super::{parse_duration, CallerArgs};
+use crate::auth::bearer;
 use crate::proto::protocol::{BroadcastStreamReq, PushUsersStreamReq, StreamReplies, StreamReply};
 use crate::proto::protocol_grpc::PushServerClient;
 use crate::proto::{broadcast_request, push_users_request};
-use crate::secret::Secret;
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("stream").args(["count", "lines"])))]
@@ -62,28 +59,13 @@ pub struct SendArgs {
     /// push-manager takes them).
     #[arg(long, value_name = "R", requires = "stream", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
-    /// CA certificate (PEM) that signed push-manager's: call it over TLS.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a push-manager that requires one (with --tls-key).
-    #[arg(long, requires = "tls_key", requires = "tls_ca")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// File whose first key is sent as `authorization: Bearer <key>`; the environment variable
-    /// PUSH_MANAGER_API_KEY is used when this is absent.
-    #[arg(long)]
-    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub caller: CallerArgs,
     /// The message body; read from standard input when absent.
     pub body: Option<String>,
 }
 
-/// The environment variable an API key may come from.
-pub const API_KEY_ENV: &str = "PUSH_MANAGER_API_KEY";
-
 /// The flag names of `send`'s TLS files.
-const TLS_FLAGS: ClientTlsFlags = ClientTlsFlags { ca: "--tls-ca", cert: "--tls-cert", key: "--tls-key" };
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -117,14 +99,12 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-send").build());
     let mut channel = ChannelBuilder::new(env);
-    if let Some(tls) =
-        ClientTls::from_flags(args.tls_ca.as_ref(), args.tls_cert.as_ref(), args.tls_key.as_ref(), TLS_FLAGS)
-    {
-        channel = channel.set_credentials(tls.credentials().map_err(|e| SendError::Credentials(e.to_string()))?);
+    if let Some(credentials) = args.caller.credentials().map_err(SendError::Credentials)? {
+        channel = channel.set_credentials(credentials);
     }
     let client = PushServerClient::new(channel.connect(&args.server));
     let mut opt = CallOption::default().timeout(args.timeout.into());
-    if let Some(key) = api_key(&args).map_err(SendError::Credentials)? {
+    if let Some(key) = args.caller.api_key().map_err(SendError::Credentials)? {
         opt = opt.headers(bearer(&key));
     }
     if args.count.is_some() || args.lines {
@@ -384,14 +364,6 @@ impl Drop for Progress {
     }
 }
 
-/// The API key to send: the first of `--api-key-file`, else `PUSH_MANAGER_API_KEY`, else none.
-fn api_key(args: &SendArgs) -> Result<Option<Secret>, String> {
-    if let Some(path) = &args.api_key_file {
-        return KeyFile::load("--api-key-file", path).map(|keys| Some(keys.first()));
-    }
-    Ok(std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()).map(Secret::new))
-}
-
 fn describe(args: &SendArgs, e: grpcio::Error) -> String {
     let server = &args.server;
     match e {
@@ -409,7 +381,7 @@ fn describe(args: &SendArgs, e: grpcio::Error) -> String {
 
 /// What to check, given the TLS flags used, when the connection itself failed.
 fn tls_hint(args: &SendArgs) -> &'static str {
-    match (&args.tls_ca, &args.tls_cert) {
+    match (&args.caller.tls_ca, &args.caller.tls_cert) {
         (None, _) => "if push-manager serves TLS, give --tls-ca, and --tls-cert/--tls-key if it requires client certificates",
         (Some(_), None) => "if push-manager requires client certificates (--tls-client-ca), give --tls-cert and --tls-key",
         (Some(_), Some(_)) => {
