@@ -11,4 +11,4 @@ test: deps
 	cargo test --release
 
 bench: deps
-	cargo bench --bench fanout --bench fanout_latency --bench fanout_tls
+	cargo bench --bench fanout --bench fanout_latency --bench fanout_tls --bench e2e --bench ws_fanout --bench ws_idle
