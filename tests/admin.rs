@@ -136,6 +136,9 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
             assert_eq!(user.next_json()["seq"], i as i64);
         }
     }
+    // A refused broadcast is counted by its result too.
+    let refused = push.broadcast(&broadcast_request("bad topic", OP, 0, "x")).unwrap_err();
+    assert!(refused.to_string().contains("INVALID_ARGUMENT"), "{refused}");
     let sent = |s: &Scrape, node| value(s, "push_manager_sent_total", &[("node", node), ("state", "active")]);
     wait_until("serve counts every message sent to each node", PATIENCE, || {
         let now = scrape(&admin_s);
@@ -178,6 +181,12 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
         assert_eq!(value(&s, "push_manager_messages_per_rpc_sum", &labels), sent(&s, node), "messages per RPC");
         assert_eq!(value(&s, "push_manager_dropped_total", &[("node", node), ("reason", "full")]), 0.0);
     }
+    let result = |s: &Scrape, r| value(s, "push_manager_broadcasts_total", &[("result", r)]);
+    assert_kind(&s, "push_manager_broadcasts_total", counter);
+    assert_eq!(result(&s, "ok") - result(&before[0], "ok"), N as f64);
+    assert_eq!(result(&s, "invalid") - result(&before[0], "invalid"), 1.0);
+    assert_eq!(result(&s, "unauthenticated"), 0.0);
+    assert_eq!(result(&s, "no_nodes"), 0.0);
     assert_eq!(value(&s, "push_manager_etcd_reachable", &[]), 1.0);
     assert!(value(&s, "push_manager_discovery_listings_total", &[]) >= 1.0);
 

@@ -56,6 +56,8 @@ pub struct Manager {
     fanout: Arc<Fanout>,
     /// SERVING until shutdown begins; reported by gRPC health and `/readyz`.
     serving: Arc<Serving>,
+    /// What became of the messages callers sent, for the admin endpoint.
+    outcomes: Arc<server::Outcomes>,
     addr: SocketAddr,
     api_keys: Option<Arc<KeyFile>>,
     node_token: Option<Arc<KeyFile>>,
@@ -90,6 +92,7 @@ impl Manager {
             move |nodes| reconciled.reconcile(nodes),
         )?;
 
+        let outcomes = Arc::new(server::Outcomes::default());
         let service = PushService {
             fanout: fanout.clone(),
             discovery: discovery.status(),
@@ -98,6 +101,7 @@ impl Manager {
             prefix: config.prefix.clone(),
             etcd_endpoints: config.etcd.endpoints.join(","),
             api_keys: api_keys.clone(),
+            outcomes: outcomes.clone(),
         };
         let serving = Arc::new(Serving::new(&[SERVICE_NAME]));
         let (server, addr) = crate::grpc::start_server(
@@ -119,6 +123,7 @@ impl Manager {
             discovery: Some(discovery),
             fanout,
             serving,
+            outcomes,
             addr,
             api_keys,
             node_token,
@@ -162,6 +167,7 @@ impl Manager {
             fanout: self.fanout.clone(),
             discovery: self.discovery_status.clone(),
             serving: self.serving.clone(),
+            outcomes: self.outcomes.clone(),
         })
     }
 

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::fanout::Fanout;
 use super::node::NodeStats;
+use super::server::Outcomes;
 use crate::admin::{Exposition, HistogramSnapshot, Probe, Serving};
 use crate::discovery;
 
@@ -15,6 +16,7 @@ pub(crate) struct ManagerProbe {
     pub(crate) fanout: Arc<Fanout>,
     pub(crate) discovery: Arc<discovery::Status>,
     pub(crate) serving: Arc<Serving>,
+    pub(crate) outcomes: Arc<Outcomes>,
 }
 
 /// A node's counters and whether it is in the node set or retiring.
@@ -39,6 +41,19 @@ impl Probe for ManagerProbe {
             "push_manager_nodes_retiring",
             "Removed connect-nodes still draining their queue.",
             &[(&[], retiring)],
+        );
+        let o = &self.outcomes;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        out.counter(
+            "push_manager_broadcasts_total",
+            "Messages callers sent (broadcasts and pushes to users, unary or streamed), by result; \
+             unauthenticated counts calls and streams, whose messages are not read.",
+            &[
+                (&[("result", "ok")], load(&o.ok)),
+                (&[("result", "invalid")], load(&o.invalid)),
+                (&[("result", "unauthenticated")], load(&o.unauthenticated)),
+                (&[("result", "no_nodes")], load(&o.no_nodes)),
+            ],
         );
         let listings = self.discovery.listings();
         out.counter(

@@ -16,6 +16,7 @@
 //! HTTP/2 flow control, and push-manager holds the replies of an element or two per stream. A
 //! message the node queues cannot take is reported `dropped`, as in unary, never waited for.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -36,6 +37,26 @@ use crate::proto::{users_broadcast, validate_broadcast, validate_push_users};
 /// (and the work done before the next reply can leave) whatever the element's byte size.
 pub(crate) const MAX_STREAM_ELEMENT: usize = 1024;
 
+/// What became of the messages callers sent (broadcasts and pushes to users, unary or
+/// streamed), for the admin endpoint's `push_manager_broadcasts_total{result}`.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    /// Offered to the node set.
+    pub(crate) ok: AtomicU64,
+    /// Refused by the request's rule (INVALID_ARGUMENT).
+    pub(crate) invalid: AtomicU64,
+    /// Calls or streams refused for their API key (UNAUTHENTICATED); their messages are not read.
+    pub(crate) unauthenticated: AtomicU64,
+    /// Refused because no connect-node was known (UNAVAILABLE).
+    pub(crate) no_nodes: AtomicU64,
+}
+
+impl Outcomes {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct PushService {
     pub(crate) fanout: Arc<Fanout>,
@@ -47,6 +68,7 @@ pub(crate) struct PushService {
     pub(crate) etcd_endpoints: String,
     /// Callers must send one of these; `None` when callers are not authenticated by key.
     pub(crate) api_keys: Option<Arc<KeyFile>>,
+    pub(crate) outcomes: Arc<Outcomes>,
 }
 
 impl PushService {
@@ -56,6 +78,7 @@ impl PushService {
         match self.api_keys.as_ref().map(|keys| keys.check(ctx.request_headers())) {
             Some(Err(refusal)) => {
                 debug!("refused a {what} from {}: {refusal}", ctx.peer());
+                Outcomes::count(&self.outcomes.unauthenticated);
                 Err(RpcStatus::with_message(RpcStatusCode::UNAUTHENTICATED, refusal.to_string()))
             }
             _ => Ok(()),
@@ -70,10 +93,15 @@ impl PushService {
         what: &str,
         validate: impl FnOnce() -> Result<BroadCastReq, String>,
     ) -> Result<BroadCastReply, RpcStatus> {
-        let req = validate().map_err(|msg| RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, msg))?;
+        let req = validate().map_err(|msg| {
+            Outcomes::count(&self.outcomes.invalid);
+            RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, msg)
+        })?;
         if self.fanout.node_count() == 0 {
+            Outcomes::count(&self.outcomes.no_nodes);
             return Err(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, self.no_node(what)));
         }
+        Outcomes::count(&self.outcomes.ok);
         let report = self.fanout.offer(&Outgoing::new(&req));
         let mut reply = BroadCastReply::new();
         reply.set_targeted(report.targeted);
