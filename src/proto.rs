@@ -108,16 +108,7 @@ pub fn validate_user_ids(ids: &[String], max: usize) -> Result<(), String> {
 /// The one rule for a user id, in `PushUsers` and as a connection token's `sub`: 1 to
 /// [`MAX_USER_ID_BYTES`] bytes, no whitespace or control characters (it is printed in logs).
 pub fn check_user_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("empty user id".into());
-    }
-    if id.len() > MAX_USER_ID_BYTES {
-        return Err(format!("user id longer than {MAX_USER_ID_BYTES} bytes ({} bytes)", id.len()));
-    }
-    if let Some(c) = id.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("user id contains {c:?}: whitespace and control characters are not allowed"));
-    }
-    Ok(())
+    crate::topic::check_name("user id", id, MAX_USER_ID_BYTES)
 }
 
 /// The body rule shared by every request: `proto` is required and its body at most

@@ -8,14 +8,20 @@ pub const MAX_TOPIC_BYTES: usize = 128;
 /// A non-empty topic of at most `max_len` bytes, without whitespace or control characters.
 /// The error is short enough for a WebSocket close reason.
 pub fn validate(topic: &str, max_len: usize) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("empty topic".into());
+    check_name("topic", topic, max_len)
+}
+
+/// The rule topics and user ids share (both are printed in logs and frames): non-empty, at most
+/// `max_len` bytes, no whitespace or control characters; `noun` names the value in the error.
+pub(crate) fn check_name(noun: &str, value: &str, max_len: usize) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("empty {noun}"));
     }
-    if topic.len() > max_len {
-        return Err(format!("topic longer than {max_len} bytes ({} bytes)", topic.len()));
+    if value.len() > max_len {
+        return Err(format!("{noun} longer than {max_len} bytes ({} bytes)", value.len()));
     }
-    if let Some(c) = topic.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("topic contains {c:?}: whitespace and control characters are not allowed"));
+    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{noun} contains {c:?}: whitespace and control characters are not allowed"));
     }
     Ok(())
 }
