@@ -34,6 +34,9 @@ pub struct SubscribeArgs {
     pub token: Option<String>,
 }
 
+/// How the frames that count towards `--count` begin: the node writes `type` first.
+const DELIVERY_PREFIXES: [&str; 2] = [r#"{"type":"message""#, r#"{"type":"direct""#];
+
 /// The environment variable a connection token may come from (kept out of `ps` that way).
 pub const TOKEN_ENV: &str = "PUSH_MANAGER_WS_TOKEN";
 
@@ -150,8 +153,7 @@ fn deliver<S: Read + Write>(mut socket: WebSocket<S>, url: &str, args: &Subscrib
             Message::Text(text) => {
                 writeln!(stdout, "{}", text.as_str())?;
                 stdout.flush()?;
-                let delivery = ["\"type\":\"message\"", "\"type\":\"direct\""];
-                if delivery.iter().any(|kind| text.as_str().starts_with(&format!("{{{kind}"))) {
+                if DELIVERY_PREFIXES.iter().any(|prefix| text.as_str().starts_with(prefix)) {
                     delivered += 1;
                     if delivered == args.count {
                         let _ = socket.close(None);
