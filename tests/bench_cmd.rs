@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::{free_addr, wait_until, BIN, PATIENCE};
-use push_manager::testkit::{signal, spawn_node, spawn_serve, wait_exit, NodeProcess};
+use push_manager::testkit::{spawn_node, spawn_serve, NodeProcess, Reaped};
 
 const PREFIX: &str = "/bench-test/nodes/";
 const KEY: &str = "0123456789abcdef0123456789abcdef-bench";
 
-/// etcd, `serve` and one `node` (with `node_flags`), stopped on drop.
+/// etcd, `serve` and one `node` (with `node_flags`), killed on drop.
 struct Deployment {
     _etcd: Etcd,
-    serve: std::process::Child,
+    _serve: Reaped,
     node: NodeProcess,
     server: String,
 }
@@ -32,7 +32,7 @@ impl Deployment {
                 Command::new(BIN).args(["send", "--server", &server, "--timeout", "2s", "probe"]).output().unwrap();
             String::from_utf8_lossy(&out.stdout).contains("accepted by 1")
         });
-        Deployment { _etcd: etcd, serve, node, server }
+        Deployment { _etcd: etcd, _serve: serve, node, server }
     }
 
     fn ws(&self) -> String {
@@ -41,15 +41,6 @@ impl Deployment {
 
     fn etcd_endpoint(&self) -> String {
         self._etcd.endpoint()
-    }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        for child in [&mut self.serve, &mut self.node.child] {
-            signal(child, libc::SIGTERM);
-            let _ = wait_exit(child, PATIENCE);
-        }
     }
 }
 

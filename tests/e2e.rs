@@ -16,7 +16,7 @@ use push_manager::etcd;
 use push_manager::gateway::{Gateway, Registration, RegistrationConfig};
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{signal, spawn_node, NodeProcess};
+use push_manager::testkit::{signal, spawn_node, NodeProcess, Reaped};
 
 const PREFIX: &str = "/e2e/nodes/";
 
@@ -266,12 +266,12 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
     let etcd = Etcd::start();
     let node = start_node(&etcd, "sub");
     let url = format!("ws://{}/ws", node.gateway.ws_addr());
-    let mut child = Command::new(BIN)
-        .args(["subscribe", "--url", &url, "--topic", "news", "--count", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(BIN)
+            .args(["subscribe", "--url", &url, "--topic", "news", "--count", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let mut line = String::new();
     BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
     assert!(line.starts_with("connected to"), "{line:?}");
@@ -279,7 +279,7 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
     node.gateway.hub().publish(&broadcast_request("sports", OP, 0, "not for news readers"));
     node.gateway.hub().publish(&broadcast_request("news", OP, 0, "first"));
     node.gateway.hub().publish(&broadcast_request("", OP, 0, "second"));
-    let out = child.wait_with_output().unwrap();
+    let out = child.output_within(Duration::from_secs(10));
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let deliveries: Vec<serde_json::Value> = stdout
@@ -297,12 +297,12 @@ fn subscribe_exits_zero_quietly_when_its_reader_closes_the_pipe() {
     let node = start_node(&etcd, "pipe");
     let url = format!("ws://{}/ws", node.gateway.ws_addr());
     // As `push-manager subscribe ... | head -1`: read one line, then close the pipe.
-    let mut child = Command::new(BIN)
-        .args(["subscribe", "--url", &url, "--topic", "news"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(BIN)
+            .args(["subscribe", "--url", &url, "--topic", "news"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let mut line = String::new();
     BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
     wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);

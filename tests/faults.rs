@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -23,7 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::protocol::BroadCastReply;
 use push_manager::proto::protocol_grpc::PushServerClient;
-use push_manager::testkit::{signal, spawn_node, spawn_serve, wait_exit, NodeProcess};
+use push_manager::testkit::{signal, spawn_node, spawn_serve, wait_exit, NodeProcess, Reaped};
 
 const PREFIX: &str = "/faults/nodes/";
 const TOPIC: &str = "faults";
@@ -49,16 +49,6 @@ fn stats(manager: &Manager, id: &str) -> NodeStats {
 
 fn node_ids(manager: &Manager) -> BTreeSet<String> {
     manager.nodes().into_iter().map(|n| n.id).collect()
-}
-
-/// Kills a child process on drop, so a failing test leaves nothing running.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What the business side saw: each reply, kept to check that every broadcast is accounted for.
@@ -132,7 +122,7 @@ fn publish(
 fn a_node_killed_under_load_is_accounted_for_and_the_others_get_everything() {
     let etcd = Etcd::start();
     let (a, b) = (node(&etcd, "a", &[]), node(&etcd, "b", &[]));
-    let (mut a_child, b_child) = (Reaped(a.child), Reaped(b.child));
+    let (mut a_child, b_child) = (a.child, b.child);
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("both nodes found", PATIENCE, || node_ids(&manager).len() == 2);
     let mut a_user = Client::subscribed(a.ws_addr, &[TOPIC]);
@@ -157,7 +147,7 @@ fn a_node_killed_under_load_is_accounted_for_and_the_others_get_everything() {
 fn a_stopped_node_fills_its_queue_then_catches_up_when_continued() {
     let etcd = Etcd::start();
     let (a, b) = (node(&etcd, "a", &[]), node(&etcd, "b", &[]));
-    let (_a_child, b_child) = (Reaped(a.child), Reaped(b.child));
+    let (_a_child, b_child) = (a.child, b.child);
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("both nodes found", PATIENCE, || node_ids(&manager).len() == 2);
     let mut a_user = Client::subscribed(a.ws_addr, &[TOPIC]);
@@ -187,7 +177,7 @@ fn a_stopped_node_fills_its_queue_then_catches_up_when_continued() {
 fn etcd_restarted_under_load_with_node_changes_made_while_it_was_down() {
     let mut etcd = Etcd::start();
     let (a, b) = (node(&etcd, "a", &["--lease-ttl", "2s"]), node(&etcd, "b", &["--lease-ttl", "2s"]));
-    let (_a_child, mut b_child) = (Reaped(a.child), Reaped(b.child));
+    let (_a_child, mut b_child) = (a.child, b.child);
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("both nodes found", PATIENCE, || node_ids(&manager).len() == 2);
     let mut a_user = Client::subscribed(a.ws_addr, &[TOPIC]);
@@ -200,7 +190,7 @@ fn etcd_restarted_under_load_with_node_changes_made_while_it_was_down() {
     signal(&b_child.0, libc::SIGTERM);
     wait_exit(&mut b_child.0, PATIENCE);
     let c = node(&etcd, "c", &["--lease-ttl", "2s"]);
-    let _c_child = Reaped(c.child);
+    let _c_child = c.child;
     publish(&mut ledger, &client, &manager, "a", 100..200);
     assert!(!manager.etcd_reachable() || node_ids(&manager).contains("b"), "the last known set is kept");
 
@@ -339,7 +329,7 @@ struct RunningNode {
 
 impl From<NodeProcess> for RunningNode {
     fn from(node: NodeProcess) -> RunningNode {
-        RunningNode { ws_addr: node.ws_addr, _child: Reaped(node.child) }
+        RunningNode { ws_addr: node.ws_addr, _child: node.child }
     }
 }
 
@@ -392,7 +382,7 @@ fn sigterm_with_full_queues_and_a_stalled_node_exits_within_the_drain_time() {
     let _nodes = behind_proxy(&etcd, &proxy);
     let flags = ["--queue-size", "50", "--drain-timeout", "2s", "--rpc-timeout", "1s", "--log-level", "info"];
     let (serve, addr) = spawn_serve(BIN, &etcd.endpoint(), PREFIX, &flags, Stdio::piped());
-    let mut serve = Reaped(serve);
+    let mut serve = serve;
     let client = push_client(&addr);
     wait_until("serve finds both nodes", PATIENCE, || {
         client
@@ -463,7 +453,7 @@ fn stall_mid_call(addr: &str, path: &str) -> TcpStream {
 fn sigterm_is_bounded_while_a_client_stalls_mid_call() {
     let etcd = Etcd::start();
     let (serve, addr) = spawn_serve(BIN, &etcd.endpoint(), PREFIX, &["--log-level", "warn"], Stdio::inherit());
-    let mut serve = Reaped(serve);
+    let mut serve = serve;
     let _stalled = stall_mid_call(&addr, "/protocol.PushServer/Broadcast");
     // The server has the call: a normal call made after it is answered, so the stalled one is open.
     let reply = push_client(&addr).broadcast(&push_manager::proto::broadcast_request(TOPIC, 1, 0, "x"));
@@ -477,7 +467,7 @@ fn sigterm_is_bounded_while_a_client_stalls_mid_call() {
 fn node_sigterm_is_bounded_while_a_client_stalls_mid_call() {
     let etcd = Etcd::start();
     let n = node(&etcd, "n", &[]);
-    let mut child = Reaped(n.child);
+    let mut child = n.child;
     let _stalled = stall_mid_call(&n.grpc, "/protocol.ConnectNode/Broadcast");
     let reply = common::grpc::node_client(&n.grpc)
         .broadcast(&push_manager::proto::broadcast_request(TOPIC, 1, 0, "x"))

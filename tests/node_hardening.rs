@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use push_manager::gateway::{self, Gateway};
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{poll_until, signal, spawn_node, wait_exit};
+use push_manager::testkit::{admin_on_free_port, poll_until, signal, spawn_node, wait_exit, Reaped};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -44,16 +44,6 @@ fn manager_config(etcd: &Etcd) -> manager::Config {
 
 fn key(id: &str) -> String {
     format!("{PREFIX}{id}")
-}
-
-/// Kills a child process on drop, so a failing test leaves nothing running.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A child's standard error, collected line by line as it comes.
@@ -93,16 +83,17 @@ impl Log {
 
 /// Starts `push-manager node` at log level info, collecting its log; it may not serve yet.
 fn start_logged_node(etcd_endpoint: &str, id: &str, extra: &[&str]) -> (Reaped, Log) {
-    let mut child = Command::new(BIN)
-        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
-        .args(["--prefix", PREFIX, "--node-id", id, "--log-level", "info"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
+    let mut child = Reaped::spawn(
+        Command::new(BIN)
+            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
+            .args(["--prefix", PREFIX, "--node-id", id, "--log-level", "info"])
+            .args(admin_on_free_port(extra))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let log = Log::collect(&mut child);
-    (Reaped(child), log)
+    (child, log)
 }
 
 /// `push-manager node` serving, with its log collected.
@@ -155,7 +146,7 @@ fn the_largest_legal_broadcasts_reach_every_subscriber_whatever_their_encoded_si
     let etcd = Etcd::start();
     // Defaults on both sides: push-manager takes bodies up to 1 MiB, the node buffers 1 MiB.
     let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "big", &[]);
-    let _child = Reaped(node.child);
+    let _child = node.child;
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("push-manager finds the node", PATIENCE, || manager.nodes().len() == 1);
     // tungstenite's default limits (64 MiB messages, 16 MiB frames) take a 6 MiB delivery.
@@ -255,7 +246,7 @@ fn a_node_signalled_while_it_starts_still_stops_the_orderly_way() {
 fn sigterm_delivers_everything_push_manager_sent_then_closes_with_1001() {
     let etcd = Etcd::start();
     let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "leaving", &[]);
-    let mut child = Reaped(node.child);
+    let mut child = node.child;
     let manager = Manager::start(manager_config(&etcd)).unwrap();
     wait_until("push-manager finds the node", PATIENCE, || manager.nodes().len() == 1);
     let mut user = Client::subscribed(node.ws_addr, &[TOPIC]);
@@ -472,7 +463,7 @@ fn resident_bytes(pid: u32) -> u64 {
 fn a_huge_delivery_to_many_connections_leaves_no_copy_of_it_behind_per_connection() {
     let etcd = Etcd::start();
     let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "frugal", &[]);
-    let child = Reaped(node.child);
+    let child = node.child;
     const SUBSCRIBERS: usize = 100;
     let mut users: Vec<Client> = (0..SUBSCRIBERS).map(|_| Client::connect(node.ws_addr, "/ws?topic=huge")).collect();
     let grpc = node_client(&node.grpc);
@@ -505,7 +496,7 @@ fn a_huge_delivery_to_many_connections_leaves_no_copy_of_it_behind_per_connectio
 fn a_client_that_pings_without_reading_cannot_make_the_node_buffer_its_pongs_without_bound() {
     let etcd = Etcd::start();
     let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "pinged", &[]);
-    let child = Reaped(node.child);
+    let child = node.child;
     let mut socket = TcpStream::connect(node.ws_addr).unwrap();
     socket.write_all(upgrade_request(node.ws_addr, "/ws").as_bytes()).unwrap();
     socket.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -22,7 +22,7 @@ use common::{free_addr, wait_until, BIN, PATIENCE};
 use push_manager::etcd;
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{signal, EtcdTls, Identity, LocalEtcd, Sink, TestPki};
+use push_manager::testkit::{admin_on_free_port, signal, EtcdTls, Identity, LocalEtcd, Sink, TestPki};
 
 const PREFIX: &str = "/secure/nodes/";
 /// What the WebSocket subscribers listen to.
@@ -115,6 +115,7 @@ fn caller_tls_flags(ca: &Path, identity: Option<&Identity>) -> Vec<String> {
 fn start_serve(etcd: &str, extra: &[impl AsRef<OsStr>]) -> (Process, String) {
     let mut args: Vec<&OsStr> =
         ["serve", "--listen", "127.0.0.1:0", "--etcd", etcd, "--prefix", PREFIX].map(OsStr::new).to_vec();
+    args.extend(admin_on_free_port(&[]).iter().map(OsStr::new));
     args.extend(extra.iter().map(AsRef::as_ref));
     let mut process = Process::start(&args, &[]);
     let addr = process.line_after("listening ");
@@ -137,6 +138,7 @@ fn start_node(etcd: &str, id: &str, extra: &[impl AsRef<OsStr>]) -> Node {
             .map(OsStr::new)
             .to_vec();
     args.extend(["--node-id", id].map(OsStr::new));
+    args.extend(admin_on_free_port(&[]).iter().map(OsStr::new));
     args.extend(extra.iter().map(AsRef::as_ref));
     let mut process = Process::start(&args, &[]);
     // "node <id> grpc <addr> ws ws://<addr>/ws"
@@ -436,9 +438,12 @@ fn serve_and_node_refuse_an_open_address_without_authentication_unless_told_to()
     let server = pki.issue("push-manager");
     // Nothing listens there: starting does not wait for etcd.
     let etcd = free_addr();
-    let open_serve = ["serve", "--listen", "0.0.0.0:0", "--etcd", &etcd, "--etcd-timeout", "300ms"];
+    let open_serve =
+        ["serve", "--listen", "0.0.0.0:0", "--etcd", &etcd, "--etcd-timeout", "300ms", "--admin-listen", "127.0.0.1:0"];
     let open_node = [
         "node",
+        "--admin-listen",
+        "127.0.0.1:0",
         "--grpc-listen",
         "0.0.0.0:0",
         "--ws-listen",
@@ -532,6 +537,7 @@ fn secrets_stay_out_of_logs_messages_and_help() {
         ["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", &ep, "--prefix", PREFIX]
             .map(String::from)
             .to_vec();
+    args.extend(admin_on_free_port(&[]).iter().map(|a| a.to_string()));
     args.extend(debug_with(&["--node-token-file", &token], wrong.clone()));
     let mut node = Process::start(&args, &[]);
     assert!(!node.wait().success(), "{}", node.output());

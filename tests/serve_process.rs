@@ -3,17 +3,17 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::{free_addr, wait_until, BIN};
-use push_manager::testkit::{signal, spawn_serve, wait_exit, Sink};
+use push_manager::testkit::{signal, spawn_serve, wait_exit, Reaped, Sink};
 
 const PREFIX: &str = "/proc-test/nodes/";
 
 /// Starts `serve` (logging warnings) and returns it with the address it printed.
-fn serve(etcd: &Etcd, extra: &[&str]) -> (Child, String) {
+fn serve(etcd: &Etcd, extra: &[&str]) -> (Reaped, String) {
     let mut args = vec!["--log-level", "warn"];
     args.extend(extra);
     spawn_serve(BIN, &etcd.endpoint(), PREFIX, &args, Stdio::inherit())
@@ -27,24 +27,65 @@ fn send(server: &str, body: &str) -> Output {
 fn sigterm_drains_queued_messages_then_exits_zero() {
     let etcd = Etcd::start();
     let sink = Sink::start();
-    // One worker answering each call after 50 ms keeps messages queued when SIGTERM arrives.
-    sink.answer_after(Duration::from_millis(50));
     etcd.client().put(&format!("{PREFIX}only"), sink.addr.as_bytes(), None).unwrap();
-    let (mut child, addr) = serve(&etcd, &["--routine-size", "1", "--batch-max", "1", "--drain-timeout", "20s"]);
+    // --rpc-timeout: the held call must not time out and be sent again while the test holds it.
+    let args = [
+        "--routine-size",
+        "1",
+        "--batch-max",
+        "1",
+        "--drain-timeout",
+        "20s",
+        "--rpc-timeout",
+        "60s",
+        "--log-level",
+        "info",
+    ];
+    let (mut child, addr) = spawn_serve(BIN, &etcd.endpoint(), PREFIX, &args, Stdio::piped());
+    let log = Lines::collect(child.stderr.take().unwrap());
 
     wait_until("the node is discovered", Duration::from_secs(10), || send(&addr, "probe").status.success());
-    let probes = sink.count();
+    wait_until("the probe is answered", Duration::from_secs(10), || sink.count() > 0);
+    // The node holds every call unanswered: the one worker waits on the first message and the
+    // other nineteen stay queued until after the signal.
+    sink.stall();
     let n = 20;
     for i in 0..n {
         let out = send(&addr, &format!("queued-{i}"));
         assert!(String::from_utf8_lossy(&out.stdout).contains("accepted by 1"), "{out:?}");
     }
-    assert!(sink.count() < probes + n, "messages are still queued when the signal is sent");
+    wait_until("the worker waits on the node", Duration::from_secs(10), || sink.parked() == 1);
     signal(&child, libc::SIGTERM);
+    log.wait_for("saying the signal arrived", |l| l.contains("shutdown signal received"));
+    sink.unstall();
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     let got: Vec<_> = sink.bodies().into_iter().filter(|b| b.starts_with(b"queued-")).collect();
     assert_eq!(got.len(), n, "every queued message was delivered before exit");
+}
+
+/// Lines a child wrote, collected as they come.
+struct Lines(crossbeam_channel::Receiver<String>);
+
+impl Lines {
+    fn collect(stream: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || BufReader::new(stream).lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+        Lines(rx)
+    }
+
+    /// Waits for a line that is `what`; panics if none comes within 10 s.
+    #[track_caller]
+    fn wait_for(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.0.recv_deadline(deadline) {
+                Ok(line) if wanted(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line {what} within 10 s"),
+            }
+        }
+    }
 }
 
 #[test]
@@ -84,24 +125,15 @@ fn node_counters_are_logged_every_stats_interval_when_they_change() {
         &["--stats-interval", "100ms", "--log-level", "info"],
         Stdio::piped(),
     );
-    let (lines_tx, lines) = crossbeam_channel::unbounded();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(lines_tx.send(l))));
+    let log = Lines::collect(child.stderr.take().unwrap());
 
     wait_until("delivered", Duration::from_secs(10), || send(&addr, "count me").status.success() && sink.count() > 0);
-    let sent = sink.count();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let wanted = format!("sent {sent} ");
-    let logged = loop {
-        let l = lines.recv_deadline(deadline).expect("a counters line before the deadline");
-        if l.contains("node counted 127.0.0.1:") && l.contains(&wanted) {
-            break l;
-        }
-    };
+    let wanted = format!("sent {} ", sink.count());
+    let logged =
+        log.wait_for("with the node's counters", |l| l.contains("node counted 127.0.0.1:") && l.contains(&wanted));
     assert!(logged.contains("failed 0"), "{logged}");
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
-    reader.join().unwrap();
 }
 
 #[test]

@@ -29,7 +29,7 @@ use push_manager::proto::protocol::{
 };
 use push_manager::proto::protocol_grpc::PushServerClient;
 use push_manager::proto::{broadcast_request, push_users_request};
-use push_manager::testkit::{poll_until, Sink};
+use push_manager::testkit::{poll_until, Reaped, Sink};
 
 const PREFIX: &str = "/stream/nodes/";
 
@@ -306,20 +306,20 @@ fn an_element_of_more_than_1024_messages_ends_the_stream_with_a_reason() {
 }
 
 fn send(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(BIN)
-        .args(["send", "--server", server])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(BIN)
+            .args(["send", "--server", server])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let mut input = child.stdin.take().unwrap();
     if let Some(text) = stdin {
         input.write_all(text.as_bytes()).unwrap();
     }
     drop(input);
-    child.wait_with_output().unwrap()
+    child.output_within(PATIENCE)
 }
 
 #[track_caller]

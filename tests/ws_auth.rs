@@ -424,6 +424,7 @@ fn keys_rotate_on_reload_without_dropping_connections() {
 /// never prints the token, and a node refusing it is a clear error.
 #[test]
 fn subscribe_shows_its_token_and_keeps_it_out_of_its_output() {
+    use push_manager::testkit::Reaped;
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let keys = Keys::new();
@@ -438,14 +439,14 @@ fn subscribe_shows_its_token_and_keeps_it_out_of_its_output() {
         } else {
             cmd.args(["--token", &t]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = Reaped::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
         let mut line = String::new();
         BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
         assert!(line.starts_with("connected to") && !line.contains(&t), "{line:?}");
         wait_connections(&gw, 1);
         publish(&gw, "news", "for alice");
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
+        let out = child.output_within(PATIENCE);
+        assert!(out.status.success(), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("\"body\":\"for alice\""));
         wait_connections(&gw, 0);
     }

@@ -17,7 +17,7 @@ use common::{free_addr, wait_until, BIN, PATIENCE};
 use push_manager::gateway::{Gateway, Registration, RegistrationConfig, WsTls};
 use push_manager::manager::Manager;
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{signal, spawn_node, wait_exit, Identity, TestPki};
+use push_manager::testkit::{signal, spawn_node, wait_exit, Identity, Reaped, TestPki};
 use serde_json::Value;
 
 const PREFIX: &str = "/wss/nodes/";
@@ -315,19 +315,18 @@ fn subscribe_follows_a_wss_url_with_its_ca_and_says_what_is_missing_without_it()
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"), "{out:?}");
 
-    let mut child = Command::new(BIN)
-        .args(["subscribe", "--url", &url, "--topic", "news", "--count", "1", "--ca"])
-        .arg(pki.ca())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        Command::new(BIN)
+            .args(["subscribe", "--url", &url, "--topic", "news", "--count", "1", "--ca"])
+            .arg(pki.ca())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     wait_connections(&gw, 1);
     gw.hub().publish(&broadcast_request("news", OP, 5, "over wss"));
-    let status = wait_exit(&mut child, PATIENCE);
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
-    assert!(status.success(), "{stdout}");
+    let out = child.output_within(PATIENCE);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
     let frame: Value = serde_json::from_str(stdout.lines().next().expect("one delivery")).unwrap();
     assert_delivery(&frame, "news", 5, "over wss");
 }

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -19,7 +19,7 @@ use push_manager::grpc::ClientTls;
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::{BroadCastReq, BroadcastStreamReq};
 use push_manager::proto::protocol_grpc::PushServerClient;
-use push_manager::testkit::{signal, spawn_serve, wait_until, LocalEtcd, Sink};
+use push_manager::testkit::{signal, spawn_serve, wait_until, LocalEtcd, Reaped, Sink};
 
 /// The `push-manager` binary cargo built for these benchmarks.
 pub const BIN: &str = env!("CARGO_BIN_EXE_push-manager");
@@ -169,7 +169,7 @@ pub fn request(body: Vec<u8>) -> BroadCastReq {
 /// `push-manager serve` in a process of its own, so its CPU time can be told from the load
 /// generator's and the sinks'. Stopped with SIGTERM (a clean drain) on drop.
 pub struct Serve {
-    child: Child,
+    child: Reaped,
     pub addr: String,
 }
 

@@ -8,7 +8,7 @@
 //! - [`Sink`]: an in-process `ConnectNode` server that records or counts what it is sent, and
 //!   can stall or answer late.
 //! - [`spawn_serve`], [`spawn_node`]: the real binary as a child process on loopback port 0;
-//!   [`signal`] and [`wait_exit`] to stop it.
+//!   [`signal`] and [`wait_exit`] to stop it; [`Reaped`] kills any child left when dropped.
 //! - [`poll_until`], [`wait_until`]: waiting for a condition with a deadline instead of a sleep.
 
 mod in_process_etcd;
@@ -21,6 +21,6 @@ mod wait;
 pub use in_process_etcd::InProcessEtcd;
 pub use local_etcd::{free_port, EtcdTls, LocalEtcd};
 pub use pki::{Identity, TestPki};
-pub use process::{signal, spawn_node, spawn_serve, wait_exit, NodeProcess};
+pub use process::{admin_on_free_port, signal, spawn_node, spawn_serve, wait_exit, NodeProcess, Reaped};
 pub use sink::Sink;
 pub use wait::{poll_until, wait_until};
