@@ -8,7 +8,7 @@ demo: deps
 	cargo run --release -- demo
 
 test: deps
-	cargo test --release
+	cargo test --release --no-fail-fast
 
 bench: deps
 	cargo bench --bench fanout --bench fanout_latency --bench fanout_tls --bench e2e --bench ws_fanout --bench ws_idle
