@@ -131,9 +131,12 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
         let reply = push.broadcast(&broadcast_request("t", OP, i as i32, format!("m{i}").as_bytes())).unwrap();
         assert_eq!(reply.get_accepted(), 2, "{reply:?}");
     }
+    let mut frame_bytes = 0;
     for user in &mut users {
         for i in 0..N {
-            assert_eq!(user.next_json()["seq"], i as i64);
+            let frame = user.next_json();
+            assert_eq!(frame["seq"], i as i64);
+            frame_bytes += frame.to_string().len();
         }
     }
     // A refused broadcast is counted by its result too.
@@ -168,6 +171,7 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
     ] {
         assert_kind(&s, metric, gauge);
     }
+    assert_kind(&s, "push_manager_discovery_watch_restarts_total", counter);
     for metric in ["push_manager_messages_per_rpc", "push_manager_rpc_latency_seconds"] {
         assert_kind(&s, metric, histogram);
     }
@@ -196,6 +200,16 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
         assert_eq!(received(&n) - received(before), N as f64, "{admin}");
         let frames = |s: &Scrape| value(s, "push_manager_node_frames_sent_total", &[]);
         assert_eq!(frames(&n) - frames(before), N as f64, "{admin}: one frame per message to its one user");
+        // Each frame's JSON, plus its WebSocket header; at least one write for them.
+        let bytes = |s: &Scrape| value(s, "push_manager_node_bytes_sent_total", &[]);
+        assert!(bytes(&n) - bytes(before) >= (frame_bytes / 2) as f64, "{admin}: {}", bytes(&n) - bytes(before));
+        let writes = |s: &Scrape| value(s, "push_manager_node_socket_writes_total", &[]);
+        assert!(writes(&n) - writes(before) >= 1.0, "{admin}");
+        // One latency per broadcast that reached a connection: the user's loop writes each.
+        let latencies = |s: &Scrape| value(s, "push_manager_node_delivery_latency_seconds_count", &[]);
+        wait_until("the node observes each delivery's latency", PATIENCE, || {
+            latencies(&scrape(admin)) - latencies(before) == N as f64
+        });
         assert_eq!(value(&n, "push_manager_node_connections_open", &[]), 1.0);
         assert_eq!(value(&n, "push_manager_node_subscriptions", &[]), 1.0);
         assert_eq!(value(&n, "push_manager_node_topics", &[]), 1.0);
@@ -207,9 +221,12 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
             "push_manager_node_connections_closed_total",
             "push_manager_node_broadcasts_refused_busy_total",
             "push_manager_node_sequenced_total",
+            "push_manager_node_bytes_sent_total",
+            "push_manager_node_socket_writes_total",
         ] {
             assert_kind(&n, metric, counter);
         }
+        assert_kind(&n, "push_manager_node_delivery_latency_seconds", histogram);
         for metric in [
             "push_manager_node_loop_backlog",
             "push_manager_node_loop_backlog_bytes",
@@ -407,4 +424,21 @@ fn bad_admin_listen_values_are_refused_by_name_and_off_runs_without_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn serve_counts_each_restart_of_its_etcd_watch() {
+    let mut etcd = Etcd::start();
+    let (_serve, _, admin) = start_serve(&etcd.endpoint(), &["--etcd-timeout", "500ms"]);
+    let restarts = || value(&scrape(&admin), "push_manager_discovery_watch_restarts_total", &[]);
+    wait_until("the first listing", PATIENCE, || {
+        value(&scrape(&admin), "push_manager_discovery_listings_total", &[]) >= 1.0
+    });
+    assert_eq!(restarts(), 0.0, "a watch that holds is never restarted");
+    etcd.restart();
+    wait_until("the broken watch is counted", PATIENCE, || restarts() >= 1.0);
+    // And it works again: a node registered now is known without waiting for the 3 s poll.
+    let sink = push_manager::testkit::Sink::start();
+    etcd.client().put(&registry::node_key(PREFIX, "after"), sink.addr.as_bytes(), None).unwrap();
+    wait_until("the node appears", PATIENCE, || value(&scrape(&admin), "push_manager_nodes_known", &[]) == 1.0);
 }

@@ -510,6 +510,7 @@ fn shutdown_flushes_then_closes_every_client_with_1001_and_joins() {
     }
     assert!(started.elapsed() < PATIENCE);
     assert_eq!(gw.stats().connections_open, 0);
+    assert_eq!(gw.stats().closed_shutdown, 3, "each close counted under its reason");
     assert!(TcpStream::connect(ws_addr).is_err(), "the WebSocket listener is closed");
     gw.shutdown();
 }

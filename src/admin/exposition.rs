@@ -124,10 +124,15 @@ impl Histogram {
     }
 
     pub fn observe(&self, value: u64) {
+        self.observe_n(value, 1);
+    }
+
+    /// `n` observations of the same `value`, at the cost of one.
+    pub fn observe_n(&self, value: u64, n: u64) {
         let bucket = self.bounds.partition_point(|&b| b < value);
-        self.counts[bucket].fetch_add(1, Relaxed);
-        self.sum.fetch_add(value, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        self.counts[bucket].fetch_add(n, Relaxed);
+        self.sum.fetch_add(value.saturating_mul(n), Relaxed);
+        self.count.fetch_add(n, Relaxed);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
@@ -137,6 +142,16 @@ impl Histogram {
             sum: self.sum.load(Relaxed),
             count: self.count.load(Relaxed),
         }
+    }
+}
+
+impl HistogramSnapshot {
+    /// Adds `other`'s observations (same bounds) to these.
+    pub fn merge(&mut self, other: &HistogramSnapshot) {
+        debug_assert_eq!(self.bounds, other.bounds, "merging histograms of other bounds");
+        self.counts.iter_mut().zip(&other.counts).for_each(|(c, o)| *c += o);
+        self.sum += other.sum;
+        self.count += other.count;
     }
 }
 

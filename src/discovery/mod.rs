@@ -78,6 +78,7 @@ pub struct Discovery {
 pub struct Status {
     etcd_reachable: AtomicBool,
     listings: AtomicU64,
+    watch_restarts: AtomicU64,
     /// Why the last listing failed, when etcd answered but the listing did not work (a refused
     /// user, a permission, a compaction); `None` after a success or when etcd is unreachable.
     listing_error: parking_lot::Mutex<Option<String>>,
@@ -94,6 +95,13 @@ impl Status {
     /// Successful listings so far (each one applied through the callback).
     pub fn listings(&self) -> u64 {
         self.listings.load(Ordering::Relaxed)
+    }
+
+    /// Times the watch broke (etcd unreachable), was compacted or canceled, or ended, and was
+    /// started again: a number that climbs says the watch does not hold and changes wait for the
+    /// next poll.
+    pub fn watch_restarts(&self) -> u64 {
+        self.watch_restarts.load(Ordering::Relaxed)
     }
 
     /// Why listing the prefix fails although etcd answers, if it does.
@@ -127,6 +135,7 @@ impl Discovery {
         let status = Arc::new(Status {
             etcd_reachable: AtomicBool::new(true),
             listings: AtomicU64::new(0),
+            watch_restarts: AtomicU64::new(0),
             listing_error: Default::default(),
             ended: AtomicBool::new(false),
         });
@@ -227,24 +236,30 @@ impl Poller {
                         while events.try_recv().is_ok() {}
                         return true;
                     }
-                    Ok(WatchEvent::Disconnected { error }) => debug!("watch on {} interrupted: {error}", self.config.prefix),
+                    Ok(WatchEvent::Disconnected { error }) => {
+                        debug!("watch on {} interrupted: {error}", self.config.prefix);
+                        // The watcher resumes the stream by itself.
+                        self.status.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(WatchEvent::Compacted { compact_revision }) => {
                         debug!("watch on {} compacted at {compact_revision}; listing again", self.config.prefix);
-                        self.watcher = None;
-                        return true;
+                        return self.restart_watch();
                     }
                     Ok(WatchEvent::Canceled { reason }) => {
                         info!("etcd canceled the watch on {}: {reason}; listing again", self.config.prefix);
-                        self.watcher = None;
-                        return true;
+                        return self.restart_watch();
                     }
-                    Err(_) => {
-                        self.watcher = None;
-                        return true;
-                    }
+                    Err(_) => return self.restart_watch(),
                 },
             }
         }
+    }
+
+    /// Drops the watcher so the next listing starts another; returns true (list now).
+    fn restart_watch(&mut self) -> bool {
+        self.watcher = None;
+        self.status.watch_restarts.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn list_once(&mut self) -> Result<(), ()> {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
@@ -14,6 +15,7 @@ use tungstenite::Utf8Bytes;
 
 use super::protocol;
 use super::stats::Stats;
+use crate::admin::Histogram;
 use crate::proto::dedup_user_ids;
 use crate::proto::protocol::BroadCastReq;
 
@@ -42,8 +44,9 @@ pub(crate) enum LoopMsg {
     Accepted(mio::net::TcpStream),
     /// Broadcasts to fan out to the loop's matching connections, in order: one from a unary
     /// call, a whole `BroadcastBatch` from push-manager, so that a batch reaches each loop as one
-    /// hand-off and leaves each connection in as few writes as its bytes allow.
-    Publish(Arc<[EncodedBroadcast]>),
+    /// hand-off and leaves each connection in as few writes as its bytes allow. `taken` is when
+    /// the hub took it off its RPC, for the delivery latency.
+    Publish { batch: Arc<[EncodedBroadcast]>, taken: Instant },
 }
 
 /// What waits in one loop's inbox, for admission: added by the hub before sending, taken off by
@@ -78,6 +81,9 @@ pub(crate) struct LoopHandle {
     pub(crate) wake_pending: Arc<AtomicBool>,
     /// Broadcasts and bytes of frames in `tx` not yet taken by the loop.
     pub(crate) backlog: Arc<Backlog>,
+    /// Microseconds from the hub taking a broadcast to the loop's writes of its frames; one per
+    /// loop, so the loops never share its counters' cache lines.
+    pub(crate) delivery_latency_us: Arc<Histogram>,
 }
 
 impl LoopHandle {
@@ -219,11 +225,12 @@ impl Hub {
             })
             .collect();
         let bytes = batch.iter().map(|b| b.frame.len()).sum();
+        let taken = Instant::now();
         let _order = self.order.lock();
         for handle in &self.loops {
             handle.backlog.add(batch.len(), bytes);
             // A loop that is gone (gateway shutting down) has no connections left to reach.
-            if !handle.send(LoopMsg::Publish(batch.clone())) {
+            if !handle.send(LoopMsg::Publish { batch: batch.clone(), taken }) {
                 handle.backlog.sub(batch.len(), bytes);
             }
         }

@@ -42,12 +42,13 @@ pub use hub::Hub;
 pub use registration::{Registration, RegistrationConfig, RegistrationState};
 pub use stats::StatsSnapshot;
 
-use crate::admin::{Probe, Serving};
+use crate::admin::{Histogram, Probe, Serving};
 use crate::auth::KeyFile;
 use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};
 use hub::{Backlog, BacklogLimits, LoopHandle, SharedCounts};
+use observe::DELIVERY_LATENCY_BOUNDS_US;
 use observe::{GatewayProbe, Liveness};
 use sequencer::{HoldLimits, Sequencer};
 use service::Activity;
@@ -334,12 +335,14 @@ fn spawn_loop(
     let (tx, inbox) = crossbeam_channel::unbounded();
     let wake_pending = Arc::new(AtomicBool::new(false));
     let backlog = Arc::new(Backlog::default());
+    let delivery_latency_us = Arc::new(Histogram::new(DELIVERY_LATENCY_BOUNDS_US));
     let parts = LoopParts {
         poll,
         waker: waker.clone(),
         inbox,
         wake_pending: wake_pending.clone(),
         backlog: backlog.clone(),
+        delivery_latency_us: delivery_latency_us.clone(),
         counts,
         stats,
         config: LoopConfig::new(config, gatekeeper),
@@ -351,7 +354,10 @@ fn spawn_loop(
         let _alive = alive;
         ws::run(parts, stop)
     })?;
-    Ok((thread.with_wake(wake_to_stop(waker.clone())), LoopHandle { tx, waker, wake_pending, backlog }))
+    Ok((
+        thread.with_wake(wake_to_stop(waker.clone())),
+        LoopHandle { tx, waker, wake_pending, backlog, delivery_latency_us },
+    ))
 }
 
 /// The wake-up that makes a thread sleeping in a mio poll look at its stop channel.

@@ -13,6 +13,13 @@ use super::sequencer::Sequencer;
 use super::stats::Stats;
 use crate::admin::{Exposition, Probe, Serving};
 
+/// Bounds of `push_manager_node_delivery_latency_seconds`, in microseconds: from a tenth of a
+/// millisecond (an idle node) to seconds (a backlog).
+pub(crate) const DELIVERY_LATENCY_BOUNDS_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
+];
+
 /// The names of the gateway's threads that have ended. Each thread holds a [`Alive`] from its
 /// start; dropping it (the body returning, or a panic unwinding) records the name.
 #[derive(Debug, Default)]
@@ -120,6 +127,7 @@ impl Probe for GatewayProbe {
                 (&[("reason", "bad_input")], s.closed_bad_input),
                 (&[("reason", "auth")], s.closed_auth),
                 (&[("reason", "token_expired")], s.closed_expired),
+                (&[("reason", "shutdown")], s.closed_shutdown),
             ],
         );
         let (topics, subscriptions) = self.counts.topics.totals();
@@ -144,6 +152,28 @@ impl Probe for GatewayProbe {
             "Text frames handed to connections.",
             &[(&[], s.frames_sent)],
         );
+        out.counter(
+            "push_manager_node_socket_writes_total",
+            "write calls that reached client sockets; frames_sent over this is frames per syscall.",
+            &[(&[], s.socket_writes)],
+        );
+        out.counter(
+            "push_manager_node_bytes_sent_total",
+            "WebSocket bytes (frames with headers, before TLS) written to client sockets.",
+            &[(&[], s.bytes_sent)],
+        );
+        let latency = self.loops.iter().map(|l| l.delivery_latency_us.snapshot()).reduce(|mut all, one| {
+            all.merge(&one);
+            all
+        });
+        if let Some(latency) = latency {
+            out.histogram(
+                "push_manager_node_delivery_latency_seconds",
+                "From the hub taking a broadcast off its RPC to the event loop's writes of its frames.",
+                1e-6,
+                &[(&[], &latency)],
+            );
+        }
         out.counter(
             "push_manager_node_broadcasts_refused_busy_total",
             "ConnectNode calls refused RESOURCE_EXHAUSTED because an event loop's backlog was full.",

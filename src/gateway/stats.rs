@@ -30,6 +30,8 @@ pub(crate) struct Stats {
     pub(crate) duplicate_messages: AtomicU64,
     pub(crate) skipped_messages: AtomicU64,
     pub(crate) socket_writes: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) closed_shutdown: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -99,6 +101,10 @@ pub struct StatsSnapshot {
     /// `write` calls that reached a WebSocket client's socket (on `wss://`, vectored writes of
     /// TLS records): against `frames_sent`, how many frames share a syscall.
     pub socket_writes: u64,
+    /// WebSocket bytes (frames with their headers, before any TLS) handed to client sockets.
+    pub bytes_sent: u64,
+    /// Open connections closed with 1001 because the node was shutting down.
+    pub closed_shutdown: u64,
 }
 
 impl Stats {
@@ -144,6 +150,8 @@ impl Stats {
             // Kept by the sequencer, not here: filled in by `Gateway::stats`.
             held_now: 0,
             socket_writes: self.socket_writes.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            closed_shutdown: self.closed_shutdown.load(Relaxed),
         }
     }
 }

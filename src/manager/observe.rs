@@ -61,6 +61,11 @@ impl Probe for ManagerProbe {
             "Successful listings of the node set in etcd.",
             &[(&[], listings)],
         );
+        out.counter(
+            "push_manager_discovery_watch_restarts_total",
+            "Times the etcd watch on the prefix broke, was compacted or canceled, and was started again.",
+            &[(&[], self.discovery.watch_restarts())],
+        );
         let reachable = if self.discovery.etcd_reachable() { 1.0 } else { 0.0 };
         out.gauge("push_manager_etcd_reachable", "1 if the last listing attempt reached etcd.", &[(&[], reachable)]);
         node_metrics(out, &every_node(&self.fanout));

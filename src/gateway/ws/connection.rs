@@ -284,6 +284,7 @@ impl Connection {
     /// counters: once per pump, not once per frame, as every connection shares them.
     fn report(&mut self, stats: &Stats) {
         Stats::add(&stats.socket_writes, self.ws.get_mut().take_writes());
+        Stats::add(&stats.bytes_sent, self.ws.get_mut().take_bytes());
         Stats::add(&stats.frames_sent, std::mem::take(&mut self.frames));
     }
 

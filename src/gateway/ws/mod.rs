@@ -45,6 +45,7 @@ use super::hub::{Audience, Backlog, EncodedBroadcast, LoopMsg, SharedCounts};
 use super::protocol::{self, AckKind, Command, IdentityKind, Reject, TopicLimits};
 use super::stats::Stats;
 use super::Config;
+use crate::admin::Histogram;
 use connection::{Connection, Next, QueuedFrames, Read, MAX_WRITE_BUFFER, READ_BUDGET};
 use handshake::{Handshaking, Opening, RefusedBy, Step};
 use subscriptions::Subscriptions;
@@ -113,6 +114,8 @@ pub(crate) struct LoopParts {
     pub(crate) wake_pending: Arc<AtomicBool>,
     /// The hub's count of what waits in `inbox` ([`super::hub::LoopHandle::backlog`]).
     pub(crate) backlog: Arc<Backlog>,
+    /// See [`super::hub::LoopHandle::delivery_latency_us`].
+    pub(crate) delivery_latency_us: Arc<Histogram>,
     /// Subscribers per topic and connections per user, over every loop.
     pub(crate) counts: Arc<SharedCounts>,
     pub(crate) stats: Arc<Stats>,
@@ -146,6 +149,8 @@ pub(crate) fn run(parts: LoopParts, stop: Receiver<()>) {
         inbox: parts.inbox,
         wake_pending: parts.wake_pending,
         backlog: parts.backlog,
+        delivery_latency_us: parts.delivery_latency_us,
+        unwritten: Vec::new(),
         conns: Slab::new(),
         subscriptions: Subscriptions::new(parts.counts, parts.config.limits),
         stats: parts.stats,
@@ -171,6 +176,10 @@ struct EventLoop {
     inbox: Receiver<LoopMsg>,
     wake_pending: Arc<AtomicBool>,
     backlog: Arc<Backlog>,
+    delivery_latency_us: Arc<Histogram>,
+    /// Batches fanned out since the last writes: when the hub took each, and how many of its
+    /// broadcasts reached a connection here. Observed into `delivery_latency_us` at the writes.
+    unwritten: Vec<(Instant, u64)>,
     conns: Slab<Conn>,
     subscriptions: Subscriptions,
     stats: Arc<Stats>,
@@ -261,10 +270,11 @@ impl EventLoop {
         loop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
-                Ok(LoopMsg::Publish(batch)) => {
+                Ok(LoopMsg::Publish { batch, taken }) => {
                     self.backlog.sub(batch.len(), batch.iter().map(|b| b.frame.len()).sum());
-                    for broadcast in batch.iter() {
-                        self.deliver(broadcast);
+                    let reached = batch.iter().filter(|broadcast| self.deliver(broadcast)).count();
+                    if reached > 0 {
+                        self.unwritten.push((taken, reached as u64));
                     }
                     delivered = true;
                 }
@@ -482,7 +492,9 @@ impl EventLoop {
         self.enqueue(key, &Utf8Bytes::from(frame));
     }
 
-    fn deliver(&mut self, broadcast: &EncodedBroadcast) {
+    /// Queues `broadcast` on every connection of its audience here; returns whether there was
+    /// one.
+    fn deliver(&mut self, broadcast: &EncodedBroadcast) -> bool {
         let mut keys = std::mem::take(&mut self.keys);
         match &broadcast.audience {
             // Not a connection still owing its token: it may receive nothing yet.
@@ -506,8 +518,10 @@ impl EventLoop {
         for &key in &keys {
             self.enqueue(key, &frame);
         }
+        let reached = !keys.is_empty();
         keys.clear();
         self.keys = keys;
+        reached
     }
 
     /// Queues a frame on an active connection, or closes it if its unsent bytes would pass
@@ -530,11 +544,18 @@ impl EventLoop {
         self.apply(key, next);
     }
 
+    /// The turn's writes, after which what was fanned out counts as delivered (a connection
+    /// whose socket is full writes the rest when it drains, uncounted).
     fn flush_dirty(&mut self) {
         while let Some(key) = self.dirty.pop() {
             let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { continue };
             let next = conn.flush(&self.stats);
             self.apply(key, next);
+        }
+        let now = Instant::now();
+        for (taken, broadcasts) in self.unwritten.drain(..) {
+            let us = u64::try_from(now.saturating_duration_since(taken).as_micros()).unwrap_or(u64::MAX);
+            self.delivery_latency_us.observe_n(us, broadcasts);
         }
     }
 
@@ -578,6 +599,7 @@ impl EventLoop {
             match self.conns.get(key) {
                 Some(Conn::Handshaking(_)) => self.drop_conn(key),
                 Some(Conn::Open(conn)) if conn.is_active() => {
+                    Stats::inc(&self.stats.closed_shutdown);
                     self.close(key, protocol::CLOSE_SHUTDOWN, protocol::REASON_SHUTDOWN, QueuedFrames::Send)
                 }
                 Some(Conn::Open(_)) | None => {}

@@ -50,6 +50,8 @@ pub(crate) struct Transport {
     out: Vec<u8>,
     /// `write` calls that reached the socket, since the last [`Transport::take_writes`].
     writes: u64,
+    /// Bytes of `out` the stream took, since the last [`Transport::take_bytes`].
+    bytes: u64,
 }
 
 enum Stream {
@@ -72,7 +74,7 @@ pub(crate) struct Tls {
 impl Transport {
     /// The plaintext stream over `socket`.
     pub(crate) fn plain(socket: TcpStream) -> Transport {
-        Transport { stream: Stream::Plain(socket), out: Vec::new(), writes: 0 }
+        Transport { stream: Stream::Plain(socket), out: Vec::new(), writes: 0, bytes: 0 }
     }
 
     /// A TLS server session over `socket`, to be driven by the first reads.
@@ -80,7 +82,7 @@ impl Transport {
         let mut session = ServerConnection::new(config.clone())?;
         session.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
         let tls = Tls { session, socket, close_notify_queued: false, writes: 0 };
-        Ok(Transport { stream: Stream::Tls(Box::new(tls)), out: Vec::new(), writes: 0 })
+        Ok(Transport { stream: Stream::Tls(Box::new(tls)), out: Vec::new(), writes: 0, bytes: 0 })
     }
 
     /// The socket, to register it with a poll.
@@ -95,6 +97,11 @@ impl Transport {
     #[cfg(test)]
     pub(crate) fn holds_nothing(&self) -> bool {
         self.out.capacity() == 0
+    }
+
+    /// How many bytes the stream took since the last call.
+    pub(crate) fn take_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.bytes)
     }
 
     /// How many `write` calls reached the socket since the last call.
@@ -131,6 +138,7 @@ impl Transport {
                 Err(e) => break Err(e),
             }
         };
+        self.bytes += sent as u64;
         if sent == self.out.len() {
             self.out = Vec::new();
         } else {
