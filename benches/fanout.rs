@@ -28,7 +28,8 @@
 //!
 //! `cargo bench --bench fanout`; environment: FANOUT_SECS (run length, default 2), FANOUT_REPS
 //! (default 3), FANOUT_NODES (e.g. `4` or `1,16`), FANOUT_IN_FLIGHT (e.g. `32` or `8,128`),
-//! FANOUT_CLIENTS (load-generator threads, default 1).
+//! FANOUT_CLIENTS (load-generator threads, default 1), FANOUT_BATCH_MAX (the batched paths'
+//! `--batch-max`, default serve's).
 
 mod support;
 
@@ -49,6 +50,11 @@ const NODE_COUNTS: [usize; 3] = [1, 4, 16];
 const STREAM: usize = 0;
 /// Calls each load-generator thread keeps in flight, from light to past saturation for every path.
 const IN_FLIGHT: [usize; 7] = [4, 8, 16, 32, 64, 128, 256];
+
+/// The `--batch-max` of the batched paths: serve's default unless FANOUT_BATCH_MAX says otherwise.
+fn batched_max() -> usize {
+    env_or("FANOUT_BATCH_MAX", push_manager::manager::Config::default().batch_max as u64) as usize
+}
 
 /// A comma-separated list of numbers from the environment, or `default`.
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
@@ -299,7 +305,8 @@ fn measure(
             .collect(),
     };
     let (mut curves, mut streams) = (vec![], vec![]);
-    for batch_max in [1, 64] {
+    let batched_max = batched_max();
+    for batch_max in [1, batched_max] {
         let serve = Serve::start(etcd, env, &prefix, nodes, batch_max);
         let path = format!("batch-max {batch_max}");
         let mut points = vec![];
@@ -310,7 +317,7 @@ fn measure(
             points.push(point);
         }
         curves.push(Curve { points });
-        if batch_max == 64 {
+        if batch_max == batched_max {
             streams.push(stream_against_unary(nodes, loads, secs, reps, env, &serve, &sinks, &direct));
         }
     }
@@ -378,7 +385,12 @@ fn summarize(results: &[(usize, Paths)]) {
     println!("\nbest of each path (calls in flight there): deliveries/s; deliveries per push-manager CPU-second");
     println!(
         "{:>5}  {:>14} {:>14} {:>14}   {:>14} {:>14}",
-        "nodes", "direct", "batch-max 1", "batch-max 64", "batch-max 1", "batch-max 64"
+        "nodes",
+        "direct",
+        "batch-max 1",
+        format!("batch-max {}", batched_max()),
+        "batch-max 1",
+        format!("batch-max {}", batched_max())
     );
     for (nodes, paths) in results {
         let (direct, one, batched) = (peak(&paths.direct), peak(&paths.one_per_message), peak(&paths.batched));

@@ -205,8 +205,12 @@ fn twenty_thousand_broadcasts_over_ten_workers_and_a_jittery_link_arrive_in_orde
     const N: usize = 20_000;
     let delay = random_delay(20);
     let s = setup(|_| {}, Arc::new(move |_: &BroadcastBatch| Action::Forward(delay())));
-    // Room for the whole burst: this is about order, not about what a full queue drops.
-    let manager = s.manager(|c| c.queue_size = N);
+    // Room for the whole burst: this is about order, not about what a full queue drops. Small
+    // batches: many calls in flight at once, so that they overtake one another.
+    let manager = s.manager(|c| {
+        c.queue_size = N;
+        c.batch_max = 64;
+    });
     let mut user = s.subscriber();
     let started = Instant::now();
     let reader = thread::spawn(move || receive(&mut user, N));
