@@ -13,7 +13,9 @@
 //! Loopback only.
 //!
 //! `cargo bench --bench e2e`; environment: E2E_RUNS (3), E2E_SUBSCRIBERS (1000), E2E_FLAT_MESSAGES
-//! (3000), E2E_SECS (5, the length of the fixed-rate runs), E2E_NATS=0 to skip nats-server.
+//! (3000), E2E_SECS (5, the length of the fixed-rate runs), E2E_NATS=0 to skip nats-server,
+//! E2E_ONLY (run the scenarios whose name contains it, e.g. `msgs/s`), E2E_NODE_FLAGS (extra
+//! flags for both nodes, e.g. `--ws-write-delay 2ms`, to try a setting against the same baseline).
 
 mod support;
 
@@ -48,11 +50,14 @@ fn main() {
         Scenario { name: "1000 msgs/s", subscribers, rate: 1000, messages: 1000 * secs },
         Scenario { name: "light: 20 msgs/s", subscribers: 10, rate: 20, messages: 20 * secs },
     ];
+    let only = std::env::var("E2E_ONLY").unwrap_or_default();
+    let node_flags = std::env::var("E2E_NODE_FLAGS").unwrap_or_default();
+    let node_flags: Vec<&str> = node_flags.split_whitespace().collect();
     loadgen::raise_open_files_limit(1000 + 64);
 
     let etcd = start_etcd();
     let env = grpc_env();
-    let pm = PushManager::start(&etcd, &env);
+    let pm = PushManager::start(&etcd, &env, &node_flags);
     let nats = (env_or("E2E_NATS", 1) == 1).then(Nats::start).flatten();
     if nats.is_none() {
         println!("nats-server is not on PATH (or E2E_NATS=0): push-manager alone");
@@ -62,7 +67,7 @@ fn main() {
         systems.push(n);
     }
 
-    for scenario in &scenarios {
+    for scenario in scenarios.iter().filter(|s| s.name.contains(only.as_str())) {
         let config = Config {
             subscribers: scenario.subscribers,
             messages: scenario.messages,
@@ -187,7 +192,7 @@ trait System {
     fn has_etcd(&self) -> bool;
 }
 
-/// etcd, `serve` and two nodes, default flags.
+/// etcd, `serve` and two nodes, default flags (plus E2E_NODE_FLAGS).
 struct PushManager<'a> {
     etcd: &'a LocalEtcd,
     env: Arc<Environment>,
@@ -196,8 +201,8 @@ struct PushManager<'a> {
 }
 
 impl<'a> PushManager<'a> {
-    fn start(etcd: &'a LocalEtcd, env: &Arc<Environment>) -> PushManager<'a> {
-        let nodes = (1..=2).map(|i| spawn_node(BIN, &etcd.endpoint(), PREFIX, &format!("n{i}"), &[])).collect();
+    fn start(etcd: &'a LocalEtcd, env: &Arc<Environment>, node_flags: &[&str]) -> PushManager<'a> {
+        let nodes = (1..=2).map(|i| spawn_node(BIN, &etcd.endpoint(), PREFIX, &format!("n{i}"), node_flags)).collect();
         let serve = Serve::start_with(etcd, env, PREFIX, 2, &[], None);
         PushManager { etcd, env: env.clone(), nodes, serve }
     }
