@@ -83,6 +83,38 @@ fn every_message_reaches_every_subscriber_once_and_in_order() {
     assert_clean_run(&paced, 20 * 200);
     assert!(String::from_utf8_lossy(&paced.stdout).contains("1000 B messages, at 400 msgs/s"));
     assert!(took >= Duration::from_millis(490), "200 messages at 400/s take half a second, not {took:?}");
+
+    // Over one BroadcastStream call: flat out in elements, and one message per element at a rate.
+    let streamed = ["--server", &d.server, "--ws", &ws, "--subscribers", "20", "--messages", "1000", "--stream"];
+    assert_clean_run(&bench(&streamed).0, 20 * 1000);
+    assert_clean_run(&bench(&[&streamed[..], &["--rate", "2000", "--in-flight", "1"]].concat()).0, 20 * 1000);
+}
+
+#[test]
+fn a_stream_refused_for_its_api_key_fails_the_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+    let etcd = Etcd::start();
+    let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, "n1", &[]);
+    let key_flag = keys.to_str().unwrap();
+    let (_serve, server) = spawn_serve(BIN, &etcd.endpoint(), PREFIX, &["--api-key-file", key_flag], Stdio::inherit());
+    let ws = format!("ws://{}/ws", node.ws_addr);
+    let base = ["--server", &server, "--ws", &ws, "--subscribers", "2", "--messages", "10", "--stream", "--quiet"];
+    let (refused, took) = bench(&base);
+    assert_fails_with(&refused, "UNAUTHENTICATED");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-key-at-all-but-long-enough-000\n").unwrap();
+    assert_fails_with(&bench(&[&base[..], &["--api-key-file", wrong.to_str().unwrap()]].concat()).0, "UNAUTHENTICATED");
+    wait_until("serve finds the node", PATIENCE, || {
+        let out = Command::new(BIN)
+            .args(["send", "--server", &server, "--api-key-file", key_flag, "--timeout", "2s", "probe"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("accepted by 1")
+    });
+    assert_clean_run(&bench(&[&base[..], &["--api-key-file", key_flag]].concat()).0, 2 * 10);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use super::{parse_duration, CallerArgs};
 use crate::auth::bearer;
 use crate::discovery::parse;
 use crate::etcd;
-use crate::loadgen::{self, BroadcastPublisher, Config, Dialect};
+use crate::loadgen::{self, BroadcastPublisher, Config, Dialect, Publisher, StreamPublisher};
 use crate::token::{Claims, TokenKeys};
 
 #[derive(Args, Debug)]
@@ -51,9 +51,13 @@ pub struct BenchArgs {
     /// Topic subscribed to and published on.
     #[arg(long, default_value_t = Config::default().topic)]
     pub topic: String,
-    /// Broadcast calls kept in flight at once.
+    /// Broadcast calls kept in flight at once (with --stream: stream elements unanswered).
     #[arg(long, default_value_t = Config::default().in_flight)]
     pub in_flight: usize,
+    /// Publish over one BroadcastStream call instead of unary Broadcast calls: flat out in
+    /// elements of 256 messages, at a --rate one message per element.
+    #[arg(long)]
+    pub stream: bool,
     /// How long connecting and subscribing everyone may take; also each Broadcast's deadline.
     #[arg(long, default_value_t = Config::default().connect_timeout.into(), value_parser = parse_duration)]
     pub timeout: humantime::Duration,
@@ -108,12 +112,18 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
         )
         .into());
     }
-    let mut option = CallOption::default().timeout(config.connect_timeout);
+    let mut option = CallOption::default();
     if let Some(key) = args.caller.api_key()? {
         option = option.headers(bearer(&key));
     }
-    let mut publisher = BroadcastPublisher::new(channel, option, &config.topic, config.in_flight);
-    let report = loadgen::run(&config, &urls, Dialect::PushManager, &*token, &mut publisher)?;
+    // A stream lasts the whole run; a unary call gets --timeout.
+    let mut publisher: Box<dyn Publisher> = if args.stream {
+        Box::new(StreamPublisher::open(channel, option, &config.topic, config.in_flight, config.rate)?)
+    } else {
+        let option = option.timeout(config.connect_timeout);
+        Box::new(BroadcastPublisher::new(channel, option, &config.topic, config.in_flight))
+    };
+    let report = loadgen::run(&config, &urls, Dialect::PushManager, &*token, publisher.as_mut())?;
     println!("{report}");
     Ok(())
 }

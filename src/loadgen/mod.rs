@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 pub use body::HEADER_BYTES;
 pub use histogram::Histogram;
-pub use publisher::{BroadcastPublisher, NatsPublisher, Published, Publisher};
+pub use publisher::{BroadcastPublisher, NatsPublisher, Published, Publisher, StreamPublisher};
 pub use subscribers::Dialect;
 
 use subscribers::{Plan, Subscribers};
