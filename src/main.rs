@@ -1,7 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    push_manager::cli::run(push_manager::cli::Cli::parse())
+    push_manager::cli::main()
 }

@@ -21,6 +21,7 @@ use log::LevelFilter;
 use tungstenite::{Message, WebSocket};
 
 use super::subscribe::subscribe_url;
+use super::LogFormat;
 use crate::etcd;
 use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
 use crate::manager::{self, Manager};
@@ -33,8 +34,11 @@ use crate::token::{Claims, TokenKeys};
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Log level for the components' own logs (the account is printed regardless).
-    #[arg(long, default_value = "warn", value_parser = super::parse_level)]
+    #[arg(long, default_value = "warn", value_parser = super::logging::parse_level)]
     pub log_level: LevelFilter,
+    /// Format of those logs on standard error: text, or json (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::default())]
+    pub log_format: LogFormat,
 }
 
 const PREFIX: &str = "/demo/connect-node/";
@@ -61,7 +65,7 @@ struct Received {
 }
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
-    super::init_logging(args.log_level);
+    super::logging::init(args.log_level, args.log_format);
     let registry = start_registry()?;
     let etcd_config = etcd::Config {
         endpoints: vec![registry.endpoint()],

@@ -1,7 +1,9 @@
 //! The command line: one binary, one subcommand per role or tool.
 
 mod bench;
+mod config_file;
 mod demo;
+mod logging;
 mod node;
 mod nodes;
 mod send;
@@ -10,6 +12,7 @@ mod status;
 mod subscribe;
 mod token;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use log::LevelFilter;
 
 use crate::etcd;
 use crate::grpc::{ClientTls, ServerTls};
 use crate::secret::Secret;
+
+pub use config_file::ConfigFileArgs;
+use config_file::Invocation;
+pub use logging::{LogArgs, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,14 +63,6 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Summarize a running serve or node from its admin endpoint (--admin URL), once or with --watch.
     Status(status::StatusArgs),
-}
-
-/// Flags every long-running subcommand shares.
-#[derive(Args, Debug, Clone)]
-pub struct LogArgs {
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, default_value = "info", value_parser = parse_level)]
-    pub log_level: LevelFilter,
 }
 
 /// Where connect-nodes register, and how to reach etcd: shared by every subcommand that talks
@@ -197,10 +195,6 @@ impl EtcdArgs {
     }
 }
 
-fn parse_level(s: &str) -> Result<LevelFilter, String> {
-    s.parse().map_err(|_| format!("{s:?} is not a log level; use error, warn, info, debug or trace"))
-}
-
 /// Durations like `3s`, `500ms`, `1m`, up to ten years.
 pub fn parse_duration(s: &str) -> Result<humantime::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 3s or 500ms: {e}"))?;
@@ -218,21 +212,22 @@ pub fn parse_endpoints(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect()
 }
 
-pub fn init_logging(level: LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_thread_level(LevelFilter::Error)
-        .set_thread_mode(simplelog::ThreadLogMode::Names)
-        .set_target_level(LevelFilter::Off)
-        .build();
-    // Only fails if a logger is already set, e.g. when a test runs two commands.
-    let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, simplelog::ColorChoice::Never);
-}
-
 /// What a subcommand fails with: its own error, printed after `push-manager: `.
 pub type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// Runs a parsed command and returns the process's exit code: 0 on success, and also when
-/// standard output was closed under us (`push-manager subscribe ... | head -1`), 1 otherwise.
+/// The binary: parses the process's arguments (with the `--config` file's values) and does what
+/// they ask for. Bad arguments exit 2 with clap's message, as do a bad config file's.
+pub fn main() -> ExitCode {
+    match config_file::parse(std::env::args_os()) {
+        Ok(Invocation::Run(cli)) => run(cli),
+        Ok(Invocation::Print(text)) => {
+            exit_code(std::io::stdout().lock().write_all(text.as_bytes()).map_err(Into::into))
+        }
+        Err(e) => e.exit(),
+    }
+}
+
+/// Runs a parsed command and returns the process's exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result: CmdResult = match cli.command {
         Command::Bench(args) => bench::run(args),
@@ -245,6 +240,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(args) => token::run(args),
         Command::Status(args) => status::run(args),
     };
+    exit_code(result)
+}
+
+/// 0 on success, and also when standard output was closed under us (`push-manager subscribe ...
+/// | head -1`), 1 otherwise.
+fn exit_code(result: CmdResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,

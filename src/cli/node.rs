@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::Args;
 use log::{info, warn};
 
-use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
+use super::{parse_duration, ConfigFileArgs, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
 use crate::admin;
 use crate::etcd;
 use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig, WsAuth};
@@ -146,6 +146,8 @@ pub struct NodeArgs {
     pub admin_listen: Option<admin::Listen>,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
 }
 
 impl NodeArgs {
@@ -219,8 +221,11 @@ pub fn hostname() -> String {
 }
 
 pub fn run(args: NodeArgs) -> super::CmdResult {
-    super::init_logging(args.log.log_level);
+    let log_node = super::logging::init(args.log.log_level, args.log.log_format);
     let config = args.config()?;
+    if let Some(id) = &config.node_id {
+        log_node.set(id);
+    }
     config.validate()?;
     // From here on SIGINT/SIGTERM stop the node the orderly way, even one that comes while it
     // starts (registering can take the etcd timeout).
@@ -242,6 +247,7 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
             let id = format!("{}-{}", hostname(), gateway.grpc_addr().port());
             registry::validate_node_id(&id)
                 .map_err(|e| format!("the default node id (hostname-port) is not usable, give --node-id: {e}"))?;
+            log_node.set(&id);
             id
         }
     };

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use log::{error, info};
 
-use super::{parse_duration, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
+use super::{parse_duration, ConfigFileArgs, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
 use crate::admin;
 use crate::grpc::ClientTls;
 use crate::manager::{Config, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
@@ -87,6 +87,8 @@ pub struct ServeArgs {
     pub admin_listen: Option<admin::Listen>,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
 }
 
 impl ServeArgs {
@@ -121,7 +123,7 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> super::CmdResult {
-    super::init_logging(args.log.log_level);
+    super::logging::init(args.log.log_level, args.log.log_format);
     // Before anything starts, so a SIGTERM during start-up still stops serve the orderly way.
     let mut signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
     let mut manager = Manager::start(args.config()?)?;
