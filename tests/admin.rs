@@ -347,7 +347,7 @@ fn serve_is_not_ready_before_its_first_listing_nor_while_it_drains() {
     let etcd = Etcd::start();
     let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let hole = black_hole.local_addr().unwrap().to_string();
-    etcd.client().put(&registry::node_key(PREFIX, "stuck"), hole.as_bytes(), None).unwrap();
+    etcd.client().put(&registry::key(PREFIX, "stuck"), hole.as_bytes(), None).unwrap();
     let extra = ["--drain-timeout", "5s", "--rpc-timeout", "5s", "--max-attempts", "1"];
     let (mut serve, addr, admin) = start_serve(&etcd.endpoint(), &extra);
     wait_until("serve is ready", PATIENCE, || get(&format!("{admin}/readyz")).status == 200);

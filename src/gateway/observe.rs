@@ -8,10 +8,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::hub::{LoopHandle, SharedCounts};
-use super::registration::RegistrationState;
 use super::sequencer::Sequencer;
 use super::stats::Stats;
 use crate::admin::{Exposition, Probe, Serving};
+use crate::registry::RegistrationState;
 
 /// The names of the gateway's threads that have ended. Each thread holds a [`Alive`] from its
 /// start; dropping it (the body returning, or a panic unwinding) records the name.
