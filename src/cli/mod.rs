@@ -8,6 +8,7 @@ mod send;
 mod serve;
 mod status;
 mod subscribe;
+mod systemd;
 mod token;
 
 use std::path::PathBuf;
@@ -58,6 +59,8 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Summarize a running serve or node from its admin endpoint (--admin URL, or --etcd), once or with --watch.
     Status(status::StatusArgs),
+    /// Print a hardened systemd unit for a role (serve or node), to install as push-manager-<role>.service.
+    SystemdUnit(systemd::SystemdUnitArgs),
 }
 
 /// Flags every long-running subcommand shares.
@@ -312,6 +315,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Nodes(args) => nodes::run(args),
         Command::Token(args) => token::run(args),
         Command::Status(args) => status::run(args),
+        Command::SystemdUnit(args) => systemd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
