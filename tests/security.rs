@@ -22,6 +22,7 @@ use common::{free_addr, wait_until, BIN, PATIENCE};
 use push_manager::etcd;
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
+use push_manager::registry::DEFAULT_INSTANCE_PREFIX;
 use push_manager::testkit::{admin_on_free_port, signal, EtcdTls, Identity, LocalEtcd, Sink, TestPki};
 
 const PREFIX: &str = "/secure/nodes/";
@@ -49,7 +50,8 @@ impl Secrets {
 }
 
 /// An etcd serving TLS only and requiring client certificates, with auth enabled and a user
-/// [`ETCD_USER`] (`password`) whose role may read and write [`PREFIX`] and nothing else.
+/// [`ETCD_USER`] (`password`) whose role may read and write [`PREFIX`], the nodes' WebSocket
+/// URLs beside it and the instances' prefix, and nothing else.
 fn secured_etcd(pki: &TestPki, password: &str) -> LocalEtcd {
     let tls = EtcdTls { ca: pki.ca(), server: pki.issue("etcd"), client: pki.issue("root") };
     let etcd = LocalEtcd::start_tls(tls).unwrap_or_else(|e| panic!("{e}"));
@@ -59,6 +61,8 @@ fn secured_etcd(pki: &TestPki, password: &str) -> LocalEtcd {
         &["user", "grant-role", "root", "root"],
         &["role", "add", "nodes"],
         &["role", "grant-permission", "nodes", "--prefix=true", "readwrite", PREFIX],
+        &["role", "grant-permission", "nodes", "--prefix=true", "readwrite", "/secure/nodes-ws/"],
+        &["role", "grant-permission", "nodes", "--prefix=true", "readwrite", DEFAULT_INSTANCE_PREFIX],
         &["user", "add", &user],
         &["user", "grant-role", ETCD_USER, "nodes"],
         &["auth", "enable"],

@@ -232,17 +232,20 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     // reached under that name on both ports.
     let ws_url = format!("{scheme}://{}/ws", advertised(gateway.ws_addr(), Some(crate::addr::host_of(&addr))));
     let client = etcd::Client::connect(config.etcd.clone())?;
+    let ws_prefix = registry::ws_prefix(&config.prefix);
     let mut registration = Registration::start(
         client,
         RegistrationConfig {
             records: vec![
                 Record::new(registry::key(&config.prefix, &node_id), addr.clone()),
-                Record::new(registry::key(&registry::ws_prefix(&config.prefix), &node_id), ws_url),
+                Record::new(registry::key(&ws_prefix, &node_id), ws_url),
             ],
             ttl: config.lease_ttl,
         },
     )
-    .map_err(|e| format!("registering in etcd: {e}"))?;
+    .map_err(|e| {
+        format!("registering in etcd: {e} (the etcd user needs readwrite on {:?} and {ws_prefix:?})", config.prefix)
+    })?;
     // Outlives the gateway's shutdown, so `/readyz` says "draining" while the node drains.
     let probe = gateway.probe(Some(registration.state()));
     let admin = admin::start_from_flag(args.admin_listen, admin::NODE_DEFAULT_LISTEN, probe)?;

@@ -224,11 +224,22 @@ fn register(config: &Config, manager: &Manager, admin: Option<&AdminServer>) -> 
         InstanceRecord { admin: admin.map(|a| format!("http://{}", advertised(a.addr(), Some(host_of(&addr))))), addr };
     let key = registry::key(&instance.prefix, &id);
     let client = etcd::Client::connect(config.etcd.clone()).map_err(|e| format!("registering in etcd: {e}"))?;
-    let registration = Registration::start(
-        client,
-        RegistrationConfig { records: vec![Record::new(key.clone(), record.to_json())], ttl: instance.lease_ttl },
-    )
-    .map_err(|e| format!("registering in etcd: {e}"))?;
+    let registration =
+        RegistrationConfig { records: vec![Record::new(key.clone(), record.to_json())], ttl: instance.lease_ttl };
+    // Serving is this role's job and registering a convenience for clients: an etcd that refuses
+    // the record (a role without rights on the prefix, a wrong password) costs the record, not
+    // the service. An unreachable etcd is retried in the background.
+    let registration = match Registration::start(client, registration) {
+        Ok(registration) => registration,
+        Err(e) => {
+            error!(
+                "cannot register {key} in etcd ({e}); serving unregistered, so clients must be given --server \
+                 (let the etcd user write under {:?}, or give --no-register)",
+                instance.prefix
+            );
+            return Ok(None);
+        }
+    };
     // Machine-readable, like the lines above.
     println!("instance {id} registering as {key}");
     Ok(Some(registration))
