@@ -1,6 +1,8 @@
 //! `host:port` checking, shared by everything that takes an address from a user or from etcd
 //! (etcd endpoints, node records, `--advertise`), so all of them refuse the same things the
-//! same way.
+//! same way; and what an address bound to a wildcard is published as.
+
+use std::net::SocketAddr;
 
 /// `host:port` with a non-empty host (name, IPv4, or IPv6 in brackets) and a port in 1..=65535.
 /// The error names the address and what is wrong with it.
@@ -23,9 +25,35 @@ pub fn validate_host_port(addr: &str) -> Result<(), String> {
     }
 }
 
+/// The address to publish for a bound one, `host:port`: a wildcard IP is not callable from
+/// elsewhere, so it becomes `host` (the host of another address already published, so that a
+/// role's endpoints are published under one name) or, without one, 127.0.0.1.
+pub fn advertised(bound: SocketAddr, host: Option<&str>) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    format!("{}:{}", host.unwrap_or("127.0.0.1"), bound.port())
+}
+
+/// The host of a `host:port` (brackets kept for IPv6), or the whole text if it has no port.
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::validate_host_port as check;
+    use super::{advertised, host_of};
+
+    #[test]
+    fn a_wildcard_is_published_under_another_endpoint_s_host_or_loopback() {
+        let any = "0.0.0.0:8090".parse().unwrap();
+        assert_eq!(advertised(any, None), "127.0.0.1:8090");
+        assert_eq!(advertised(any, Some("node1")), "node1:8090");
+        assert_eq!(advertised("10.0.0.1:8090".parse().unwrap(), Some("node1")), "10.0.0.1:8090");
+        assert_eq!(host_of("node1:50061"), "node1");
+        assert_eq!(host_of("[::1]:50061"), "[::1]");
+    }
 
     #[test]
     fn accepts_names_ipv4_and_bracketed_ipv6() {

@@ -364,7 +364,7 @@ fn serve_is_not_ready_before_its_first_listing_nor_while_it_drains() {
     let etcd = Etcd::start();
     let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let hole = black_hole.local_addr().unwrap().to_string();
-    etcd.client().put(&registry::node_key(PREFIX, "stuck"), hole.as_bytes(), None).unwrap();
+    etcd.client().put(&registry::key(PREFIX, "stuck"), hole.as_bytes(), None).unwrap();
     let extra = ["--drain-timeout", "5s", "--rpc-timeout", "5s", "--max-attempts", "1"];
     let (mut serve, addr, admin) = start_serve(&etcd.endpoint(), &extra);
     wait_until("serve is ready", PATIENCE, || get(&format!("{admin}/readyz")).status == 200);
@@ -439,6 +439,6 @@ fn serve_counts_each_restart_of_its_etcd_watch() {
     wait_until("the broken watch is counted", PATIENCE, || restarts() >= 1.0);
     // And it works again: a node registered now is known without waiting for the 3 s poll.
     let sink = push_manager::testkit::Sink::start();
-    etcd.client().put(&registry::node_key(PREFIX, "after"), sink.addr.as_bytes(), None).unwrap();
+    etcd.client().put(&registry::key(PREFIX, "after"), sink.addr.as_bytes(), None).unwrap();
     wait_until("the node appears", PATIENCE, || value(&scrape(&admin), "push_manager_nodes_known", &[]) == 1.0);
 }

@@ -160,9 +160,14 @@ fn bad_flags_are_refused_by_name_and_a_good_run_follows() {
     assert_fails_with(&with(&["--token-key-file", "/nonexistent/keys"]), "--token-key-file /nonexistent/keys");
     assert_fails_with(&bench(&["--server", &d.server, "--ws", "http://127.0.0.1:1/ws"]).0, "is not a ws:// URL");
     assert_fails_with(&bench(&["--server", &d.server]).0, "give the nodes' WebSocket URLs with --ws");
-    // etcd holds gRPC addresses only: the error says --ws is needed, naming the node.
+    // A node that published no WebSocket URL (registered by another program): the error says
+    // --ws is needed, naming the node.
     let etcd = d.etcd_endpoint();
-    assert_fails_with(&bench(&["--server", &d.server, "--etcd", &etcd, "--prefix", PREFIX]).0, "n1 (127.0.0.1:");
+    let legacy = format!("{PREFIX}legacy");
+    d._etcd.client().put(&legacy, b"127.0.0.1:1", None).unwrap();
+    let out = bench(&["--server", &d.server, "--etcd", &etcd, "--prefix", PREFIX]).0;
+    d._etcd.client().delete(&legacy).unwrap();
+    assert_fails_with(&out, "legacy (127.0.0.1:1) under \"/bench-test/nodes/\" without a WebSocket URL");
 
     assert_clean_run(&with(&[]), 3 * 10);
 }

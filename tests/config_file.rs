@@ -358,7 +358,7 @@ fn json_logs_of_a_node_and_serve_are_one_object_per_line_with_thread_and_node() 
     let mut serve = Process::start(&["serve", "--config", path.to_str().unwrap()], &[]);
     serve.wait_for("listening ", 1);
     assert!(serve.stop().success(), "{}", serve.output());
-    let lines = json_lines(&serve, &["listening ", "admin http://"]);
+    let lines = json_lines(&serve, &["listening ", "admin http://", "instance "]);
     assert!(lines.iter().any(|l| l["message"] == "shutdown signal received"), "{lines:?}");
     assert!(lines.iter().all(|l| l["node"].is_null()), "serve is no node: {lines:?}");
 }

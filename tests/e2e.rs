@@ -13,9 +13,10 @@ use common::grpc::{broadcast, push_client, OP};
 use common::ws::Client;
 use common::{free_addr, wait_until, BIN};
 use push_manager::etcd;
-use push_manager::gateway::{Gateway, Registration, RegistrationConfig};
+use push_manager::gateway::Gateway;
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
+use push_manager::registry::{Record, Registration, RegistrationConfig};
 use push_manager::testkit::{signal, spawn_node, NodeProcess, Reaped};
 
 const PREFIX: &str = "/e2e/nodes/";
@@ -49,8 +50,7 @@ fn start_node(etcd: &Etcd, id: &str) -> Node {
     let registration = Registration::start(
         etcd.client(),
         RegistrationConfig {
-            key: format!("{PREFIX}{id}"),
-            addr: gateway.grpc_addr().to_string(),
+            records: vec![Record::new(format!("{PREFIX}{id}"), gateway.grpc_addr().to_string())],
             ttl: Duration::from_secs(5),
         },
     )
@@ -374,7 +374,7 @@ fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
             ..etcd::Config::default()
         })
         .unwrap(),
-        RegistrationConfig { key: key.clone(), addr: gateway.grpc_addr().to_string(), ttl },
+        RegistrationConfig { records: vec![Record::new(key.clone(), gateway.grpc_addr().to_string())], ttl },
     )
     .unwrap();
     let first = etcd.client().get(&key).unwrap().expect("registered").lease;

@@ -22,10 +22,11 @@ use grpcio::{
 };
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use push_manager::gateway::{Gateway, Registration, RegistrationConfig};
+use push_manager::gateway::Gateway;
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
 use push_manager::proto::protocol::{BroadcastBatch, Sequence};
+use push_manager::registry::{Record, Registration, RegistrationConfig};
 
 const PREFIX: &str = "/ordering/nodes/";
 const TOPIC: &str = "t";
@@ -161,7 +162,10 @@ fn setup(tweak: impl FnOnce(&mut push_manager::gateway::Config), policy: Arc<Pol
     let relay = Relay::start(&gateway.grpc_addr().to_string(), policy);
     let registration = Registration::start(
         etcd.client(),
-        RegistrationConfig { key: format!("{PREFIX}n1"), addr: relay.addr.clone(), ttl: Duration::from_secs(5) },
+        RegistrationConfig {
+            records: vec![Record::new(format!("{PREFIX}n1"), relay.addr.clone())],
+            ttl: Duration::from_secs(5),
+        },
     )
     .unwrap();
     Setup { _registration: registration, relay, gateway, etcd }

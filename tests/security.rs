@@ -22,6 +22,7 @@ use common::{free_addr, wait_until, BIN, PATIENCE};
 use push_manager::etcd;
 use push_manager::manager::{self, Manager};
 use push_manager::proto::broadcast_request;
+use push_manager::registry::DEFAULT_INSTANCE_PREFIX;
 use push_manager::testkit::{admin_on_free_port, signal, EtcdTls, Identity, LocalEtcd, Sink, TestPki};
 
 const PREFIX: &str = "/secure/nodes/";
@@ -49,22 +50,26 @@ impl Secrets {
 }
 
 /// An etcd serving TLS only and requiring client certificates, with auth enabled and a user
-/// [`ETCD_USER`] (`password`) whose role may read and write [`PREFIX`] and nothing else.
+/// [`ETCD_USER`] (`password`) whose role may read and write [`PREFIX`], the nodes' WebSocket
+/// URLs beside it and the instances' prefix, and nothing else.
 fn secured_etcd(pki: &TestPki, password: &str) -> LocalEtcd {
+    etcd_granting(pki, password, &[PREFIX, "/secure/nodes-ws/", DEFAULT_INSTANCE_PREFIX])
+}
+
+/// [`secured_etcd`] whose role may read and write only under `prefixes`.
+fn etcd_granting(pki: &TestPki, password: &str, prefixes: &[&str]) -> LocalEtcd {
     let tls = EtcdTls { ca: pki.ca(), server: pki.issue("etcd"), client: pki.issue("root") };
     let etcd = LocalEtcd::start_tls(tls).unwrap_or_else(|e| panic!("{e}"));
     let user = format!("{ETCD_USER}:{password}");
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "nodes"],
-        &["role", "grant-permission", "nodes", "--prefix=true", "readwrite", PREFIX],
-        &["user", "add", &user],
-        &["user", "grant-role", ETCD_USER, "nodes"],
-        &["auth", "enable"],
-    ] {
-        etcd.etcdctl(args);
+    etcd.etcdctl(&["user", "add", "root:rootpw"]);
+    etcd.etcdctl(&["user", "grant-role", "root", "root"]);
+    etcd.etcdctl(&["role", "add", "nodes"]);
+    for prefix in prefixes {
+        etcd.etcdctl(&["role", "grant-permission", "nodes", "--prefix=true", "readwrite", prefix]);
     }
+    etcd.etcdctl(&["user", "add", &user]);
+    etcd.etcdctl(&["user", "grant-role", ETCD_USER, "nodes"]);
+    etcd.etcdctl(&["auth", "enable"]);
     etcd
 }
 
@@ -600,4 +605,29 @@ fn a_refused_etcd_user_is_named_to_callers_instead_of_no_node_registered() {
     });
     assert!(message.contains("refused to authenticate") && message.contains(ETCD_USER), "{message}");
     assert!(!message.contains("nope"), "the password stays out of the reply: {message}");
+}
+
+#[test]
+fn a_node_whose_etcd_role_predates_the_websocket_record_still_registers_and_is_used() {
+    let pki = TestPki::new();
+    // As granted before nodes published their WebSocket URL: the nodes' prefix only.
+    let etcd = etcd_granting(&pki, "s3cret", &[PREFIX]);
+    let secrets = Secrets::new();
+    let password = secrets.write("etcd-password", "s3cret\n");
+    let me = pki.issue("old-role");
+    let mut node = start_node(&etcd.endpoint(), "old-role", &etcd_flags(&pki, &me, &password));
+    node.process.wait_for("/secure/nodes-ws/old-role", 1);
+    assert!(node.process.output().contains("registering without it"), "{}", node.process.output());
+
+    let mut flags = etcd_flags(&pki, &pki.issue("push-manager"), &password);
+    flags.push("--no-register".into());
+    let (mut serve, addr) = start_serve(&etcd.endpoint(), &flags);
+    let mut user = Client::subscribed(node.ws, &[TOPIC]);
+    wait_until("push-manager found the node by its gRPC record", PATIENCE, || {
+        stdout(&send(&addr, &[] as &[&str], PROBE, "probe")).contains("accepted by 1")
+    });
+    assert!(send(&addr, &[] as &[&str], TOPIC, "still delivered").status.success());
+    assert_eq!(user.next_json()["body"], "still delivered");
+    assert!(node.process.stop().success(), "{}", node.process.output());
+    assert!(serve.stop().success(), "{}", serve.output());
 }

@@ -14,9 +14,10 @@ use common::gateway::{start_gateway, wait_connections};
 use common::grpc::{batch, broadcast, node_client, push_client, OP};
 use common::ws::{raw_exchange, upgrade_request, Client, TlsStream};
 use common::{free_addr, wait_until, BIN, PATIENCE};
-use push_manager::gateway::{Gateway, Registration, RegistrationConfig, WsTls};
+use push_manager::gateway::{Gateway, WsTls};
 use push_manager::manager::Manager;
 use push_manager::proto::broadcast_request;
+use push_manager::registry::{Record, Registration, RegistrationConfig};
 use push_manager::testkit::{signal, spawn_node, wait_exit, Identity, Reaped, TestPki};
 use serde_json::Value;
 
@@ -55,8 +56,7 @@ fn wss_end_to_end_carries_small_fragmented_and_bursts_of_broadcasts_in_order() {
     let _registration = Registration::start(
         etcd.client(),
         RegistrationConfig {
-            key: format!("{PREFIX}n1"),
-            addr: gw.grpc_addr().to_string(),
+            records: vec![Record::new(format!("{PREFIX}n1"), gw.grpc_addr().to_string())],
             ttl: Duration::from_secs(5),
         },
     )

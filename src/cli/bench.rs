@@ -12,28 +12,25 @@ use clap::Args;
 use futures::executor::block_on;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 
-use super::{parse_duration, CallerArgs};
+use super::{parse_duration, CallerArgs, LocateArgs};
 use crate::auth::bearer;
 use crate::discovery::parse;
-use crate::etcd;
 use crate::loadgen::{self, BroadcastPublisher, Config, Dialect, Publisher, StreamPublisher};
+use crate::registry;
 use crate::token::{Claims, TokenKeys};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// push-manager's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:50053")]
-    pub server: String,
+    /// push-manager's gRPC address [default: an instance registered in --etcd if given, else
+    /// 127.0.0.1:50053].
+    #[arg(long)]
+    pub server: Option<String>,
     /// A connect-node's WebSocket URL (ws://host:port/ws); repeat for several nodes: subscribers
     /// are spread over them round-robin.
     #[arg(long = "ws", value_name = "URL")]
     pub ws: Vec<String>,
-    /// etcd endpoints (host:port, comma-separated) to list the registered nodes from, when no --ws
-    /// is given. A node's record holds its gRPC address, not its WebSocket URL, so a record
-    /// without a `ws` field means --ws is needed after all.
-    #[arg(long)]
-    pub etcd: Option<String>,
-    /// etcd key prefix under which connect-nodes register (with --etcd).
+    /// With --etcd and no --ws: the etcd key prefix under which connect-nodes register; their
+    /// WebSocket URLs are read beside it (/services/connect-node-ws/<id> for the default).
     #[arg(long, default_value = crate::registry::DEFAULT_PREFIX)]
     pub prefix: String,
     /// Subscriber connections.
@@ -76,6 +73,8 @@ pub struct BenchArgs {
     pub token_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub caller: CallerArgs,
+    #[command(flatten)]
+    pub locate: LocateArgs,
 }
 
 /// How long a signed subscriber token lives: far longer than any run.
@@ -96,6 +95,7 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
     config.validate()?;
     let urls = ws_urls(&args)?;
     let token = tokens(&args)?;
+    let server = args.locate.server(args.server.as_deref())?;
     loadgen::raise_open_files_limit(config.subscribers + 64);
 
     let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-bench").build());
@@ -103,12 +103,12 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
     if let Some(credentials) = args.caller.credentials()? {
         channel = channel.set_credentials(credentials);
     }
-    let channel = channel.connect(&args.server);
+    let channel = channel.connect(&server);
     // Before opening a thousand connections: a wrong --server should fail at once, and clearly.
     if !block_on(channel.wait_for_connected(config.connect_timeout)) {
         return Err(format!(
-            "cannot connect to push-manager at {} within {} (is it running? if it serves TLS, give --tls-ca)",
-            args.server, args.timeout
+            "cannot connect to push-manager at {server} within {} (is it running? if it serves TLS, give --tls-ca)",
+            args.timeout
         )
         .into());
     }
@@ -128,42 +128,48 @@ pub fn run(args: BenchArgs) -> super::CmdResult {
     Ok(())
 }
 
-/// The subscribers' URLs: --ws, else what the nodes registered in etcd say.
+/// The subscribers' URLs: --ws, else those the nodes registered in etcd published.
 fn ws_urls(args: &BenchArgs) -> Result<Vec<String>, String> {
     for url in &args.ws {
-        let host = url.strip_prefix("ws://").unwrap_or_default();
-        if host.is_empty() || url.contains('#') {
-            return Err(format!(
-                "--ws {url:?} is not a ws:// URL like ws://127.0.0.1:8090/ws (bench speaks plain ws:// only)"
-            ));
-        }
+        check_ws_url(url).map_err(|why| format!("--ws {url:?} {why}"))?;
     }
     if !args.ws.is_empty() {
         return Ok(args.ws.clone());
     }
-    let Some(endpoints) = &args.etcd else {
+    let Some(client) = args.locate.client()? else {
         return Err("give the nodes' WebSocket URLs with --ws (repeatable), or --etcd to list the nodes".into());
     };
-    let client =
-        etcd::Client::connect(etcd::Config { endpoints: super::parse_endpoints(endpoints), ..etcd::Config::default() })
-            .map_err(|e| format!("--etcd {endpoints}: {e}"))?;
-    let listing = client.get_prefix(&args.prefix).map_err(|e| format!("--etcd {endpoints}: {e}"))?;
+    let endpoints = client.endpoints().join(",");
+    let failed = |e| format!("--etcd {endpoints}: {e}");
+    let listing = client.get_prefix(&args.prefix).map_err(failed)?;
+    let ws_prefix = registry::ws_prefix(&args.prefix);
+    let published = client.get_prefix(&ws_prefix).map_err(failed)?;
     let mut urls = Vec::new();
     let mut without = Vec::new();
     for kv in &listing.kvs {
         let Ok(record) = parse(&args.prefix, &kv.key, &kv.value) else { continue };
-        let ws = serde_json::from_slice::<serde_json::Value>(&kv.value)
-            .ok()
-            .and_then(|v| v.get("ws").and_then(|w| w.as_str()).map(str::to_string));
-        match ws {
-            Some(url) => urls.push(url),
+        let ws_key = registry::key(&ws_prefix, &record.id);
+        let beside =
+            published.kvs.iter().find(|p| p.key == ws_key).map(|p| String::from_utf8_lossy(&p.value).into_owned());
+        // A node record may also be a JSON object with a `ws` field (see discovery's record).
+        let inside = || {
+            serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v.get("ws").and_then(|w| w.as_str()).map(str::to_string))
+        };
+        match beside.or_else(inside) {
+            Some(url) => {
+                check_ws_url(&url)
+                    .map_err(|why| format!("node {} published the WebSocket URL {url:?}, which {why}", record.id))?;
+                urls.push(url);
+            }
             None => without.push(format!("{} ({})", record.id, record.addr)),
         }
     }
     if !without.is_empty() {
         return Err(format!(
-            "etcd lists node(s) {} under {:?} by gRPC address only, which does not say where their WebSocket \
-             endpoint is: give each node's URL with --ws",
+            "etcd lists node(s) {} under {:?} without a WebSocket URL under {ws_prefix:?} (nodes older than this \
+             bench publish none): give each node's URL with --ws",
             without.join(", "),
             args.prefix
         ));
@@ -172,6 +178,15 @@ fn ws_urls(args: &BenchArgs) -> Result<Vec<String>, String> {
         return Err(format!("etcd at {endpoints} lists no connect-node under {:?}", args.prefix));
     }
     Ok(urls)
+}
+
+/// Whether bench can connect to `url`; the error completes "<url> ...".
+fn check_ws_url(url: &str) -> Result<(), String> {
+    let host = url.strip_prefix("ws://").unwrap_or_default();
+    if host.is_empty() || url.contains('#') {
+        return Err("is not a ws:// URL like ws://127.0.0.1:8090/ws (bench speaks plain ws:// only)".into());
+    }
+    Ok(())
 }
 
 /// Subscriber `i`'s token: --token for everyone, or one signed per subscriber with

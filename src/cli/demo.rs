@@ -23,11 +23,12 @@ use tungstenite::{Message, WebSocket};
 use super::subscribe::subscribe_url;
 use super::LogFormat;
 use crate::etcd;
-use crate::gateway::{self, Gateway, Registration, RegistrationConfig};
+use crate::gateway::{self, Gateway};
 use crate::manager::{self, Manager};
 use crate::proto::protocol::BroadCastReply;
 use crate::proto::protocol_grpc::PushServerClient;
 use crate::proto::{broadcast_request, push_users_request};
+use crate::registry::{Record, Registration, RegistrationConfig};
 use crate::testkit::{poll_until, InProcessEtcd, LocalEtcd};
 use crate::token::{Claims, TokenKeys};
 
@@ -98,8 +99,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         let registration = Registration::start(
             client.clone(),
             RegistrationConfig {
-                key: format!("{PREFIX}{id}"),
-                addr: gateway.grpc_addr().to_string(),
+                records: vec![Record::new(format!("{PREFIX}{id}"), gateway.grpc_addr().to_string())],
                 ttl: Duration::from_secs(5),
             },
         )

@@ -10,6 +10,7 @@ mod send;
 mod serve;
 mod status;
 mod subscribe;
+mod systemd;
 mod token;
 
 use std::io::Write;
@@ -23,6 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::etcd;
 use crate::grpc::{ClientTls, ServerTls};
+use crate::registry::instance::{self, Instance};
 use crate::secret::Secret;
 
 pub use config_file::ConfigFileArgs;
@@ -61,8 +63,10 @@ pub enum Command {
     Nodes(nodes::NodesArgs),
     /// Print a connection token (JWT, HS256) for a WebSocket user.
     Token(token::TokenArgs),
-    /// Summarize a running serve or node from its admin endpoint (--admin URL), once or with --watch.
+    /// Summarize a running serve or node from its admin endpoint (--admin URL, or --etcd), once or with --watch.
     Status(status::StatusArgs),
+    /// Print a hardened systemd unit for a role (serve or node), to install as push-manager-<role>.service.
+    SystemdUnit(systemd::SystemdUnitArgs),
 }
 
 /// Where connect-nodes register, and how to reach etcd: shared by every subcommand that talks
@@ -134,6 +138,73 @@ pub struct CallerArgs {
     /// PUSH_MANAGER_API_KEY is used when this is absent.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
+}
+
+/// push-manager's address when neither `--server` nor `--etcd` says otherwise.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50053";
+
+/// How a client finds a running push-manager instance when it is not given its address: in etcd,
+/// where `serve` registers (see `registry::instance`). Shared by `send`, `bench` and `status`.
+#[derive(Args, Debug, Clone)]
+pub struct LocateArgs {
+    /// etcd endpoints (host:port, comma-separated) to find a registered push-manager instance in
+    /// when its address is not given.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// Deadline of one etcd call (with --etcd).
+    #[arg(long, default_value_t = etcd::Config::default().timeout.into(), value_parser = parse_duration)]
+    pub etcd_timeout: humantime::Duration,
+    /// etcd key prefix under which push-manager instances register (with --etcd).
+    #[arg(long, default_value_t = crate::manager::InstanceConfig::default().prefix)]
+    pub instance_prefix: String,
+    /// With --etcd: the instance to use, by id [default: the first registered, in key order].
+    #[arg(long, requires = "etcd")]
+    pub instance: Option<String>,
+}
+
+impl LocateArgs {
+    /// A client of `--etcd`, if given.
+    pub fn client(&self) -> Result<Option<etcd::Client>, String> {
+        let Some(endpoints) = &self.etcd else { return Ok(None) };
+        let config = etcd::Config {
+            endpoints: parse_endpoints(endpoints),
+            timeout: self.etcd_timeout.into(),
+            tls: None,
+            auth: None,
+        };
+        config.validate().map_err(|e| format!("--etcd {endpoints}: {e}"))?;
+        etcd::Client::connect(config).map(Some).map_err(|e| format!("--etcd {endpoints}: {e}"))
+    }
+
+    /// The instance registered in `--etcd` to use (`None` without `--etcd`); says on standard
+    /// error which one was picked when there was a choice.
+    pub fn find(&self) -> Result<Option<Instance>, String> {
+        let Some(client) = self.client()? else { return Ok(None) };
+        let prefix = &self.instance_prefix;
+        let (instances, bad) =
+            instance::list(&client, prefix).map_err(|e| format!("--etcd {}: {e}", client.endpoints().join(",")))?;
+        let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
+        let chosen = instance::choose(instances, &bad, prefix, self.instance.as_deref())?;
+        if ids.len() > 1 {
+            eprintln!(
+                "push-manager: using instance {} at {} ({} registered under {prefix:?}: {}; --instance picks one)",
+                chosen.id,
+                chosen.record.addr,
+                ids.len(),
+                ids.join(", ")
+            );
+        }
+        Ok(Some(chosen))
+    }
+
+    /// push-manager's gRPC address: `server` if given, else the instance found in `--etcd`, else
+    /// [`DEFAULT_SERVER`].
+    pub fn server(&self, server: Option<&str>) -> Result<String, String> {
+        if let Some(server) = server {
+            return Ok(server.to_string());
+        }
+        Ok(self.find()?.map_or_else(|| DEFAULT_SERVER.to_string(), |i| i.record.addr))
+    }
 }
 
 /// The environment variable an API key may come from.
@@ -239,6 +310,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Nodes(args) => nodes::run(args),
         Command::Token(args) => token::run(args),
         Command::Status(args) => status::run(args),
+        Command::SystemdUnit(args) => systemd::run(args),
     };
     exit_code(result)
 }

@@ -1,20 +1,21 @@
 //! `push-manager node`: the connect-node role. Serves `protocol.ConnectNode` and WebSocket users,
-//! registers in etcd under a lease (in the background while etcd is unreachable), and on
+//! registers in etcd under a lease (its gRPC address under `--prefix`, its WebSocket URL beside
+//! it under `registry::ws_prefix`; in the background while etcd is unreachable), and on
 //! SIGINT/SIGTERM deregisters first (so push-manager stops sending), keeps delivering what
 //! push-manager had already queued for it until its calls stop (at most `--shutdown-grace`),
 //! then closes every connection with a close frame and exits 0.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
 use log::{info, warn};
 
 use super::{parse_duration, ConfigFileArgs, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
+use crate::addr::advertised;
 use crate::admin;
 use crate::etcd;
-use crate::gateway::{self, Config, Gateway, NodeConfig, Registration, RegistrationConfig, WsAuth};
-use crate::registry;
+use crate::gateway::{self, Config, Gateway, NodeConfig, WsAuth};
+use crate::registry::{self, Record, Registration, RegistrationConfig};
 
 /// Every default comes from `gateway::Config::default()` / `NodeConfig::default()`: written
 /// once, shown by `--help`.
@@ -38,7 +39,8 @@ pub struct NodeArgs {
     /// This node's id: 1-128 bytes, no '/', whitespace or control characters [default: <hostname>-<grpc port>].
     #[arg(long)]
     pub node_id: Option<String>,
-    /// gRPC address push-manager should call [default: the bound address, 127.0.0.1 for a wildcard].
+    /// gRPC address push-manager should call [default: the bound address, 127.0.0.1 for a wildcard]; its
+    /// host also stands for a wildcard --ws-listen in the WebSocket URL published for `bench --etcd`.
     #[arg(long)]
     pub advertise: Option<String>,
     /// TTL of the registration lease; a node that dies unannounced disappears after it.
@@ -200,26 +202,6 @@ impl NodeArgs {
     }
 }
 
-/// The address to advertise for a bound one: a wildcard host is not callable from elsewhere.
-pub fn advertised(bound: SocketAddr) -> String {
-    if bound.ip().is_unspecified() {
-        format!("127.0.0.1:{}", bound.port())
-    } else {
-        bound.to_string()
-    }
-}
-
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(name) if ok && !name.is_empty() => name.to_string(),
-        _ => "node".to_string(),
-    }
-}
-
 pub fn run(args: NodeArgs) -> super::CmdResult {
     let log_node = super::logging::init(args.log.log_level, args.log.log_format);
     let config = args.config()?;
@@ -240,32 +222,41 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
         Err(e) => warn!("cannot raise the open-file limit ({e}); fewer connections fit"),
     }
     let mut gateway = Gateway::start(config.gateway.clone())?;
-    let addr = config.advertise.clone().unwrap_or_else(|| advertised(gateway.grpc_addr()));
+    let addr = config.advertise.clone().unwrap_or_else(|| advertised(gateway.grpc_addr(), None));
     let node_id = match config.node_id.clone() {
         Some(id) => id,
         None => {
-            let id = format!("{}-{}", hostname(), gateway.grpc_addr().port());
+            let id = registry::default_id(gateway.grpc_addr().port());
             registry::validate_node_id(&id)
                 .map_err(|e| format!("the default node id (hostname-port) is not usable, give --node-id: {e}"))?;
             log_node.set(&id);
             id
         }
     };
+    let scheme = if config.gateway.ws_tls.is_some() { "wss" } else { "ws" };
+    // Published under the host push-manager calls, so a node behind a name (a container) is
+    // reached under that name on both ports.
+    let ws_url = format!("{scheme}://{}/ws", advertised(gateway.ws_addr(), Some(crate::addr::host_of(&addr))));
     let client = etcd::Client::connect(config.etcd.clone())?;
+    let ws_prefix = registry::ws_prefix(&config.prefix);
     let mut registration = Registration::start(
         client,
         RegistrationConfig {
-            key: registry::node_key(&config.prefix, &node_id),
-            addr: addr.clone(),
+            records: vec![
+                Record::new(registry::key(&config.prefix, &node_id), addr.clone()),
+                // Only bench reads it: a node whose etcd role may not write it still serves.
+                Record::optional(registry::key(&ws_prefix, &node_id), ws_url),
+            ],
             ttl: config.lease_ttl,
         },
     )
-    .map_err(|e| format!("registering in etcd: {e}"))?;
+    .map_err(|e| {
+        format!("registering in etcd: {e} (the etcd user needs readwrite on {:?} and {ws_prefix:?})", config.prefix)
+    })?;
     // Outlives the gateway's shutdown, so `/readyz` says "draining" while the node drains.
     let probe = gateway.probe(Some(registration.state()));
     let admin = admin::start_from_flag(args.admin_listen, admin::NODE_DEFAULT_LISTEN, probe)?;
     // Machine-readable lines for scripts and tests that bind port 0.
-    let scheme = if config.gateway.ws_tls.is_some() { "wss" } else { "ws" };
     println!("node {node_id} grpc {} ws {scheme}://{}/ws", gateway.grpc_addr(), gateway.ws_addr());
     if let Some(admin) = &admin {
         println!("admin http://{}", admin.addr());

@@ -19,7 +19,7 @@ use grpcio::{
     CallOption, ChannelBuilder, ClientDuplexReceiver, ClientDuplexSender, EnvBuilder, RpcStatusCode, WriteFlags,
 };
 
-use super::{parse_duration, CallerArgs};
+use super::{parse_duration, CallerArgs, LocateArgs};
 use crate::auth::bearer;
 use crate::proto::protocol::{BroadcastStreamReq, PushUsersStreamReq, StreamReplies, StreamReply};
 use crate::proto::protocol_grpc::PushServerClient;
@@ -28,9 +28,12 @@ use crate::proto::{broadcast_request, push_users_request};
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("stream").args(["count", "lines"])))]
 pub struct SendArgs {
-    /// push-manager's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:50053")]
-    pub server: String,
+    /// push-manager's gRPC address [default: an instance registered in --etcd if given, else
+    /// 127.0.0.1:50053].
+    #[arg(long)]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub locate: LocateArgs,
     /// Topic to deliver to; empty (the default) means every connected user.
     #[arg(long, default_value = "", conflicts_with = "users")]
     pub topic: String,
@@ -65,8 +68,6 @@ pub struct SendArgs {
     pub body: Option<String>,
 }
 
-/// The flag names of `send`'s TLS files.
-
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// Standard input could not be read.
@@ -78,12 +79,18 @@ pub enum SendError {
     /// The certificate files or the API key could not be read.
     #[error("{0}")]
     Credentials(String),
+    /// No push-manager to call was found in etcd (`--etcd`).
+    #[error("{0}")]
+    Locate(String),
     /// push-manager refused some messages of a stream (each was reported on standard error).
     #[error("push-manager refused {refused} of {sent} message(s)")]
     Refused { refused: u64, sent: u64 },
 }
 
-pub fn run(args: SendArgs) -> Result<(), SendError> {
+pub fn run(mut args: SendArgs) -> Result<(), SendError> {
+    // Resolved once: every message below names the address actually called.
+    let server = args.locate.server(args.server.as_deref()).map_err(SendError::Locate)?;
+    args.server = Some(server.clone());
     let body = if args.lines {
         Vec::new()
     } else {
@@ -102,7 +109,7 @@ pub fn run(args: SendArgs) -> Result<(), SendError> {
     if let Some(credentials) = args.caller.credentials().map_err(SendError::Credentials)? {
         channel = channel.set_credentials(credentials);
     }
-    let client = PushServerClient::new(channel.connect(&args.server));
+    let client = PushServerClient::new(channel.connect(&server));
     let mut opt = CallOption::default().timeout(args.timeout.into());
     if let Some(key) = args.caller.api_key().map_err(SendError::Credentials)? {
         opt = opt.headers(bearer(&key));
@@ -365,7 +372,7 @@ impl Drop for Progress {
 }
 
 fn describe(args: &SendArgs, e: grpcio::Error) -> String {
-    let server = &args.server;
+    let server = args.server.as_deref().unwrap_or(super::DEFAULT_SERVER);
     match e {
         // gRPC's own status for a connection that failed: push-manager never saw the call. A TLS
         // mismatch shows only as "Socket closed", so say which flags to check.

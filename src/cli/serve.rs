@@ -1,4 +1,6 @@
-//! `push-manager serve`: the push-manager role until SIGINT/SIGTERM.
+//! `push-manager serve`: the push-manager role until SIGINT/SIGTERM. Unless `--no-register`, the
+//! instance registers itself in etcd (`registry::instance`) so that clients find it given only
+//! etcd, and revokes that record first when it stops, so none of them picks a stopping instance.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -7,9 +9,12 @@ use clap::Args;
 use log::{error, info};
 
 use super::{parse_duration, ConfigFileArgs, EtcdArgs, LogArgs, ServerTlsArgs, Signals, Tick};
-use crate::admin;
+use crate::addr::{advertised, host_of};
+use crate::admin::{self, AdminServer};
+use crate::etcd;
 use crate::grpc::ClientTls;
-use crate::manager::{Config, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
+use crate::manager::{Config, InstanceConfig, Manager, NodeStats, RetryPolicy, NODE_TLS_FLAGS};
+use crate::registry::{self, instance::InstanceRecord, Record, Registration, RegistrationConfig};
 
 /// How often `serve` checks that its discovery thread is alive.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -81,6 +86,24 @@ pub struct ServeArgs {
     /// the same file). Re-read on SIGHUP.
     #[arg(long)]
     pub node_token_file: Option<PathBuf>,
+    /// Do not register this instance in etcd (under --instance-prefix), where `send`, `bench` and
+    /// `status` given --etcd look for one.
+    #[arg(long)]
+    pub no_register: bool,
+    /// This instance's id in etcd: 1-128 bytes, no '/', whitespace or control characters [default:
+    /// <hostname>-<grpc port>].
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    /// etcd key prefix under which push-manager instances register.
+    #[arg(long, default_value_t = InstanceConfig::default().prefix)]
+    pub instance_prefix: String,
+    /// gRPC address clients should call, as registered [default: the bound address, 127.0.0.1 for a
+    /// wildcard]; its host also stands for a wildcard --admin-listen in the registered admin URL.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// TTL of the instance's registration lease; an instance that dies unannounced disappears after it.
+    #[arg(long, default_value_t = InstanceConfig::default().lease_ttl.into(), value_parser = parse_duration)]
+    pub lease_ttl: humantime::Duration,
     /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /nodes): host:port, or off [default: 127.0.0.1:9253;
     /// if that is taken the role runs without one, whereas an address given here must be free].
     #[arg(long)]
@@ -118,6 +141,13 @@ impl ServeArgs {
                 NODE_TLS_FLAGS,
             ),
             node_token_file: self.node_token_file.clone(),
+            instance: InstanceConfig {
+                register: !self.no_register,
+                prefix: self.instance_prefix.clone(),
+                id: self.instance_id.clone(),
+                advertise: self.advertise.clone(),
+                lease_ttl: self.lease_ttl.into(),
+            },
         })
     }
 }
@@ -126,7 +156,8 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     super::logging::init(args.log.log_level, args.log.log_format);
     // Before anything starts, so a SIGTERM during start-up still stops serve the orderly way.
     let mut signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
-    let mut manager = Manager::start(args.config()?)?;
+    let config = args.config()?;
+    let mut manager = Manager::start(config.clone())?;
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening {}", manager.addr());
     // Outlives the manager's shutdown, so `/readyz` says "draining" while queues drain.
@@ -134,6 +165,7 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     if let Some(admin) = &admin {
         println!("admin http://{}", admin.addr());
     }
+    let mut registration = register(&config, &manager, admin.as_ref())?;
     let stats_interval: Duration = args.stats_interval.into();
     let mut next_stats = Instant::now() + stats_interval;
     let mut last = Vec::new();
@@ -154,6 +186,10 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
         },
         || manager.reload_credentials(),
     )?;
+    // First, so that no client picks this instance while it drains.
+    if let Some(registration) = &mut registration {
+        registration.deregister();
+    }
     if discovery_died {
         error!("the discovery thread stopped: the node set no longer follows etcd; shutting down");
         manager.shutdown();
@@ -163,6 +199,52 @@ pub fn run(args: ServeArgs) -> super::CmdResult {
     manager.shutdown();
     drop(admin);
     Ok(())
+}
+
+/// Registers the instance as `config.instance` says (nothing with `--no-register`): its gRPC
+/// address and admin URL, under a lease kept alive in the background.
+fn register(config: &Config, manager: &Manager, admin: Option<&AdminServer>) -> Result<Option<Registration>, String> {
+    let instance = &config.instance;
+    if !instance.register {
+        info!("not registering this instance in etcd (--no-register)");
+        return Ok(None);
+    }
+    let id = match instance.id.clone() {
+        Some(id) => id,
+        None => {
+            let id = registry::default_id(manager.addr().port());
+            registry::validate_instance_id(&id).map_err(|e| {
+                format!(
+                    "the default instance id (hostname-port) is not usable, give --instance-id or --no-register: {e}"
+                )
+            })?;
+            id
+        }
+    };
+    let addr = instance.advertise.clone().unwrap_or_else(|| advertised(manager.addr(), None));
+    let record =
+        InstanceRecord { admin: admin.map(|a| format!("http://{}", advertised(a.addr(), Some(host_of(&addr))))), addr };
+    let key = registry::key(&instance.prefix, &id);
+    let client = etcd::Client::connect(config.etcd.clone()).map_err(|e| format!("registering in etcd: {e}"))?;
+    let registration =
+        RegistrationConfig { records: vec![Record::new(key.clone(), record.to_json())], ttl: instance.lease_ttl };
+    // Serving is this role's job and registering a convenience for clients: an etcd that refuses
+    // the record (a role without rights on the prefix, a wrong password) costs the record, not
+    // the service. An unreachable etcd is retried in the background.
+    let registration = match Registration::start(client, registration) {
+        Ok(registration) => registration,
+        Err(e) => {
+            error!(
+                "cannot register {key} in etcd ({e}); serving unregistered, so clients must be given --server \
+                 (let the etcd user write under {:?}, or give --no-register)",
+                instance.prefix
+            );
+            return Ok(None);
+        }
+    };
+    // Machine-readable, like the lines above.
+    println!("instance {id} registering as {key}");
+    Ok(Some(registration))
 }
 
 /// One line per node whose counters moved since the last call.

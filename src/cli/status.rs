@@ -1,6 +1,7 @@
 //! `push-manager status`: a human summary of a running serve or node, read from its admin
 //! endpoint (`/metrics`, `/healthz`, `/readyz`): health, readiness, totals and their rates over
-//! the last interval, and serve's node table. `--watch` prints it again every interval.
+//! the last interval, and serve's node table. `--watch` prints it again every interval. Given
+//! `--etcd` instead of `--admin`, it reads the admin URL a registered serve instance published.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::parse_duration;
+use super::{parse_duration, LocateArgs};
 use crate::admin;
 
 /// How long one request to the admin endpoint may take.
@@ -16,9 +17,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The admin endpoint of a serve or node: http://host:port (as --admin-listen).
+    /// The admin endpoint of a serve or node: http://host:port (as --admin-listen) [default: that
+    /// of a serve instance registered in --etcd].
     #[arg(long)]
-    pub admin: String,
+    pub admin: Option<String>,
+    #[command(flatten)]
+    pub locate: LocateArgs,
     /// Print the summary again every --interval until interrupted.
     #[arg(long)]
     pub watch: bool,
@@ -126,7 +130,7 @@ fn read(base: &str) -> Result<Snapshot, String> {
 }
 
 pub fn run(args: StatusArgs) -> super::CmdResult {
-    let base = args.admin.trim_end_matches('/').to_string();
+    let base = admin_url(&args)?.trim_end_matches('/').to_string();
     let interval: Duration = args.interval.into();
     let mut before = read(&base)?;
     let mut out = std::io::stdout().lock();
@@ -144,6 +148,23 @@ pub fn run(args: StatusArgs) -> super::CmdResult {
         }
         before = now;
     }
+}
+
+/// `--admin`, else the admin URL of the instance found in `--etcd`.
+fn admin_url(args: &StatusArgs) -> Result<String, String> {
+    if let Some(admin) = &args.admin {
+        return Ok(admin.clone());
+    }
+    let Some(instance) = args.locate.find()? else {
+        return Err("give the admin endpoint with --admin http://host:port, or --etcd to find a serve instance".into());
+    };
+    instance.record.admin.ok_or_else(|| {
+        format!(
+            "instance {} ({}) registered no admin endpoint (it runs with --admin-listen off, or its default port \
+             was taken): give --admin",
+            instance.id, instance.record.addr
+        )
+    })
 }
 
 /// The text printed for two readings `before` and `now` of the endpoint at `base`.

@@ -8,7 +8,7 @@
 //! subscriptions (see `protocol.rs` for the wire format, close codes and commands), and
 //! `seq-sweep` skips gaps in a push-manager's order that stay open past `--reorder-hold` (see
 //! `sequencer.rs`) even when nothing else arrives. Registering
-//! the node in etcd is the caller's business ([`Registration`]); a caller that deregistered
+//! the node in etcd is the caller's business ([`crate::registry::Registration`]); a caller that deregistered
 //! lets push-manager finish sending with [`Gateway::wait_until_quiet`] before stopping.
 //! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
 //!
@@ -22,7 +22,6 @@ mod error;
 mod hub;
 mod observe;
 mod protocol;
-mod registration;
 mod sequencer;
 mod service;
 mod stats;
@@ -39,11 +38,11 @@ use log::{info, warn};
 pub use config::{Config, NodeConfig, WsAuth, WsTls};
 pub use error::{Error, Result};
 pub use hub::Hub;
-pub use registration::{Registration, RegistrationConfig, RegistrationState};
 pub use stats::StatsSnapshot;
 
 use crate::admin::{Histogram, Probe, Serving};
 use crate::auth::KeyFile;
+use crate::registry::RegistrationState;
 use crate::thread::StoppableThread;
 use crate::token::TokenKeys;
 use access::{Gatekeeper, OriginPolicy};

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::hub::{LoopHandle, SharedCounts};
-use super::registration::RegistrationState;
 use super::sequencer::Sequencer;
 use super::stats::Stats;
 use crate::admin::{Exposition, Probe, Serving};
+use crate::registry::RegistrationState;
 
 /// Bounds of `push_manager_node_delivery_latency_seconds`, in microseconds: from a tenth of a
 /// millisecond (an idle node) to seconds (a backlog).

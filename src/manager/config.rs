@@ -59,6 +59,57 @@ pub struct Config {
     /// `--node-token-file`: the token sent to every connect-node (the file's first key).
     /// Default `None`.
     pub node_token_file: Option<PathBuf>,
+    /// The instance's own record in etcd, which lets clients find it without an address.
+    pub instance: InstanceConfig,
+}
+
+/// How a push-manager instance registers itself (`<prefix><id>` = an
+/// [`crate::registry::instance::InstanceRecord`], under a lease).
+#[derive(Clone, Debug)]
+pub struct InstanceConfig {
+    /// Register at all; `--no-register` turns it off. Default on.
+    pub register: bool,
+    /// Key prefix. Default `/services/push-manager/`.
+    pub prefix: String,
+    /// `--instance-id`. Default (`None`): `<hostname>-<gRPC port>`.
+    pub id: Option<String>,
+    /// `--advertise`: the gRPC address clients should call. Default (`None`): the bound address,
+    /// with `127.0.0.1` for a wildcard IP.
+    pub advertise: Option<String>,
+    /// How long the record outlives an instance that died without deregistering. Default 10 s.
+    pub lease_ttl: Duration,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        InstanceConfig {
+            register: true,
+            prefix: crate::registry::DEFAULT_INSTANCE_PREFIX.into(),
+            id: None,
+            advertise: None,
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl InstanceConfig {
+    /// Checks every field, whether registering or not (a flag given is a flag meant); the error
+    /// names the flag.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.prefix.is_empty() {
+            return Err("--instance-prefix must not be empty".into());
+        }
+        if let Some(id) = &self.id {
+            crate::registry::validate_instance_id(id).map_err(|e| format!("--instance-id: {e}"))?;
+        }
+        if let Some(addr) = &self.advertise {
+            crate::addr::validate_host_port(addr).map_err(|e| format!("--advertise: {e}"))?;
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return Err("--lease-ttl must be at least 1s (etcd counts whole seconds)".into());
+        }
+        crate::duration::check("--lease-ttl", self.lease_ttl)
+    }
 }
 
 /// The flag names of the connect-node client's TLS files.
@@ -116,6 +167,7 @@ impl Default for Config {
             allow_unauthenticated: false,
             node_tls: None,
             node_token_file: None,
+            instance: InstanceConfig::default(),
         }
     }
 }
@@ -170,6 +222,7 @@ impl Config {
                 self.listen
             ));
         }
+        self.instance.validate().map_err(Error::InvalidConfig)?;
         self.etcd.validate().map_err(|e| Error::InvalidConfig(format!("--etcd: {e}")))
     }
 }
@@ -208,6 +261,11 @@ mod tests {
             (|c| c.retry.max_attempts = 0, "--max-attempts"),
             (|c| c.max_push_users = 0, "--max-push-users"),
             (|c| c.max_push_users = MAX_PUSH_USERS_LIMIT + 1, "--max-push-users"),
+            (|c| c.instance.id = Some("a b".into()), "--instance-id"),
+            (|c| c.instance.id = Some(String::new()), "--instance-id"),
+            (|c| c.instance.prefix.clear(), "--instance-prefix"),
+            (|c| c.instance.advertise = Some("nowhere".into()), "--advertise"),
+            (|c| c.instance.lease_ttl = Duration::from_millis(500), "--lease-ttl"),
         ];
         for (break_it, flag) in cases {
             let mut config = Config { listen: "127.0.0.1:0".into(), ..Config::default() };

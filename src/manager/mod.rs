@@ -27,7 +27,7 @@ use std::time::Duration;
 use grpcio::EnvBuilder;
 use log::{info, warn};
 
-pub use config::{Config, RetryPolicy, NODE_TLS_FLAGS};
+pub use config::{Config, InstanceConfig, RetryPolicy, NODE_TLS_FLAGS};
 pub use error::{Error, Result};
 pub use node::NodeStats;
 

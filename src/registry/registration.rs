@@ -1,11 +1,12 @@
-//! Registration: a connect-node announces itself in etcd as `<prefix><node-id>` = its gRPC
-//! address, under a lease it keeps alive. The `etcd-register` thread keeps it so whatever
-//! happens to etcd: it registers in the background while etcd cannot be reached (a node starts
-//! and serves without etcd), registers again under a new lease when the lease is lost (etcd
-//! unreachable for longer than the TTL, or the lease revoked behind our back), and puts the
-//! record back under the live lease when the key is deleted or overwritten, all with backoff
-//! and a log line for each change of state. Deregistering revokes the lease, so push-manager's
-//! watch removes the node at once rather than after the TTL.
+//! Registration: a role announces itself in etcd as one or more records (a connect-node its
+//! gRPC address and its WebSocket URL, a push-manager instance its addresses) under one lease
+//! it keeps alive. The `etcd-register` thread keeps them so whatever happens to etcd: it
+//! registers in the background while etcd cannot be reached (a role starts and serves without
+//! etcd), registers again under a new lease when the lease is lost (etcd unreachable for longer
+//! than the TTL, or the lease revoked behind our back), and puts a record back under the live
+//! lease when its key is deleted or overwritten, all with backoff and a log line for each change
+//! of state. Deregistering revokes the lease, which deletes every record at once, so watchers
+//! see the role gone at once rather than after the TTL.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,24 +18,56 @@ use log::{debug, info, warn};
 use crate::etcd::{self, KeepAlive, KeyValue, LeaseLost};
 use crate::thread::StoppableThread;
 
-/// How often the node reads its own key back, to restore it if it was deleted or overwritten.
+/// How often the role reads its own keys back, to restore it if it was deleted or overwritten.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// First wait before registering again after a failure; doubled up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Where and how long a node registers.
+/// One key and the value kept there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The full key, e.g. `<prefix><node-id>`.
+    pub key: String,
+    pub value: String,
+    /// An advisory record (a node's WebSocket URL): if etcd refuses it for good (a role without
+    /// rights on its prefix), the role registers and serves without it, and says so once.
+    pub optional: bool,
+}
+
+impl Record {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Record {
+        Record { key: key.into(), value: value.into(), optional: false }
+    }
+
+    /// See [`Record::optional`].
+    pub fn optional(key: impl Into<String>, value: impl Into<String>) -> Record {
+        Record { optional: true, ..Record::new(key, value) }
+    }
+}
+
+/// What a role registers, and for how long.
 #[derive(Clone, Debug)]
 pub struct RegistrationConfig {
-    /// The full key, `<prefix><node-id>`.
-    pub key: String,
-    /// The gRPC address push-manager should call.
-    pub addr: String,
-    /// Lease TTL: how long the key outlives a node that died without deregistering.
+    /// The records, all under one lease; the first names the registration in log lines.
+    pub records: Vec<Record>,
+    /// Lease TTL: how long the records outlive a role that died without deregistering.
     pub ttl: Duration,
 }
 
-/// Whether the node is registered now, and how often it registered: what the admin endpoint
+impl RegistrationConfig {
+    /// The key log lines name the registration by.
+    fn name(&self) -> &str {
+        self.records.first().map_or("(nothing)", |r| r.key.as_str())
+    }
+
+    /// `key = value` for each record, for a log line.
+    fn describe(&self) -> String {
+        self.records.iter().map(|r| format!("{} = {}", r.key, r.value)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Whether the role is registered now, and how often it registered: what the admin endpoint
 /// reports, kept by the `etcd-register` thread.
 #[derive(Debug, Default)]
 pub struct RegistrationState {
@@ -43,7 +76,7 @@ pub struct RegistrationState {
 }
 
 impl RegistrationState {
-    /// Whether the node's key is in etcd under a live lease, as far as the thread knows.
+    /// Whether the records are in etcd under a live lease, as far as the thread knows.
     pub fn is_registered(&self) -> bool {
         self.registered.load(Ordering::Relaxed)
     }
@@ -69,19 +102,27 @@ pub struct Registration {
     thread: StoppableThread<Option<KeepAlive>>,
 }
 
-/// Grants a lease, puts the key under it, and keeps the lease alive.
+/// Grants a lease, puts every record under it, and keeps the lease alive.
 fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<KeepAlive> {
     let lease = client.grant(config.ttl)?;
-    if let Err(e) = client.put(&config.key, config.addr.as_bytes(), Some(lease.id)) {
-        // Best effort: the lease would expire by itself anyway.
-        let _ = client.revoke(lease.id);
-        return Err(e);
+    for record in &config.records {
+        match client.put(&record.key, record.value.as_bytes(), Some(lease.id)) {
+            Ok(_) => {}
+            Err(e) if record.optional && !is_transient(&e) => {
+                warn!("cannot write {} ({e}); registering without it", record.key);
+            }
+            Err(e) => {
+                // Best effort: the lease (and what was put under it) would expire by itself anyway.
+                let _ = client.revoke(lease.id);
+                return Err(e);
+            }
+        }
     }
     client.keep_alive(lease)
 }
 
 impl Registration {
-    /// Registers once, so that the node is discoverable when this returns if etcd is up; if
+    /// Registers once, so that the role is discoverable when this returns if etcd is up; if
     /// etcd cannot be reached, says so and goes on registering in the background.
     ///
     /// Fails only when etcd refuses the registration for good (a request it will never
@@ -91,17 +132,11 @@ impl Registration {
     pub fn start(client: etcd::Client, config: RegistrationConfig) -> etcd::Result<Registration> {
         let first = match register(&client, &config) {
             Ok(keep_alive) => {
-                info!(
-                    "registered {} = {} (lease {:x}, ttl {:?})",
-                    config.key,
-                    config.addr,
-                    keep_alive.lease().id,
-                    config.ttl
-                );
+                info!("registered {} (lease {:x}, ttl {:?})", config.describe(), keep_alive.lease().id, config.ttl);
                 Some(keep_alive)
             }
             Err(e) if is_transient(&e) => {
-                warn!("cannot register {} yet ({e}); serving unregistered, retrying in the background", config.key);
+                warn!("cannot register {} yet ({e}); serving unregistered, retrying in the background", config.name());
                 None
             }
             Err(e) => return Err(e),
@@ -113,12 +148,12 @@ impl Registration {
         Ok(Registration { client, state, thread })
     }
 
-    /// Whether the node is registered now and how often it registered.
+    /// Whether the role is registered now and how often it registered.
     pub fn state(&self) -> Arc<RegistrationState> {
         self.state.clone()
     }
 
-    /// Idempotent: stops re-registering and revokes the lease, which deletes the key now.
+    /// Idempotent: stops re-registering and revokes the lease, which deletes the records now.
     pub fn deregister(&mut self) {
         // `None`: deregistered before, never registered, registering again was failing, or the
         // thread panicked (logged by the handle); there is no lease to revoke.
@@ -129,7 +164,7 @@ impl Registration {
         keep_alive.shutdown();
         match self.client.revoke(id) {
             Ok(()) => info!("deregistered (lease {id:x} revoked)"),
-            Err(e) => warn!("could not revoke lease {id:x} ({e}); the key expires with its TTL"),
+            Err(e) => warn!("could not revoke lease {id:x} ({e}); the records expire with its TTL"),
         }
     }
 }
@@ -172,7 +207,7 @@ impl Keeper {
                         LeaseLost::Expired => "the lease expired".to_string(),
                         LeaseLost::Unreachable { for_ } => format!("etcd unreachable for {for_:?}"),
                     });
-                    warn!("registration of {} lost ({why}); registering again", self.config.key);
+                    warn!("registration of {} lost ({why}); registering again", self.config.name());
                     true
                 }
                 recv(retry) -> _ => {
@@ -182,7 +217,7 @@ impl Keeper {
                     retry_at = Instant::now() + backoff;
                     false
                 }
-                recv(checks) -> _ => current.as_ref().is_some_and(|k| !self.check(k)),
+                recv(checks) -> _ => current.as_ref().is_some_and(|k| !self.check_all(k)),
             };
             if lease_gone {
                 drop(current.take()); // stops the old keep-alive thread
@@ -199,20 +234,25 @@ impl Keeper {
     fn try_register(&self, next_in: Duration) -> Option<KeepAlive> {
         match register(&self.client, &self.config) {
             Ok(k) => {
-                info!("registered {} = {} (lease {:x})", self.config.key, self.config.addr, k.lease().id);
+                info!("registered {} (lease {:x})", self.config.describe(), k.lease().id);
                 Some(k)
             }
             Err(e) => {
-                warn!("registering {} failed ({e}); unregistered, retrying in {next_in:?}", self.config.key);
+                warn!("registering {} failed ({e}); unregistered, retrying in {next_in:?}", self.config.name());
                 None
             }
         }
     }
 
-    /// Reads our key back and puts our record back under our lease if anyone deleted or
+    /// [`Keeper::check`] for each record; false as soon as one finds the lease gone.
+    fn check_all(&self, keep_alive: &KeepAlive) -> bool {
+        self.config.records.iter().all(|record| self.check(record, keep_alive))
+    }
+
+    /// Reads a key back and puts its record back under our lease if anyone deleted or
     /// overwrote it. False when the lease turned out to be gone: register from scratch.
-    fn check(&self, keep_alive: &KeepAlive) -> bool {
-        let key = &self.config.key;
+    fn check(&self, record: &Record, keep_alive: &KeepAlive) -> bool {
+        let key = &record.key;
         let lease = keep_alive.lease().id;
         let found = match self.client.get(key) {
             Ok(found) => found,
@@ -223,18 +263,23 @@ impl Keeper {
             }
         };
         let what = match &found {
-            Some(kv) if kv.value == self.config.addr.as_bytes() && kv.lease == lease => return true,
+            Some(kv) if kv.value == record.value.as_bytes() && kv.lease == lease => return true,
             None => "deleted".to_string(),
             Some(kv) => format!("overwritten with {}", describe(kv)),
         };
-        match self.client.put(key, self.config.addr.as_bytes(), Some(lease)) {
+        match self.client.put(key, record.value.as_bytes(), Some(lease)) {
             Ok(_) => {
-                warn!("registration {key} was {what}; restored it as {} under lease {lease:x}", self.config.addr);
+                warn!("registration {key} was {what}; restored it as {} under lease {lease:x}", record.value);
                 true
             }
             Err(etcd::Error::LeaseNotFound(_)) => {
                 warn!("registration {key} was {what} and lease {lease:x} is gone; registering again");
                 false
+            }
+            // Refused for good, as when registering: said once then.
+            Err(e) if record.optional && !is_transient(&e) => {
+                debug!("{key} is {what}; etcd refuses it ({e})");
+                true
             }
             Err(e) => {
                 warn!("registration {key} was {what}; restoring it failed ({e}), trying again in {CHECK_INTERVAL:?}");
