@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod loadgen;
 pub mod manager;
 pub mod proto;
+pub mod reflection;
 pub mod registry;
 pub mod secret;
 pub mod testkit;

@@ -1,8 +1,10 @@
 //! Generated protobuf messages and grpcio stubs (see `build.rs`): `protocol` is push-manager's
-//! public API and the connect-node service; `kv`/`rpc` are the trimmed etcd v3 API. Plus the one
-//! way to build a broadcast or a push to users (shared by `send`, the demo, the tests and the
-//! benchmarks) and the one rule each must follow (applied by `PushServer` and again by
-//! `ConnectNode`, so nothing reaches users that push-manager would have refused).
+//! public API and the connect-node service; `kv`/`rpc` are the trimmed etcd v3 API; `health`,
+//! `reflection_v1` and `reflection_v1alpha` describe the other services our gRPC servers host,
+//! for [`crate::reflection`]. Plus the one way to build a broadcast or a push to users (shared by
+//! `send`, the demo, the tests and the benchmarks) and the one rule each must follow (applied by
+//! `PushServer` and again by `ConnectNode`, so nothing reaches users that push-manager would
+//! have refused).
 
 include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 
