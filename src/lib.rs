@@ -24,3 +24,4 @@ pub mod testkit;
 pub mod thread;
 pub mod token;
 pub mod topic;
+pub mod trace;

@@ -51,6 +51,17 @@ pub(crate) fn users_broadcast(req: &PushUsersReq) -> BroadCastReq {
     out
 }
 
+/// What a message to nodes is, for log lines: a broadcast to a topic or to everyone, or a push
+/// to users.
+pub(crate) fn describe_message(req: &BroadCastReq) -> String {
+    let body = req.get_proto().get_body().len();
+    match (req.get_user_ids().len(), req.get_topic()) {
+        (0, "") => format!("broadcast to every user ({body} bytes)"),
+        (0, topic) => format!("broadcast to topic {topic:?} ({body} bytes)"),
+        (users, _) => format!("push to {users} user(s) ({body} bytes)"),
+    }
+}
+
 /// `ids` without repeats, in the order each first appears.
 pub(crate) fn dedup_user_ids(ids: &[String]) -> Vec<&str> {
     let mut seen = std::collections::HashSet::with_capacity(ids.len());
