@@ -140,9 +140,14 @@ fn read_keys(flag: &'static str, path: &Path, min: MinLen) -> Result<Vec<Secret>
 /// `authorization: Bearer <secret>`, for a call's `CallOption::headers`.
 pub fn bearer(secret: &Secret) -> Metadata {
     let mut builder = MetadataBuilder::with_capacity(1);
-    // Keys are checked for whitespace and control characters when read, so this cannot fail.
-    let _ = builder.add_str(AUTHORIZATION, &format!("Bearer {}", secret.expose()));
+    add_bearer(&mut builder, secret);
     builder.build()
+}
+
+/// Adds `authorization: Bearer <secret>` to metadata that carries more.
+pub fn add_bearer(metadata: &mut MetadataBuilder, secret: &Secret) {
+    // Keys are checked for whitespace and control characters when read, so this cannot fail.
+    let _ = metadata.add_str(AUTHORIZATION, &format!("Bearer {}", secret.expose()));
 }
 
 #[cfg(test)]

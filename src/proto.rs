@@ -1,8 +1,10 @@
 //! Generated protobuf messages and grpcio stubs (see `build.rs`): `protocol` is push-manager's
-//! public API and the connect-node service; `kv`/`rpc` are the trimmed etcd v3 API. Plus the one
-//! way to build a broadcast or a push to users (shared by `send`, the demo, the tests and the
-//! benchmarks) and the one rule each must follow (applied by `PushServer` and again by
-//! `ConnectNode`, so nothing reaches users that push-manager would have refused).
+//! public API and the connect-node service; `kv`/`rpc` are the trimmed etcd v3 API; `health`,
+//! `reflection_v1` and `reflection_v1alpha` describe the other services our gRPC servers host,
+//! for [`crate::reflection`]. Plus the one way to build a broadcast or a push to users (shared by
+//! `send`, the demo, the tests and the benchmarks) and the one rule each must follow (applied by
+//! `PushServer` and again by `ConnectNode`, so nothing reaches users that push-manager would
+//! have refused).
 
 include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 
@@ -47,6 +49,17 @@ pub(crate) fn users_broadcast(req: &PushUsersReq) -> BroadCastReq {
     out.set_proto(req.get_proto().clone());
     out.set_user_ids(dedup_user_ids(req.get_user_ids()).into_iter().map(String::from).collect());
     out
+}
+
+/// What a message to nodes is, for log lines: a broadcast to a topic or to everyone, or a push
+/// to users.
+pub(crate) fn describe_message(req: &BroadCastReq) -> String {
+    let body = req.get_proto().get_body().len();
+    match (req.get_user_ids().len(), req.get_topic()) {
+        (0, "") => format!("broadcast to every user ({body} bytes)"),
+        (0, topic) => format!("broadcast to topic {topic:?} ({body} bytes)"),
+        (users, _) => format!("push to {users} user(s) ({body} bytes)"),
+    }
 }
 
 /// `ids` without repeats, in the order each first appears.

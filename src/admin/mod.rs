@@ -23,7 +23,7 @@ use log::{debug, info, warn};
 
 pub use client::{get, Response};
 pub use exposition::{Exposition, Histogram, HistogramSnapshot};
-pub use serving::Serving;
+pub use serving::{Serving, HEALTH_SERVICE};
 
 use crate::thread::{SpawnError, StoppableThread};
 

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use grpcio_health::{HealthService, ServingStatus};
 
+/// The health service's full name, as reflection lists it.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 /// A role's serving state and the health service that reports it.
 pub struct Serving {
     draining: AtomicBool,

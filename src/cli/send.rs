@@ -16,14 +16,16 @@ use clap::{ArgGroup, Args};
 use futures::executor::block_on;
 use futures::{SinkExt, TryStreamExt};
 use grpcio::{
-    CallOption, ChannelBuilder, ClientDuplexReceiver, ClientDuplexSender, EnvBuilder, RpcStatusCode, WriteFlags,
+    CallOption, ChannelBuilder, ClientDuplexReceiver, ClientDuplexSender, EnvBuilder, MetadataBuilder, RpcStatusCode,
+    WriteFlags,
 };
 
 use super::{parse_duration, CallerArgs, LocateArgs};
-use crate::auth::bearer;
+use crate::auth::add_bearer;
 use crate::proto::protocol::{BroadcastStreamReq, PushUsersStreamReq, StreamReplies, StreamReply};
 use crate::proto::protocol_grpc::PushServerClient;
 use crate::proto::{broadcast_request, push_users_request};
+use crate::trace::TraceParent;
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("stream").args(["count", "lines"])))]
@@ -62,6 +64,11 @@ pub struct SendArgs {
     /// push-manager takes them).
     #[arg(long, value_name = "R", requires = "stream", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
+    /// W3C trace context to send as `traceparent` metadata (00-<32 hex trace id>-<16 hex parent
+    /// id>-<2 hex flags>): push-manager and the connect-nodes name its trace id in their
+    /// debug-level lines about the message (every message, for a stream).
+    #[arg(long, value_name = "VALUE", value_parser = TraceParent::parse)]
+    pub traceparent: Option<TraceParent>,
     #[command(flatten)]
     pub caller: CallerArgs,
     /// The message body; read from standard input when absent.
@@ -110,10 +117,14 @@ pub fn run(mut args: SendArgs) -> Result<(), SendError> {
         channel = channel.set_credentials(credentials);
     }
     let client = PushServerClient::new(channel.connect(&server));
-    let mut opt = CallOption::default().timeout(args.timeout.into());
+    let mut headers = MetadataBuilder::with_capacity(2);
     if let Some(key) = args.caller.api_key().map_err(SendError::Credentials)? {
-        opt = opt.headers(bearer(&key));
+        add_bearer(&mut headers, &key);
     }
+    if let Some(trace) = &args.traceparent {
+        trace.add_to(&mut headers);
+    }
+    let opt = CallOption::default().timeout(args.timeout.into()).headers(headers.build());
     if args.count.is_some() || args.lines {
         return stream(&args, &client, opt, body);
     }

@@ -13,7 +13,8 @@
 //! Dropping the [`Gateway`] stops everything, in a bounded time whatever clients do.
 //!
 //! The gRPC server also hosts `grpc.health.v1.Health`, NOT_SERVING from [`Gateway::begin_drain`]
-//! on; [`Gateway::probe`] is what the admin endpoint reads (`observe.rs`).
+//! on, and server reflection ([`crate::reflection`]); [`Gateway::probe`] is what the admin
+//! endpoint reads (`observe.rs`).
 
 mod accept;
 mod access;
@@ -40,7 +41,7 @@ pub use error::{Error, Result};
 pub use hub::Hub;
 pub use stats::StatsSnapshot;
 
-use crate::admin::{Histogram, Probe, Serving};
+use crate::admin::{Histogram, Probe, Serving, HEALTH_SERVICE};
 use crate::auth::KeyFile;
 use crate::registry::RegistrationState;
 use crate::thread::StoppableThread;
@@ -393,7 +394,8 @@ fn start_grpc(
 ) -> Result<(grpcio::Server, SocketAddr)> {
     let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service);
-    let services = [service, health];
+    let reflection = crate::reflection::services(&[SERVICE_NAME, HEALTH_SERVICE]);
+    let services = [service, health].into_iter().chain(reflection);
     Ok(crate::grpc::start_server(env, &config.grpc_listen, GRPC_MAX_RECEIVE_BYTES, config.tls.as_ref(), services)?)
 }
 

@@ -1,7 +1,8 @@
 //! The gRPC face of a connect-node: `protocol.ConnectNode`, through which push-manager hands it
 //! broadcasts. Publishing only encodes and queues, so the handlers run directly on grpcio's
 //! completion-queue threads without blocking them. A sequenced batch goes through the
-//! [`Sequencer`], which publishes it in its sender's order, once.
+//! [`Sequencer`], which publishes it in its sender's order, once. A message carrying a trace
+//! context (see [`crate::trace`]) gets a debug line naming its trace when it arrives.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +17,8 @@ use super::sequencer::{self, Sequencer};
 use crate::auth::KeyFile;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::ConnectNode;
-use crate::proto::validate_node_message;
+use crate::proto::{describe_message, validate_node_message};
+use crate::trace::TraceParent;
 
 /// When the last ConnectNode call arrived: how a stopping node tells that push-manager has
 /// stopped sending to it.
@@ -110,6 +112,7 @@ impl ConnectNode for ConnectNodeService {
         if let Err((code, why)) = self.admit(&ctx, messages) {
             return fail(&ctx, sink, code, why);
         }
+        log_traced(messages);
         let delivered = self.hub.publish(&req);
         succeed(&ctx, sink, 1, delivered);
     }
@@ -120,6 +123,7 @@ impl ConnectNode for ConnectNodeService {
         if let Err((code, why)) = self.admit(&ctx, batch.get_messages()) {
             return fail(&ctx, sink, code, why);
         }
+        log_traced(batch.get_messages());
         let received = batch.get_messages().len();
         // Without a sequence (an older push-manager, a tool): delivered as it comes.
         if !batch.has_sequence() {
@@ -133,6 +137,20 @@ impl ConnectNode for ConnectNodeService {
         let now = Instant::now();
         let delivered = self.sequencer.apply(batch.get_sequence(), messages, now, |m| self.hub.publish_batch(m));
         succeed(&ctx, sink, received as u32, delivered);
+    }
+}
+
+/// A debug line for each message that carries a trace context, naming its trace, so that a
+/// traced message can be followed from push-manager's log into this node's.
+fn log_traced(messages: &[BroadCastReq]) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    for m in messages.iter().filter(|m| !m.get_traceparent().is_empty()) {
+        match TraceParent::parse(m.get_traceparent()) {
+            Ok(trace) => debug!("received {}; trace {}", describe_message(m), trace.trace_id()),
+            Err(why) => debug!("received {}; ignored its trace context: {why}", describe_message(m)),
+        }
     }
 }
 

@@ -8,8 +8,9 @@
 //! Each instance numbers what it sends to each node under a random instance id (logged at
 //! start), so that a node applies it in order and once; see `message` and `node`.
 //!
-//! The gRPC server also hosts `grpc.health.v1.Health`, NOT_SERVING from the start of `shutdown`;
-//! [`Manager::probe`] is what the admin endpoint reads (`observe.rs`).
+//! The gRPC server also hosts `grpc.health.v1.Health`, NOT_SERVING from the start of `shutdown`,
+//! and server reflection ([`crate::reflection`]); [`Manager::probe`] is what the admin endpoint
+//! reads (`observe.rs`).
 
 mod config;
 mod error;
@@ -31,7 +32,7 @@ pub use config::{Config, InstanceConfig, RetryPolicy, NODE_TLS_FLAGS};
 pub use error::{Error, Result};
 pub use node::NodeStats;
 
-use crate::admin::{Probe, Serving};
+use crate::admin::{Probe, Serving, HEALTH_SERVICE};
 use crate::auth::KeyFile;
 use crate::discovery::{self, Discovery};
 use crate::etcd;
@@ -109,7 +110,9 @@ impl Manager {
             &config.listen,
             receive_limit(&config),
             config.tls.as_ref(),
-            [create_push_server(service), serving.health_service()],
+            [create_push_server(service), serving.health_service()]
+                .into_iter()
+                .chain(crate::reflection::services(&[SERVICE_NAME, HEALTH_SERVICE])),
         )?;
         info!(
             "push-manager serving protocol.PushServer on {addr}; connect-nodes from {:?} under {:?}; instance {:016x}",

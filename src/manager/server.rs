@@ -6,6 +6,7 @@
 //! deliver to, the offer and the outcome ([`PushService::offer`]). A unary call turns the outcome
 //! into its reply or status; a stream turns it into one [`StreamReply`] and goes on. The handlers
 //! never block (they only `try_send`), so they run on gRPC's completion-queue threads directly.
+//! A caller's W3C `traceparent` (see [`crate::trace`]) rides along with each of its messages.
 //!
 //! A stream element carries one message or many, answered by one `StreamReplies`: a gRPC
 //! message (a receive, a send, their completion-queue round trips and a write syscall) costs
@@ -31,7 +32,8 @@ use crate::proto::protocol::{
     BroadCastReply, BroadCastReq, BroadcastStreamReq, PushUsersReq, PushUsersStreamReq, StreamReplies, StreamReply,
 };
 use crate::proto::protocol_grpc::PushServer;
-use crate::proto::{users_broadcast, validate_broadcast, validate_push_users};
+use crate::proto::{describe_message, users_broadcast, validate_broadcast, validate_push_users};
+use crate::trace::TraceParent;
 
 /// The most messages one stream element may carry: bounds the replies built for one element
 /// (and the work done before the next reply can leave) whatever the element's byte size.
@@ -85,15 +87,28 @@ impl PushService {
         }
     }
 
+    /// The caller's trace context, from the call's metadata; an invalid one is ignored (and said
+    /// so at debug level), as W3C wants, not a reason to refuse the call.
+    fn trace(&self, ctx: &RpcContext, what: &str) -> Option<TraceParent> {
+        match TraceParent::from_metadata(ctx.request_headers())? {
+            Ok(trace) => Some(trace),
+            Err(why) => {
+                debug!("ignored the trace context of a {what} from {}: {why}", ctx.peer());
+                None
+            }
+        }
+    }
+
     /// Checks one message with `validate` (which also turns it into what the nodes are sent),
-    /// then offers that to every node and says how it went. `what` names the message in the
-    /// no-node refusal.
+    /// then offers that, with the caller's `trace` if any, to every node and says how it went.
+    /// `what` names the message in the no-node refusal.
     fn offer(
         &self,
         what: &str,
+        trace: Option<&TraceParent>,
         validate: impl FnOnce() -> Result<BroadCastReq, String>,
     ) -> Result<BroadCastReply, RpcStatus> {
-        let req = validate().map_err(|msg| {
+        let mut req = validate().map_err(|msg| {
             Outcomes::count(&self.outcomes.invalid);
             RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, msg)
         })?;
@@ -102,7 +117,18 @@ impl PushService {
             return Err(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, self.no_node(what)));
         }
         Outcomes::count(&self.outcomes.ok);
+        // Replaces whatever the caller put in the field: only its metadata says what its trace is.
+        req.set_traceparent(trace.map(|t| t.as_str().to_string()).unwrap_or_default());
         let report = self.fanout.offer(&Outgoing::new(&req));
+        if let Some(trace) = trace {
+            debug!(
+                "{}: offered to {} node(s), accepted by {}; trace {}",
+                describe_message(&req),
+                report.targeted,
+                report.accepted,
+                trace.trace_id()
+            );
+        }
         let mut reply = BroadCastReply::new();
         reply.set_targeted(report.targeted);
         reply.set_accepted(report.accepted);
@@ -118,7 +144,7 @@ impl PushService {
         what: &str,
         validate: impl FnOnce() -> Result<BroadCastReq, String>,
     ) {
-        let outcome = self.admit(&ctx, what).and_then(|()| self.offer(what, validate));
+        let outcome = self.admit(&ctx, what).and_then(|()| self.offer(what, self.trace(&ctx, what).as_ref(), validate));
         // The caller may have gone away; nothing to do about it.
         match outcome {
             Ok(reply) => ctx.spawn(sink.success(reply).map(drop)),
@@ -150,6 +176,8 @@ impl PushService {
             return;
         }
         let service = self.clone();
+        // One trace context for the whole stream: metadata comes once, with the call.
+        let trace = self.trace(&ctx, what);
         let mut index = 0;
         let mut replies = elements.map(move |element| {
             let batch = messages(element?);
@@ -165,7 +193,8 @@ impl PushService {
                 batch
                     .into_iter()
                     .map(|req| {
-                        let reply = stream_reply(index, service.offer(what, || validate(&service, req)));
+                        let reply =
+                            stream_reply(index, service.offer(what, trace.as_ref(), || validate(&service, req)));
                         index += 1;
                         reply
                     })
