@@ -275,7 +275,7 @@ impl Connection {
     /// Moves queued frames into tungstenite and flushes, batch by batch, while the socket
     /// takes them: every frame, or only as many whole batches as are queued.
     fn pump(&mut self, stats: &Stats, batches: Batches) -> Next {
-        let next = self.pump_batches(batches);
+        let next = self.pump_batches(batches, stats);
         self.report(stats);
         next
     }
@@ -285,10 +285,16 @@ impl Connection {
     fn report(&mut self, stats: &Stats) {
         Stats::add(&stats.socket_writes, self.ws.get_mut().take_writes());
         Stats::add(&stats.bytes_sent, self.ws.get_mut().take_bytes());
+        self.count_frames(stats);
+    }
+
+    /// Counts the frames started so far, before they are written: a client that has read a
+    /// frame finds it counted.
+    fn count_frames(&mut self, stats: &Stats) {
         Stats::add(&stats.frames_sent, std::mem::take(&mut self.frames));
     }
 
-    fn pump_batches(&mut self, batches: Batches) -> Next {
+    fn pump_batches(&mut self, batches: Batches, stats: &Stats) -> Next {
         // What is already written goes first (control frames, or what the socket refused last
         // time: tungstenite keeps a frame the transport refused, and would grow by each frame
         // added behind a full socket). Free when there is nothing.
@@ -315,6 +321,7 @@ impl Connection {
                     }
                 }
             }
+            self.count_frames(stats);
             if !self.blocked && !self.write_out() {
                 return Next::Drop;
             }
