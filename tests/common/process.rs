@@ -66,12 +66,28 @@ impl Process {
         assert!(seen, "no {n} line(s) with {needle:?} (exit: {exited:?}); output:\n{}", self.output());
     }
 
-    /// The rest of the first printed line starting with `prefix`, once there is one.
+    /// The rest of the first printed line starting with `prefix`, once there is one. (A log
+    /// line may mention the same words earlier: only a line that starts with them counts.)
     #[track_caller]
     pub fn line_after(&mut self, prefix: &str) -> String {
-        self.wait_for(prefix, 1);
-        let output = self.output();
-        let line = output.lines().find_map(|l| l.strip_prefix(prefix)).expect("the line waited for");
+        let starting = |output: &str| output.lines().find_map(|l| l.strip_prefix(prefix)).map(str::to_string);
+        let mut exited = None;
+        let mut found = None;
+        poll_until(PATIENCE, || {
+            found = starting(&self.output());
+            if found.is_some() {
+                return true;
+            }
+            exited = self.child.try_wait().expect("the child can be waited for");
+            // Its last words may still be in the pipe.
+            exited.is_some() && self.finish_reading() && {
+                found = starting(&self.output());
+                true
+            }
+        });
+        let line = found.unwrap_or_else(|| {
+            panic!("no line starting with {prefix:?} (exit: {exited:?}); output:\n{}", self.output())
+        });
         line.trim().to_string()
     }
 
