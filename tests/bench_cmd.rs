@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{free_addr, wait_until, BIN, PATIENCE};
+use common::{assert_fails_with, free_addr, wait_until, BIN, PATIENCE};
 use push_manager::testkit::{spawn_node, spawn_serve, NodeProcess, Reaped};
 
 const PREFIX: &str = "/bench-test/nodes/";
@@ -60,13 +60,6 @@ fn assert_clean_run(out: &Output, deliveries: u64) {
     assert!(stdout.contains("lost 0, duplicated 0, out of order 0"), "{stdout}");
     assert!(stdout.contains("0 failed, 0 node deliveries dropped"), "{stdout}");
     assert!(stdout.contains("latency:    p50 "), "{stdout}");
-}
-
-#[track_caller]
-fn assert_fails_with(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{out:?}");
-    assert!(stderr.contains(needle), "wanted {needle:?} in: {stderr}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use common::etcd::Etcd;
 use common::process::Process;
-use common::{free_addr, wait_until, BIN, PATIENCE};
+use common::{assert_fails_with, free_addr, wait_until, BIN, PATIENCE};
 use push_manager::registry::DEFAULT_INSTANCE_PREFIX;
 use push_manager::testkit::{spawn_node, Reaped};
 
@@ -34,13 +34,6 @@ fn run(args: &[&str]) -> Output {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_fails_with(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{out:?}");
-    assert!(stderr.contains(needle), "wanted {needle:?} in: {stderr}");
 }
 
 #[track_caller]

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use push_manager::gateway::{self, Gateway};
 use push_manager::manager::{self, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
-use push_manager::testkit::{admin_on_free_port, poll_until, signal, spawn_node, wait_exit, Reaped};
+use push_manager::testkit::{node_command, poll_until, serving_line, signal, spawn_node, wait_exit, Reaped};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -83,15 +83,7 @@ impl Log {
 
 /// Starts `push-manager node` at log level info, collecting its log; it may not serve yet.
 fn start_logged_node(etcd_endpoint: &str, id: &str, extra: &[&str]) -> (Reaped, Log) {
-    let mut child = Reaped::spawn(
-        Command::new(BIN)
-            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
-            .args(["--prefix", PREFIX, "--node-id", id, "--log-level", "info"])
-            .args(admin_on_free_port(extra))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
+    let mut child = Reaped::spawn(node_command(BIN, etcd_endpoint, PREFIX, id, "info", extra).stderr(Stdio::piped()));
     let log = Log::collect(&mut child);
     (child, log)
 }
@@ -112,13 +104,9 @@ impl LoggedNode {
         let (mut child, log) = start_logged_node(etcd_endpoint, id, extra);
         let mut first = String::new();
         BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
-        // "node <id> grpc <addr> ws ws://<addr>/ws"
-        let words: Vec<&str> = first.split_whitespace().collect();
-        let [_, _, _, grpc, _, ws_url] = words[..] else {
-            panic!("unexpected first line {first:?}; log:\n{}", log.text.lock())
-        };
-        let ws_addr = ws_url.trim_start_matches("ws://").trim_end_matches("/ws").parse().unwrap();
-        LoggedNode { _child: child, grpc: grpc.to_string(), ws_addr, log }
+        let (grpc, ws_addr) = serving_line(&first)
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}; log:\n{}", log.text.lock()));
+        LoggedNode { _child: child, grpc, ws_addr, log }
     }
 
     #[track_caller]

@@ -21,6 +21,8 @@ mod wait;
 pub use in_process_etcd::InProcessEtcd;
 pub use local_etcd::{free_port, EtcdTls, LocalEtcd};
 pub use pki::{Identity, TestPki};
-pub use process::{admin_on_free_port, signal, spawn_node, spawn_serve, wait_exit, NodeProcess, Reaped};
+pub use process::{
+    admin_on_free_port, node_command, serving_line, signal, spawn_node, spawn_serve, wait_exit, NodeProcess, Reaped,
+};
 pub use sink::Sink;
 pub use wait::{poll_until, wait_until};

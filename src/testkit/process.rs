@@ -97,25 +97,37 @@ pub fn spawn_serve(bin: &str, etcd_endpoint: &str, prefix: &str, extra: &[&str],
 /// Starts `bin node` on free loopback ports, registering as `id` under `prefix`.
 #[track_caller]
 pub fn spawn_node(bin: &str, etcd_endpoint: &str, prefix: &str, id: &str, extra: &[&str]) -> NodeProcess {
-    let mut child = Reaped::spawn(
-        Command::new(bin)
-            .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
-            .args(["--prefix", prefix, "--node-id", id, "--log-level", "warn"])
-            .args(admin_on_free_port(extra))
-            .args(extra)
-            .stdout(Stdio::piped()),
-    );
+    let mut child = Reaped::spawn(&mut node_command(bin, etcd_endpoint, prefix, id, "warn", extra));
     let line = first_line(&mut child);
-    // "node <id> grpc <addr> ws ws://<addr>/ws" (wss:// with --ws-tls-cert)
+    let (grpc, ws_addr) = serving_line(&line).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    NodeProcess { grpc, ws_addr, child }
+}
+
+/// `bin node` on free loopback ports, registering as `id` under `prefix`, logging at `level`,
+/// with `extra` flags (and its admin endpoint on a free port unless they name one); standard
+/// output piped, for the line it prints once it serves ([`serving_line`]).
+pub fn node_command(bin: &str, etcd_endpoint: &str, prefix: &str, id: &str, level: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .args(["node", "--grpc-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--etcd", etcd_endpoint])
+        .args(["--prefix", prefix, "--node-id", id, "--log-level", level])
+        .args(admin_on_free_port(extra))
+        .args(extra)
+        .stdout(Stdio::piped());
+    command
+}
+
+/// The gRPC address and WebSocket address in the line a node prints once it serves:
+/// "node <id> grpc <addr> ws ws://<addr>/ws" (wss:// with --ws-tls-cert).
+pub fn serving_line(line: &str) -> Option<(String, SocketAddr)> {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let [_, _, _, grpc, _, ws_url] = words[..] else { panic!("unexpected first line {line:?}") };
+    let [_, _, _, grpc, _, ws_url] = words[..] else { return None };
     let ws_addr = ws_url
         .strip_prefix("ws://")
         .or_else(|| ws_url.strip_prefix("wss://"))
         .and_then(|a| a.strip_suffix("/ws"))
-        .and_then(|a| a.parse().ok());
-    let ws_addr = ws_addr.unwrap_or_else(|| panic!("unexpected WebSocket URL in {line:?}"));
-    NodeProcess { grpc: grpc.to_string(), ws_addr, child }
+        .and_then(|a| a.parse().ok())?;
+    Some((grpc.to_string(), ws_addr))
 }
 
 /// `--admin-listen 127.0.0.1:0` unless `extra` gives `--admin-listen`: the default is a fixed

@@ -12,6 +12,7 @@ pub mod manager;
 pub mod process;
 pub mod ws;
 
+use std::process::Output;
 use std::time::Duration;
 
 use push_manager::testkit::free_port;
@@ -26,4 +27,12 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// `127.0.0.1:<free port>`: an address nothing listens on.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
+}
+
+/// Asserts that the binary exited non-zero and said `needle` on standard error.
+#[track_caller]
+pub fn assert_fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains(needle), "wanted {needle:?} in: {stderr}");
 }
