@@ -102,14 +102,17 @@ pub struct Registration {
     thread: StoppableThread<Option<KeepAlive>>,
 }
 
-/// Grants a lease, puts every record under it, and keeps the lease alive.
-fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<KeepAlive> {
+/// Grants a lease, puts every record under it, and keeps the lease alive. Returns with it the
+/// keys of the optional records etcd refused.
+fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<(KeepAlive, Vec<String>)> {
     let lease = client.grant(config.ttl)?;
+    let mut refused = Vec::new();
     for record in &config.records {
         match client.put(&record.key, record.value.as_bytes(), Some(lease.id)) {
             Ok(_) => {}
             Err(e) if record.optional && !is_transient(&e) => {
                 warn!("cannot write {} ({e}); registering without it", record.key);
+                refused.push(record.key.clone());
             }
             Err(e) => {
                 // Best effort: the lease (and what was put under it) would expire by itself anyway.
@@ -118,7 +121,7 @@ fn register(client: &etcd::Client, config: &RegistrationConfig) -> etcd::Result<
             }
         }
     }
-    client.keep_alive(lease)
+    Ok((client.keep_alive(lease)?, refused))
 }
 
 impl Registration {
@@ -130,20 +133,20 @@ impl Registration {
     /// [`etcd::Error::Spawn`] naming the thread that could not start (the lease then expires by
     /// itself).
     pub fn start(client: etcd::Client, config: RegistrationConfig) -> etcd::Result<Registration> {
-        let first = match register(&client, &config) {
-            Ok(keep_alive) => {
+        let (first, refused) = match register(&client, &config) {
+            Ok((keep_alive, refused)) => {
                 info!("registered {} (lease {:x}, ttl {:?})", config.describe(), keep_alive.lease().id, config.ttl);
-                Some(keep_alive)
+                (Some(keep_alive), refused)
             }
             Err(e) if is_transient(&e) => {
                 warn!("cannot register {} yet ({e}); serving unregistered, retrying in the background", config.name());
-                None
+                (None, Vec::new())
             }
             Err(e) => return Err(e),
         };
         let state = Arc::new(RegistrationState::default());
         state.set(first.as_ref());
-        let keeper = Keeper { client: client.clone(), config, state: state.clone() };
+        let keeper = Keeper { client: client.clone(), config, state: state.clone(), refused };
         let thread = StoppableThread::spawn("etcd-register", move |stop| keeper.run(first, stop))?;
         Ok(Registration { client, state, thread })
     }
@@ -186,12 +189,15 @@ struct Keeper {
     client: etcd::Client,
     config: RegistrationConfig,
     state: Arc<RegistrationState>,
+    /// Optional records etcd refused under the current lease: not read back every second (each
+    /// check would only be refused again), tried again with the next registration.
+    refused: Vec<String>,
 }
 
 impl Keeper {
     /// Runs until `stop` disconnects; returns the live keep-alive (if any) so the caller can
     /// revoke it.
-    fn run(self, first: Option<KeepAlive>, stop: Receiver<()>) -> Option<KeepAlive> {
+    fn run(mut self, first: Option<KeepAlive>, stop: Receiver<()>) -> Option<KeepAlive> {
         let mut current = first;
         let mut backoff = INITIAL_BACKOFF;
         // A deadline, not a fresh timer per turn: the checks in between must not postpone it.
@@ -231,10 +237,11 @@ impl Keeper {
     }
 
     /// One attempt; a failure is logged with when the next one comes.
-    fn try_register(&self, next_in: Duration) -> Option<KeepAlive> {
+    fn try_register(&mut self, next_in: Duration) -> Option<KeepAlive> {
         match register(&self.client, &self.config) {
-            Ok(k) => {
+            Ok((k, refused)) => {
                 info!("registered {} (lease {:x})", self.config.describe(), k.lease().id);
+                self.refused = refused;
                 Some(k)
             }
             Err(e) => {
@@ -244,9 +251,10 @@ impl Keeper {
         }
     }
 
-    /// [`Keeper::check`] for each record; false as soon as one finds the lease gone.
+    /// [`Keeper::check`] for each record etcd took; false as soon as one finds the lease gone.
     fn check_all(&self, keep_alive: &KeepAlive) -> bool {
-        self.config.records.iter().all(|record| self.check(record, keep_alive))
+        let mut taken = self.config.records.iter().filter(|record| !self.refused.contains(&record.key));
+        taken.all(|record| self.check(record, keep_alive))
     }
 
     /// Reads a key back and puts its record back under our lease if anyone deleted or
