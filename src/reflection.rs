@@ -177,15 +177,17 @@ impl Descriptors {
         }
         let mut order = vec![name];
         let mut next = 0;
-        while let Some(file) = order.get(next).and_then(|name| self.files.get(*name)) {
+        while let Some(&current) = order.get(next) {
             next += 1;
+            // A dependency we do not have is left out (the client then reports what is missing);
+            // the files after it are still walked.
+            let Some(file) = self.files.get(current) else { continue };
             for dependency in &file.dependencies {
                 if !order.contains(&dependency.as_str()) {
                     order.push(dependency);
                 }
             }
         }
-        // A dependency we do not have is left out: the client then reports what is missing.
         let mut found = FileDescriptorResponse::new();
         found.set_file_descriptor_proto(
             order.iter().filter_map(|name| self.files.get(*name)).map(|f| f.encoded.clone()).collect(),
@@ -380,5 +382,12 @@ mod tests {
         assert_eq!(file_names(ask(&d, Request::file_by_filename("a.proto".into()))), ["a.proto", "b.proto", "c.proto"]);
         assert_eq!(file_names(ask(&d, Request::file_containing_symbol("pkg.b.S".into()))), ["b.proto", "c.proto"]);
         assert_eq!(file_names(ask(&d, Request::file_containing_symbol("M.N.E".into()))), ["c.proto"]);
+
+        // A missing import does not end the walk: what the imports after it import still comes.
+        let x = file("x.proto", "", &["missing.proto", "y.proto"]);
+        let y = file("y.proto", "", &["z.proto"]);
+        let z = file("z.proto", "", &[]);
+        let d = Descriptors::new(&[], &[&x, &y, &z]);
+        assert_eq!(file_names(ask(&d, Request::file_by_filename("x.proto".into()))), ["x.proto", "y.proto", "z.proto"]);
     }
 }
