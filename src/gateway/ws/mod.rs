@@ -552,6 +552,9 @@ impl EventLoop {
             let next = conn.flush(&self.stats);
             self.apply(key, next);
         }
+        if self.unwritten.is_empty() {
+            return;
+        }
         let now = Instant::now();
         for (taken, broadcasts) in self.unwritten.drain(..) {
             let us = u64::try_from(now.saturating_duration_since(taken).as_micros()).unwrap_or(u64::MAX);
