@@ -11,7 +11,7 @@ use common::etcd::Etcd;
 use common::gateway::start_gateway;
 use common::grpc::{broadcast, push_client, OP};
 use common::ws::Client;
-use common::{free_addr, wait_until, BIN};
+use common::{free_addr, wait_until, BIN, PATIENCE};
 use push_manager::etcd;
 use push_manager::gateway::Gateway;
 use push_manager::manager::{self, Manager};
@@ -67,12 +67,12 @@ fn topic_broadcasts_reach_exactly_their_subscribers_on_every_node() {
     let etcd = Etcd::start();
     let manager = start_manager(&etcd);
     let nodes = [start_node(&etcd, "n1"), start_node(&etcd, "n2")];
-    wait_until("both nodes discovered", Duration::from_secs(5), || manager.nodes().len() == 2);
+    wait_until("both nodes discovered", PATIENCE, || manager.nodes().len() == 2);
     let addr = |i: usize| nodes[i].gateway.ws_addr();
     let mut a = [Client::connect(addr(0), "/ws?topic=a"), Client::connect(addr(1), "/ws?topic=a")];
     let mut b = [Client::connect(addr(0), "/ws?topic=b"), Client::connect(addr(1), "/ws?topic=b")];
     let mut everyone_only = Client::connect(addr(1), "/ws");
-    wait_until("subscriptions in place", Duration::from_secs(5), || {
+    wait_until("subscriptions in place", PATIENCE, || {
         nodes.iter().map(|n| n.gateway.hub().connections()).sum::<usize>() == 5
     });
     let client = push_client(manager.addr());
@@ -95,18 +95,17 @@ fn topic_broadcasts_reach_exactly_their_subscribers_on_every_node() {
 }
 
 #[test]
-fn a_node_started_after_push_manager_gets_traffic_within_a_second() {
+fn a_node_started_after_push_manager_gets_traffic_through_the_watch() {
     let etcd = Etcd::start();
     let manager = start_manager(&etcd);
-    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
-    let started = Instant::now();
+    wait_until("first listing", PATIENCE, || manager.listings() >= 1);
     let node = start_node(&etcd, "late");
-    wait_until("discovered within 1 s", Duration::from_secs(1), || manager.nodes().len() == 1);
+    // The next poll is a minute away (`start_manager`): found sooner, it came through the watch.
+    wait_until("discovered", PATIENCE, || manager.nodes().len() == 1);
     let mut ws = Client::connect(node.gateway.ws_addr(), "/ws");
-    wait_until("connected", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    wait_until("connected", PATIENCE, || node.gateway.hub().connections() == 1);
     broadcast(&push_client(manager.addr()), "", "hi");
     assert_eq!(ws.next_json()["body"], "hi");
-    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -128,7 +127,7 @@ fn registration_comes_back_after_its_lease_is_revoked_behind_its_back() {
 #[track_caller]
 fn spawn_discovered_node(etcd: &Etcd, manager: &Manager, id: &str, lease_ttl: &str) -> NodeProcess {
     let node = spawn_node(BIN, &etcd.endpoint(), PREFIX, id, &["--lease-ttl", lease_ttl]);
-    wait_until("discovered", Duration::from_secs(5), || node_ids(manager) == [id]);
+    wait_until("discovered", PATIENCE, || node_ids(manager) == [id]);
     node
 }
 
@@ -152,7 +151,7 @@ fn a_node_stopped_with_sigterm_is_dropped_at_once_and_closes_its_clients() {
     let mut client = Client::connect(node.ws_addr, "/ws");
     signal(&node.child, libc::SIGTERM);
     // With a 30 s lease, only the revocation can remove it this fast.
-    wait_until("dropped at once", Duration::from_secs(2), || manager.nodes().is_empty());
+    wait_until("dropped at once", PATIENCE, || manager.nodes().is_empty());
     let (code, _reason) = client.expect_close();
     assert_eq!(code, 1001);
     assert!(node.child.wait().unwrap().success());
@@ -275,7 +274,7 @@ fn subscribe_prints_each_delivery_as_it_arrives() {
     let mut line = String::new();
     BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
     assert!(line.starts_with("connected to"), "{line:?}");
-    wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    wait_until("subscribed", PATIENCE, || node.gateway.hub().connections() == 1);
     node.gateway.hub().publish(&broadcast_request("sports", OP, 0, "not for news readers"));
     node.gateway.hub().publish(&broadcast_request("news", OP, 0, "first"));
     node.gateway.hub().publish(&broadcast_request("", OP, 0, "second"));
@@ -305,7 +304,7 @@ fn subscribe_exits_zero_quietly_when_its_reader_closes_the_pipe() {
     );
     let mut line = String::new();
     BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    wait_until("subscribed", Duration::from_secs(5), || node.gateway.hub().connections() == 1);
+    wait_until("subscribed", PATIENCE, || node.gateway.hub().connections() == 1);
     node.gateway.hub().publish(&broadcast_request("news", OP, 0, "first"));
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
@@ -391,5 +390,5 @@ fn a_node_registers_again_after_an_etcd_outage_longer_than_its_lease() {
         || matches!(etcd.client().get(&key), Ok(Some(kv)) if kv.lease != first && kv.lease != 0),
     );
     let manager = start_manager(&etcd);
-    wait_until("push-manager finds it", Duration::from_secs(5), || node_ids(&manager) == ["survivor"]);
+    wait_until("push-manager finds it", PATIENCE, || node_ids(&manager) == ["survivor"]);
 }

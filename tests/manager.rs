@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::grpc::{broadcast, push_client, OP};
-use common::{free_addr, wait_until};
+use common::{free_addr, wait_until, PATIENCE};
 use grpcio::RpcStatusCode;
 use push_manager::manager::{Config, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
@@ -73,32 +73,30 @@ fn finds_registered_nodes_and_delivers_one_broadcast_to_each_exactly_once() {
     // A value that is no node record is skipped, not fatal.
     register(&etcd, "junk", "not-an-address");
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("both nodes discovered", Duration::from_secs(5), || node_ids(&manager) == ids(&["a1", "a2"]));
+    wait_until("both nodes discovered", PATIENCE, || node_ids(&manager) == ids(&["a1", "a2"]));
 
     let reply = broadcast(&push_client(manager.addr()), "", "hello");
     assert_eq!((reply.get_targeted(), reply.get_accepted()), (2, 2));
     assert!(reply.get_dropped().is_empty());
     for sink in &sinks {
-        wait_until("the broadcast arrives", Duration::from_secs(5), || sink.count() == 1);
+        wait_until("the broadcast arrives", PATIENCE, || sink.count() == 1);
         assert_eq!(sink.bodies(), vec![b"hello".to_vec()]);
     }
-    wait_until("counters settle", Duration::from_secs(5), || {
-        manager.nodes().iter().all(|n| n.sent == 1 && n.settled())
-    });
+    wait_until("counters settle", PATIENCE, || manager.nodes().iter().all(|n| n.sent == 1 && n.settled()));
 }
 
 #[test]
-fn a_node_added_later_is_used_within_a_second_through_the_watch() {
+fn a_node_added_later_is_used_through_the_watch_long_before_the_next_poll() {
     let etcd = Etcd::start();
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    wait_until("first listing", PATIENCE, || manager.listings() >= 1);
     let sink = Sink::start();
-    let registered_at = Instant::now();
     register(&etcd, "late", &sink.addr);
-    wait_until("the new node is used within 1 s", Duration::from_secs(1), || node_ids(&manager) == ids(&["late"]));
-    assert!(registered_at.elapsed() < Duration::from_secs(1));
+    // The next poll is a minute away (`config`): a node found sooner came through the watch.
+    // How fast is the fanout bench's business, not a timed test's.
+    wait_until("the new node is used", PATIENCE, || node_ids(&manager) == ids(&["late"]));
     broadcast(&push_client(manager.addr()), "", "x");
-    wait_until("delivered to the new node", Duration::from_secs(5), || sink.count() == 1);
+    wait_until("delivered to the new node", PATIENCE, || sink.count() == 1);
 }
 
 #[test]
@@ -106,12 +104,10 @@ fn without_the_watch_a_node_is_found_within_one_poll_interval() {
     let etcd = Etcd::start();
     let poll = Duration::from_millis(500);
     let manager = Manager::start(Config { watch: false, poll_interval: poll, ..config(&etcd) }).unwrap();
-    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    wait_until("first listing", PATIENCE, || manager.listings() >= 1);
     let sink = Sink::start();
     register(&etcd, "polled", &sink.addr);
-    wait_until("found by the next poll", poll * 2 + Duration::from_millis(500), || {
-        node_ids(&manager) == ids(&["polled"])
-    });
+    wait_until("found by polling alone", PATIENCE, || node_ids(&manager) == ids(&["polled"]));
 }
 
 #[test]
@@ -119,15 +115,17 @@ fn a_deleted_node_is_removed_and_its_threads_joined() {
     let etcd = Etcd::start();
     let sinks = registered_sinks(&etcd, &["d1", "d2"]);
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("both discovered", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    wait_until("both discovered", PATIENCE, || node_ids(&manager).len() == 2);
     let d1_workers = format!("n{}-w", stats(&manager, "d1").number);
-    assert_eq!(threads_named(&d1_workers), 2, "routine_size workers for d1");
+    // A thread takes its name from inside itself once it runs, so a worker just spawned may not
+    // show it yet: wait for both names rather than read them once.
+    wait_until("routine_size workers for d1 named", PATIENCE, || threads_named(&d1_workers) == 2);
 
     unregister(&etcd, "d1");
-    wait_until("d1 removed", Duration::from_secs(2), || node_ids(&manager) == ids(&["d2"]));
+    wait_until("d1 removed", PATIENCE, || node_ids(&manager) == ids(&["d2"]));
     // Retired nodes are joined on the next listing; the watch event of any change triggers one.
     register(&etcd, "d3", &sinks[0].addr);
-    wait_until("d1's workers joined", Duration::from_secs(5), || {
+    wait_until("d1's workers joined", PATIENCE, || {
         threads_named(&d1_workers) == 0 && manager.retiring_nodes().is_empty()
     });
     let reply = broadcast(&push_client(manager.addr()), "", "after");
@@ -141,15 +139,15 @@ fn an_address_change_moves_traffic_to_the_new_address() {
     let (old, new) = (Sink::start(), Sink::start());
     register(&etcd, "mover", &old.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     let client = push_client(manager.addr());
     broadcast(&client, "", "one");
-    wait_until("old address gets it", Duration::from_secs(5), || old.count() == 1);
+    wait_until("old address gets it", PATIENCE, || old.count() == 1);
 
     register(&etcd, "mover", &new.addr);
-    wait_until("address replaced", Duration::from_secs(2), || stats(&manager, "mover").addr == new.addr);
+    wait_until("address replaced", PATIENCE, || stats(&manager, "mover").addr == new.addr);
     broadcast(&client, "", "two");
-    wait_until("new address gets it", Duration::from_secs(5), || new.count() == 1);
+    wait_until("new address gets it", PATIENCE, || new.count() == 1);
     assert_eq!(new.bodies(), vec![b"two".to_vec()]);
     assert_eq!(old.count(), 1, "nothing more went to the old address");
 }
@@ -159,7 +157,7 @@ fn ten_thousand_broadcasts_reach_three_nodes_with_matching_counters() {
     let etcd = Etcd::start();
     let sinks = registered_sinks(&etcd, &["bulk0", "bulk1", "bulk2"]);
     let manager = Manager::start(Config { queue_size: 20_000, routine_size: 4, ..config(&etcd) }).unwrap();
-    wait_until("three nodes", Duration::from_secs(5), || node_ids(&manager).len() == 3);
+    wait_until("three nodes", PATIENCE, || node_ids(&manager).len() == 3);
     let client = push_client(manager.addr());
     const N: usize = 10_000;
     for i in 0..N {
@@ -172,7 +170,7 @@ fn ten_thousand_broadcasts_reach_three_nodes_with_matching_counters() {
         let distinct: BTreeSet<_> = s.bodies().into_iter().collect();
         assert_eq!(distinct.len(), N, "each message exactly once");
     }
-    wait_until("counters settle", Duration::from_secs(5), || manager.nodes().iter().all(NodeStats::settled));
+    wait_until("counters settle", PATIENCE, || manager.nodes().iter().all(NodeStats::settled));
     for n in manager.nodes() {
         assert_eq!((n.enqueued, n.sent, n.failed, n.dropped_full), (N as u64, N as u64, 0, 0), "{n:?}");
     }
@@ -186,11 +184,15 @@ fn the_benchmarks_counting_sink_counts_batched_messages_exactly() {
     register(&etcd, "counted", &sink.addr);
     // What is counted here is the sink, not the machine: no RPC may time out and fail, however
     // loaded the box is.
-    let manager = Manager::start(Config { rpc_timeout: Duration::from_secs(60), ..config(&etcd) }).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    // A queue that holds them all: a full one would refuse some, and the count would be short
+    // for a reason that is no fault of the sink's.
+    let manager =
+        Manager::start(Config { rpc_timeout: Duration::from_secs(60), queue_size: 2_000, ..config(&etcd) }).unwrap();
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     let client = push_client(manager.addr());
     for i in 0..2_000 {
-        broadcast(&client, "", &"x".repeat(i % 300));
+        let reply = broadcast(&client, "", &"x".repeat(i % 300));
+        assert_eq!(reply.get_accepted(), 1, "broadcast {i}: {reply:?}");
     }
     wait_until("all counted", Duration::from_secs(20), || stats(&manager, "counted").settled());
     assert_eq!(sink.count(), 2_000);
@@ -211,14 +213,14 @@ fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything()
     // (and with it a queue slot) while the broadcasts below are counted, however slow the machine.
     let rpc_timeout = Duration::from_secs(60);
     let manager = Manager::start(Config { queue_size, routine_size: 1, rpc_timeout, ..config(&etcd) }).unwrap();
-    wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    wait_until("two nodes", PATIENCE, || node_ids(&manager).len() == 2);
     let client = push_client(manager.addr());
 
     // One message is held by the slow node's only worker; then its queue fills. Each broadcast
     // waits for the fast node to have taken the one before: its queue is as small as the slow
     // one's, and on a loaded machine its one worker could otherwise fall ten behind.
     broadcast(&client, "", "first");
-    wait_until("the slow node holds one call", Duration::from_secs(5), || slow.parked() == 1);
+    wait_until("the slow node holds one call", PATIENCE, || slow.parked() == 1);
     let total = 50;
     let mut named = 0;
     for i in 1..total {
@@ -239,7 +241,7 @@ fn a_stalled_node_fills_its_queue_and_is_named_while_the_others_get_everything()
 
     slow.unstall();
     wait_until("slow drains what it accepted", Duration::from_secs(10), || slow.count() == 1 + queue_size);
-    wait_until("slow counters settle", Duration::from_secs(5), || stats(&manager, "slow").settled());
+    wait_until("slow counters settle", PATIENCE, || stats(&manager, "slow").settled());
     assert_eq!(stats(&manager, "slow").sent, (1 + queue_size) as u64);
 }
 
@@ -251,10 +253,10 @@ fn a_down_node_is_retried_then_counted_failed_and_resumes_when_back() {
     register(&etcd, "down", &down_addr);
     register(&etcd, "up", &up.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("two nodes", Duration::from_secs(5), || node_ids(&manager).len() == 2);
+    wait_until("two nodes", PATIENCE, || node_ids(&manager).len() == 2);
     let client = push_client(manager.addr());
     broadcast(&client, "", "before");
-    wait_until("both up at first", Duration::from_secs(5), || down.count() == 1 && up.count() == 1);
+    wait_until("both up at first", PATIENCE, || down.count() == 1 && up.count() == 1);
 
     down.stop();
     for i in 0..5 {
@@ -267,7 +269,7 @@ fn a_down_node_is_retried_then_counted_failed_and_resumes_when_back() {
     assert!(attempts_that_failed >= 3 && attempts_that_failed.is_multiple_of(3), "{s:?}");
     assert_eq!(s.retried, attempts_that_failed / 3 * 2, "each failed RPC was retried first: {s:?}");
     assert!(s.settled(), "{s:?}");
-    wait_until("the other node got everything", Duration::from_secs(5), || up.count() == 6);
+    wait_until("the other node got everything", PATIENCE, || up.count() == 6);
 
     let back = Sink::start_on(&down_addr);
     wait_until("delivery resumes", Duration::from_secs(20), || {
@@ -283,7 +285,7 @@ fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
     let sink = Sink::start();
     register(&etcd, "steady", &sink.addr);
     let manager = Manager::start(Config { poll_interval: Duration::from_millis(300), ..config(&etcd) }).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     let client = push_client(manager.addr());
 
     etcd.kill();
@@ -291,7 +293,7 @@ fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
     for i in 0..10 {
         assert_eq!(broadcast(&client, "", &format!("during-{i}")).get_accepted(), 1);
     }
-    wait_until("delivered during the outage", Duration::from_secs(5), || sink.count() == 10);
+    wait_until("delivered during the outage", PATIENCE, || sink.count() == 10);
 
     etcd.restart();
     let newcomer = Sink::start();
@@ -299,7 +301,7 @@ fn etcd_outage_keeps_delivering_and_discovery_resumes_after_restart() {
     wait_until("discovery resumes", Duration::from_secs(10), || node_ids(&manager) == ids(&["steady", "newcomer"]));
     assert!(manager.etcd_reachable());
     broadcast(&client, "", "after");
-    wait_until("the newcomer gets traffic", Duration::from_secs(5), || newcomer.count() == 1);
+    wait_until("the newcomer gets traffic", PATIENCE, || newcomer.count() == 1);
 }
 
 #[track_caller]
@@ -319,7 +321,7 @@ fn bad_requests_get_invalid_argument_and_the_server_keeps_serving() {
     let sink = Sink::start();
     let manager = Manager::start(Config { max_message_bytes: 1024, ..config(&etcd) }).unwrap();
     let client = push_client(manager.addr());
-    wait_until("first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    wait_until("first listing", PATIENCE, || manager.listings() >= 1);
     assert_refused(
         &client,
         &broadcast_request("", OP, 0, "x"),
@@ -328,7 +330,7 @@ fn bad_requests_get_invalid_argument_and_the_server_keeps_serving() {
     );
 
     register(&etcd, "n", &sink.addr);
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     assert_refused(&client, &BroadCastReq::new(), RpcStatusCode::INVALID_ARGUMENT, "proto is required");
     assert_refused(
         &client,
@@ -345,7 +347,7 @@ fn bad_requests_get_invalid_argument_and_the_server_keeps_serving() {
     assert_refused(&client, &broadcast_request("has space", OP, 0, "x"), RpcStatusCode::INVALID_ARGUMENT, "whitespace");
 
     assert_eq!(broadcast(&client, "", "still fine").get_accepted(), 1);
-    wait_until("the good one is delivered", Duration::from_secs(5), || sink.count() == 1);
+    wait_until("the good one is delivered", PATIENCE, || sink.count() == 1);
     assert_eq!(stats(&manager, "n").enqueued, 1, "no refused request was queued");
 }
 
@@ -367,16 +369,16 @@ fn a_key_with_a_nul_byte_is_skipped_and_discovery_keeps_working() {
     let bad_key = format!("{PREFIX}evil\0id");
     etcd.client().put(&bad_key, sink.addr.as_bytes(), None).unwrap();
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("the first listing", Duration::from_secs(5), || manager.listings() >= 1);
+    wait_until("the first listing", PATIENCE, || manager.listings() >= 1);
     assert!(node_ids(&manager).is_empty(), "the NUL id must be skipped: {:?}", node_ids(&manager));
 
     // Discovery is alive: a node registered afterwards is found and served.
     let good = Sink::start();
     register(&etcd, "good", &good.addr);
-    wait_until("the good node is discovered", Duration::from_secs(5), || node_ids(&manager) == ids(&["good"]));
+    wait_until("the good node is discovered", PATIENCE, || node_ids(&manager) == ids(&["good"]));
     assert!(manager.discovery_running());
     broadcast(&push_client(manager.addr()), "", "hello");
-    wait_until("the good node gets it", Duration::from_secs(5), || good.count() == 1);
+    wait_until("the good node gets it", PATIENCE, || good.count() == 1);
     assert_eq!(sink.count(), 0);
 }
 
@@ -388,11 +390,11 @@ fn a_nested_key_cannot_take_over_another_nodes_traffic() {
     // Sorted after "na", so read as node "na" it would be the one that sticks.
     register(&etcd, "zone-b/na", &intruder.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || manager.listings() >= 1 && !node_ids(&manager).is_empty());
+    wait_until("discovered", PATIENCE, || manager.listings() >= 1 && !node_ids(&manager).is_empty());
     assert_eq!(stats(&manager, "na").addr, real.addr);
     assert_eq!(manager.nodes().len(), 1);
     broadcast(&push_client(manager.addr()), "", "for na");
-    wait_until("the real na gets it", Duration::from_secs(5), || real.count() == 1);
+    wait_until("the real na gets it", PATIENCE, || real.count() == 1);
     assert_eq!(intruder.count(), 0);
 }
 
@@ -403,14 +405,14 @@ fn two_ids_at_one_address_get_each_message_once() {
     register(&etcd, "a", &sink.addr);
     register(&etcd, "b", &sink.addr);
     let manager = Manager::start(config(&etcd)).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || manager.listings() >= 1 && !node_ids(&manager).is_empty());
+    wait_until("discovered", PATIENCE, || manager.listings() >= 1 && !node_ids(&manager).is_empty());
     assert_eq!(node_ids(&manager), ids(&["a"]), "the first id keeps the address");
     let reply = broadcast(&push_client(manager.addr()), "", "once");
     assert_eq!(reply.get_targeted(), 1);
-    wait_until("delivered", Duration::from_secs(5), || sink.count() >= 1);
+    wait_until("delivered", PATIENCE, || sink.count() >= 1);
     // Another broadcast after it proves nothing else was still on its way.
     broadcast(&push_client(manager.addr()), "", "twice?");
-    wait_until("the second arrives", Duration::from_secs(5), || sink.count() >= 2);
+    wait_until("the second arrives", PATIENCE, || sink.count() >= 2);
     assert_eq!(sink.bodies(), vec![b"once".to_vec(), b"twice?".to_vec()]);
 }
 
@@ -440,16 +442,18 @@ fn a_node_that_moves_keeps_what_was_queued_for_it() {
     cfg.routine_size = 1;
     cfg.retry.max_attempts = 50;
     let manager = Manager::start(cfg).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     let client = push_client(manager.addr());
     for i in 0..20 {
         broadcast(&client, "", &format!("m{i}"));
     }
-    wait_until("retrying against the dead address", Duration::from_secs(5), || stats(&manager, "mover").retried > 0);
+    wait_until("retrying against the dead address", PATIENCE, || stats(&manager, "mover").retried > 0);
 
     let sink = Sink::start();
     register(&etcd, "mover", &sink.addr);
     wait_until("all 20 arrive at the new address", Duration::from_secs(10), || sink.count() == 20);
+    // The sink counts a message when it takes it, the manager when the reply is back.
+    wait_until("counters settle", PATIENCE, || stats(&manager, "mover").settled());
     let s = stats(&manager, "mover");
     assert_eq!((s.addr.as_str(), s.enqueued, s.sent, s.failed), (sink.addr.as_str(), 20, 20, 0), "{s:?}");
 }
@@ -466,9 +470,9 @@ fn retries_during_a_shutdown_drain_keep_their_backoff() {
     cfg.retry.max_attempts = 4;
     cfg.drain_timeout = Duration::from_secs(10);
     let mut manager = Manager::start(cfg).unwrap();
-    wait_until("discovered", Duration::from_secs(5), || node_ids(&manager).len() == 1);
+    wait_until("discovered", PATIENCE, || node_ids(&manager).len() == 1);
     broadcast(&push_client(manager.addr()), "", "busy");
-    wait_until("the first attempt is refused", Duration::from_secs(5), || busy.rpcs() >= 1);
+    wait_until("the first attempt is refused", PATIENCE, || busy.rpcs() >= 1);
 
     // Shutdown drains with retries allowed: it must not cut the backoff short.
     manager.shutdown();

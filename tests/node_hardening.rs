@@ -182,11 +182,11 @@ fn a_deleted_or_overwritten_registration_is_put_back_under_the_live_lease() {
     let restored = || matches!(etcd_client.get(&key), Ok(Some(kv)) if kv.value == registered.value && kv.lease == registered.lease);
 
     etcd_client.delete(&key).unwrap();
-    node.wait_until("the deleted record is back under the same lease", Duration::from_secs(5), restored);
+    node.wait_until("the deleted record is back under the same lease", PATIENCE, restored);
     node.wait_for_log("was deleted; restored");
 
     etcd_client.put(&key, b"10.0.0.1:1", None).unwrap();
-    node.wait_until("the overwritten record is back under the same lease", Duration::from_secs(5), restored);
+    node.wait_until("the overwritten record is back under the same lease", PATIENCE, restored);
     node.wait_for_log("was overwritten with \"10.0.0.1:1\" (no lease); restored");
 }
 
