@@ -135,8 +135,9 @@ pub struct NodeArgs {
     /// Also refuse upgrade requests without an Origin header (non-browser clients send none).
     #[arg(long)]
     pub require_origin: bool,
-    /// While deliveries keep coming, how long an event loop may hold writes back so more frames
-    /// share each syscall (at most 100ms); 0 never waits. A delivery to an idle node never waits.
+    /// The longest an event loop holds writes back so more frames share each syscall (at most
+    /// 100ms): after writes that took t it waits 4 x t, up to this. 0 never waits. A delivery to
+    /// a loop that has not written for that long goes out at once.
     #[arg(long, default_value_t = Config::default().ws_write_delay.into(), value_parser = parse_duration)]
     pub ws_write_delay: humantime::Duration,
     /// Most bytes of queued frames one connection writes in one syscall (1024..=262144).

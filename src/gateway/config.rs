@@ -124,12 +124,12 @@ pub struct Config {
     /// Default 4096: more than push-manager keeps in flight to one node with default flags
     /// (`--queue-size` 1000 plus `--routine-size` 10 times `--batch-max` 64).
     pub reorder_hold_messages: usize,
-    /// `--ws-write-delay`: while deliveries keep coming to an event loop (one turn of it after
-    /// another, each within this of the last), how long it may hold its connections' writes
-    /// back so that more frames share each syscall; a connection with `ws_write_bytes` queued
-    /// writes at once all the same. A delivery to an idle loop is written in the turn
-    /// it arrives, so light traffic never waits. Zero: never wait. At most
-    /// [`MAX_WS_WRITE_DELAY`]. Default 1 ms.
+    /// `--ws-write-delay`: the longest an event loop holds its connections' writes back so that
+    /// more frames share each syscall. Writes are paced by what they cost: after writes that
+    /// took `t`, the next wait until 4 × `t` after them, at most this. A loop that wrote nothing
+    /// for that long writes a delivery in the turn it arrives, so light traffic never waits; a
+    /// connection with `ws_write_bytes` queued writes at once all the same. Zero: never wait.
+    /// At most [`MAX_WS_WRITE_DELAY`]. Default 10 ms.
     pub ws_write_delay: Duration,
     /// `--ws-write-bytes`: most bytes of queued frames a connection writes in one syscall; one
     /// with this much queued writes at once, without waiting for the end of the loop's turn or
@@ -173,7 +173,7 @@ impl Default for Config {
             max_push_users: 1000,
             reorder_hold: Duration::from_secs(1),
             reorder_hold_messages: 4096,
-            ws_write_delay: Duration::from_millis(1),
+            ws_write_delay: Duration::from_millis(10),
             ws_write_bytes: 32 << 10,
         }
     }

@@ -208,8 +208,10 @@ impl EventLoop {
             if let Some(deadline) = stop_deadline {
                 wait = wait.min(deadline.saturating_duration_since(now));
             }
-            if let Some(due) = self.hold.deadline() {
-                wait = wait.min(due.saturating_duration_since(now));
+            if !self.dirty.is_empty() {
+                if let Some(due) = self.hold.deadline() {
+                    wait = wait.min(due.saturating_duration_since(now));
+                }
             }
             if !self.unread.is_empty() {
                 wait = Duration::ZERO;
@@ -234,14 +236,14 @@ impl EventLoop {
             for key in std::mem::take(&mut self.unread) {
                 self.read(key);
             }
-            let delivered = self.drain_inbox();
+            self.drain_inbox();
             if stop_deadline.is_none() && matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 info!("{name}: closing {} connections", self.conns.len());
                 stop_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                 self.close_all();
             }
             let now = Instant::now();
-            if self.hold.due(now, delivered) || stop_deadline.is_some() {
+            if self.hold.due(now) || stop_deadline.is_some() {
                 self.flush_dirty();
             }
             if now >= next_sweep {
@@ -261,12 +263,11 @@ impl EventLoop {
         debug!("{name}: stopped ({left} connections dropped without finishing their close)");
     }
 
-    /// Takes everything queued for the loop; returns whether it held deliveries. Connections
-    /// write full batches as they fill, the rest when the turn's writes are due.
-    fn drain_inbox(&mut self) -> bool {
+    /// Takes everything queued for the loop. Connections write full batches as they fill, the
+    /// rest when the turn's writes are due.
+    fn drain_inbox(&mut self) {
         // Cleared before draining: a message sent after this point wakes us again.
         self.wake_pending.store(false, Ordering::SeqCst);
-        let mut delivered = false;
         loop {
             match self.inbox.try_recv() {
                 Ok(LoopMsg::Accepted(stream)) => self.adopt(stream),
@@ -276,9 +277,8 @@ impl EventLoop {
                     if reached > 0 {
                         self.unwritten.push((taken, reached as u64));
                     }
-                    delivered = true;
                 }
-                Err(_) => return delivered,
+                Err(_) => return,
             }
         }
     }
@@ -547,15 +547,20 @@ impl EventLoop {
     /// The turn's writes, after which what was fanned out counts as delivered (a connection
     /// whose socket is full writes the rest when it drains, uncounted).
     fn flush_dirty(&mut self) {
+        if self.dirty.is_empty() && self.unwritten.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let writes = !self.dirty.is_empty();
         while let Some(key) = self.dirty.pop() {
             let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { continue };
             let next = conn.flush(&self.stats);
             self.apply(key, next);
         }
-        if self.unwritten.is_empty() {
-            return;
-        }
         let now = Instant::now();
+        if writes {
+            self.hold.wrote(started, now);
+        }
         for (taken, broadcasts) in self.unwritten.drain(..) {
             let us = u64::try_from(now.saturating_duration_since(taken).as_micros()).unwrap_or(u64::MAX);
             self.delivery_latency_us.observe_n(us, broadcasts);
@@ -674,43 +679,47 @@ fn overdue(access: &Access, now: Instant, config: &LoopConfig) -> Option<Reject>
     }
 }
 
-/// When a loop's connections write what was queued on them. At the end of each turn, unless
-/// deliveries keep coming (this turn took some, and so did one less than `delay` before): then
-/// writes wait until `delay` after the turn that started holding them, so that more frames share
-/// each syscall. A delivery to an idle loop never waits; a zero `delay` never holds.
+/// When a loop's connections write what was queued on them: paced by how long their writes
+/// take. Writes that took `t` are followed by at least `PACE × t` (at most `cap`) before the
+/// next ones, so what arrives meanwhile shares their syscalls. A loop whose writes are quick —
+/// few connections, or little load — hardly waits: writing 20 connections takes tens of
+/// microseconds. One that spends milliseconds on a turn's writes (hundreds of connections, or a
+/// CPU shared with others) waits a few times that, and the busier it is, the more frames each
+/// write carries. So the time a loop spends writing stays a bounded share of its time while the
+/// frames per syscall grow with the load, instead of a syscall per frame per connection until
+/// it falls behind. A delivery to a loop that wrote nothing for `PACE × t` goes out in its
+/// turn; a zero `cap` never holds.
 #[derive(Debug)]
 struct WriteHold {
-    delay: Duration,
-    /// The last turn that took deliveries from the inbox.
-    last_delivery: Option<Instant>,
-    /// When the writes held back are due.
-    until: Option<Instant>,
+    cap: Duration,
+    /// When the last writes ended, and how long they took.
+    last: Option<(Instant, Duration)>,
 }
 
+/// How many times as long as its last writes took a loop waits before the next: the share of
+/// its time spent writing, under load, is at most `1 / (1 + PACE)`.
+const PACE: u32 = 4;
+
 impl WriteHold {
-    fn new(delay: Duration) -> WriteHold {
-        WriteHold { delay, last_delivery: None, until: None }
+    fn new(cap: Duration) -> WriteHold {
+        WriteHold { cap, last: None }
     }
 
-    /// Called once a turn, after the inbox is drained: whether the connections write now.
-    fn due(&mut self, now: Instant, delivered: bool) -> bool {
-        if delivered {
-            let busy = self.last_delivery.is_some_and(|last| now.saturating_duration_since(last) < self.delay);
-            self.last_delivery = Some(now);
-            if busy && self.until.is_none() {
-                self.until = Some(now + self.delay);
-            }
-        }
-        let due = self.until.is_none_or(|until| now >= until);
-        if due {
-            self.until = None;
-        }
-        due
+    /// Whether the connections may write now.
+    fn due(&self, now: Instant) -> bool {
+        self.deadline().is_none_or(|due| now >= due)
     }
 
-    /// When the writes held back are due, for the poll's timeout.
+    /// When writes held back are due, for the poll's timeout; `None` when nothing holds them.
     fn deadline(&self) -> Option<Instant> {
-        self.until
+        let (ended, took) = self.last?;
+        let hold = took.saturating_mul(PACE).min(self.cap);
+        (!hold.is_zero()).then(|| ended + hold)
+    }
+
+    /// Writes ran from `started` to `ended`.
+    fn wrote(&mut self, started: Instant, ended: Instant) {
+        self.last = Some((ended, ended.saturating_duration_since(started)));
     }
 }
 
@@ -729,24 +738,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_delivery_to_an_idle_loop_is_written_in_its_turn_and_a_busy_loop_holds_for_the_delay() {
+    fn writes_wait_a_multiple_of_what_the_last_ones_took_and_never_with_a_zero_cap() {
         let ms = Duration::from_millis;
         let start = Instant::now();
-        let mut hold = WriteHold::new(ms(2));
-        assert!(hold.due(start, true), "the first delivery: written at once");
-        assert!(hold.due(start + ms(10), true), "idle for longer than the delay: at once");
-        assert!(!hold.due(start + ms(11), true), "deliveries keep coming: held");
-        assert_eq!(hold.deadline(), Some(start + ms(13)));
-        assert!(!hold.due(start + ms(12), true), "more while held: still held, and not for longer");
-        assert!(!hold.due(start + ms(12), false), "a turn without deliveries before the deadline");
-        assert!(hold.due(start + ms(13), false), "the delay ran out: written without more traffic");
+        let mut hold = WriteHold::new(ms(10));
+        assert!(hold.due(start), "nothing written yet: at once");
         assert_eq!(hold.deadline(), None);
-        assert!(hold.due(start + ms(30), false), "nothing held: turns write what they have");
+        hold.wrote(start, start + ms(1));
+        let due = start + ms(1) + ms(u64::from(PACE));
+        assert_eq!(hold.deadline(), Some(due));
+        assert!(!hold.due(start + ms(2)), "right after writes that took 1 ms: held");
+        assert!(hold.due(due), "held no longer than PACE times as long as they took");
+        assert!(hold.due(start + ms(500)), "a loop idle since: at once");
+
+        hold.wrote(start, start + ms(20));
+        assert_eq!(hold.deadline(), Some(start + ms(30)), "never more than the cap");
 
         let mut never = WriteHold::new(Duration::ZERO);
-        for i in 0..5 {
-            assert!(never.due(start + Duration::from_nanos(i), true), "0 never waits");
-        }
+        never.wrote(start, start + ms(50));
+        assert!(never.due(start + ms(50)), "0 never waits");
         assert_eq!(never.deadline(), None);
     }
 
