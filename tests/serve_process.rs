@@ -152,3 +152,35 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
         assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
     }
 }
+
+/// The names of a process's threads (Linux: /proc/<pid>/task/*/comm).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect()
+}
+
+#[test]
+fn each_role_runs_its_grpc_server_and_etcd_clients_on_one_grpc_thread() {
+    // gRPC polls all of a process's sockets from one set: a second environment for etcd would
+    // only add a thread that reads the other calls and hands them over, a wake-up per message.
+    let etcd = Etcd::start();
+    let node = push_manager::testkit::spawn_node(BIN, &etcd.endpoint(), PREFIX, "one-env", &[]);
+    let (serve, addr) = serve(&etcd, &[]);
+    // Both registered (each through an etcd client) and serve's discovery uses the node.
+    wait_until("the node is used", Duration::from_secs(10), || send(&addr, "probe").status.success());
+    wait_until("serve registered itself", Duration::from_secs(10), || {
+        !etcd.client().get_prefix("/services/push-manager/").unwrap().kvs.is_empty()
+    });
+    for (role, pid, grpc) in [("serve", serve.id(), "grpc-"), ("node", node.child.id(), "grpc-gateway-")] {
+        let names = thread_names(pid);
+        let grpc_threads: Vec<_> = names.iter().filter(|n| n.starts_with(grpc)).collect();
+        assert_eq!(grpc_threads.len(), 1, "{role}: one completion-queue thread by default: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("etcd-grpc")),
+            "{role}: etcd has no gRPC thread of its own: {names:?}"
+        );
+    }
+}

@@ -238,7 +238,7 @@ pub fn run(args: NodeArgs) -> super::CmdResult {
     // Published under the host push-manager calls, so a node behind a name (a container) is
     // reached under that name on both ports.
     let ws_url = format!("{scheme}://{}/ws", advertised(gateway.ws_addr(), Some(crate::addr::host_of(&addr))));
-    let client = etcd::Client::connect(config.etcd.clone())?;
+    let client = etcd::Client::connect_on(config.etcd.clone(), gateway.grpc_environment())?;
     let ws_prefix = registry::ws_prefix(&config.prefix);
     let mut registration = Registration::start(
         client,

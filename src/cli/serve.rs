@@ -225,7 +225,8 @@ fn register(config: &Config, manager: &Manager, admin: Option<&AdminServer>) -> 
     let record =
         InstanceRecord { admin: admin.map(|a| format!("http://{}", advertised(a.addr(), Some(host_of(&addr))))), addr };
     let key = registry::key(&instance.prefix, &id);
-    let client = etcd::Client::connect(config.etcd.clone()).map_err(|e| format!("registering in etcd: {e}"))?;
+    let client = etcd::Client::connect_on(config.etcd.clone(), manager.grpc_environment())
+        .map_err(|e| format!("registering in etcd: {e}"))?;
     let registration =
         RegistrationConfig { records: vec![Record::new(key.clone(), record.to_json())], ttl: instance.lease_ttl };
     // Serving is this role's job and registering a convenience for clients: an etcd that refuses

@@ -160,10 +160,19 @@ struct Inner {
 
 impl Client {
     /// Validates `config` and sets up one channel per endpoint; etcd need not be up yet.
-    /// Certificate files are read here, so a bad one is reported at once.
+    /// Certificate files are read here, so a bad one is reported at once. The client gets a gRPC
+    /// environment (one `etcd-grpc-0` thread) of its own: for tools and tests; a process that
+    /// already has one gives it to [`Client::connect_on`].
     pub fn connect(config: Config) -> Result<Client> {
+        Client::connect_on(config, Arc::new(EnvBuilder::new().cq_count(1).name_prefix("etcd-grpc").build()))
+    }
+
+    /// [`Client::connect`] on `env`, the process's gRPC environment. gRPC polls every socket of
+    /// a process from one set (epoll1), so a second environment does not keep etcd apart: its
+    /// thread only adds a poller that reads the other calls' sockets and hands each completion
+    /// over to its own thread, a wake-up on every message's path.
+    pub fn connect_on(config: Config, env: Arc<Environment>) -> Result<Client> {
         config.validate()?;
-        let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("etcd-grpc").build());
         let mut channels = Vec::with_capacity(config.endpoints.len());
         for endpoint in &config.endpoints {
             let credentials = match &config.tls {

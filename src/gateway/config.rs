@@ -58,7 +58,10 @@ pub struct Config {
     pub max_topic_len: usize,
     /// Most topics one connection may hold. Default 64.
     pub max_topics_per_connection: usize,
-    /// gRPC completion-queue threads. Default 2.
+    /// gRPC completion-queue threads, shared by the server and the registration's etcd client.
+    /// Default 1: a call's work here is per message, not per delivery, and with one thread the
+    /// thread that reads a call also runs it (with more, gRPC may read it on one and hand it to
+    /// another, a wake-up on the message's path).
     pub grpc_threads: usize,
     /// Deliveries that may wait in one event loop's queue. While any loop has this many, the
     /// node refuses broadcasts with RESOURCE_EXHAUSTED (push-manager retries them with backoff)
@@ -155,7 +158,7 @@ impl Default for Config {
             max_connections: 100_000,
             max_topic_len: crate::topic::MAX_TOPIC_BYTES,
             max_topics_per_connection: 64,
-            grpc_threads: 2,
+            grpc_threads: 1,
             max_loop_backlog: 10_000,
             max_loop_backlog_bytes: 64 << 20,
             tls: None,

@@ -33,7 +33,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use grpcio::EnvBuilder;
+use grpcio::{EnvBuilder, Environment};
 use log::{info, warn};
 
 pub use config::{Config, NodeConfig, WsAuth, WsTls};
@@ -69,6 +69,9 @@ const GRPC_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A running connect-node. Dropping it shuts it down.
 pub struct Gateway {
+    /// The process's gRPC environment: the server and the registration's etcd client share its
+    /// threads (see [`crate::etcd::Client::connect_on`]).
+    env: Arc<Environment>,
     grpc: Option<grpcio::Server>,
     activity: Arc<Activity>,
     grpc_addr: SocketAddr,
@@ -138,7 +141,9 @@ impl Gateway {
         let hold = HoldLimits { time: config.reorder_hold, messages: config.reorder_hold_messages };
         let sequencer = Arc::new(Sequencer::new(hold, stats.clone()));
         // From here on, an error drops `gateway`, which stops what was started.
+        let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
         let mut gateway = Gateway {
+            env: env.clone(),
             grpc: None,
             activity: Arc::new(Activity::new()),
             grpc_addr: "0.0.0.0:0".parse().expect("literal"),
@@ -181,7 +186,7 @@ impl Gateway {
         };
         let service =
             service::ConnectNodeService::new(gateway.hub.clone(), gateway.activity.clone(), admission, sequencer);
-        let (server, grpc_addr) = start_grpc(&config, service, gateway.serving.health_service())?;
+        let (server, grpc_addr) = start_grpc(env, &config, service, gateway.serving.health_service())?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
         let scheme = if answers_plain_http { "ws" } else { "wss" };
@@ -230,6 +235,11 @@ impl Gateway {
     }
 
     /// The address the gRPC service is bound to (the real port when 0 was asked for).
+    /// The gRPC environment this node runs on, for the process's other gRPC clients.
+    pub fn grpc_environment(&self) -> Arc<Environment> {
+        self.env.clone()
+    }
+
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }
@@ -388,11 +398,11 @@ fn spawn_sweep(sequencer: Arc<Sequencer>, hub: Arc<Hub>, alive: observe::Alive) 
 }
 
 fn start_grpc(
+    env: Arc<Environment>,
     config: &Config,
     service: service::ConnectNodeService,
     health: grpcio::Service,
 ) -> Result<(grpcio::Server, SocketAddr)> {
-    let env = Arc::new(EnvBuilder::new().cq_count(config.grpc_threads).name_prefix("grpc-gateway").build());
     let service = crate::proto::protocol_grpc::create_connect_node(service);
     let reflection = crate::reflection::services(&[SERVICE_NAME, HEALTH_SERVICE]);
     let services = [service, health].into_iter().chain(reflection);

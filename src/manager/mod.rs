@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::EnvBuilder;
+use grpcio::{EnvBuilder, Environment};
 use log::{info, warn};
 
 pub use config::{Config, InstanceConfig, RetryPolicy, NODE_TLS_FLAGS};
@@ -50,6 +50,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A running push-manager. Dropping it shuts it down.
 pub struct Manager {
+    /// The process's gRPC environment: the server, the node clients and discovery's etcd client
+    /// share its threads (see [`etcd::Client::connect_on`]).
+    env: Arc<Environment>,
     server: Option<grpcio::Server>,
     discovery: Option<Discovery>,
     /// Discovery's status, kept past its shutdown for the admin endpoint.
@@ -81,7 +84,7 @@ impl Manager {
         // Discovery first, so the service can tell callers whether etcd is reachable. Until the
         // server starts, the nodes it finds just wait for traffic; if binding fails, dropping it
         // stops it.
-        let client = etcd::Client::connect(config.etcd.clone())?;
+        let client = etcd::Client::connect_on(config.etcd.clone(), env.clone())?;
         let reconciled = fanout.clone();
         let discovery = Discovery::start(
             client,
@@ -106,7 +109,7 @@ impl Manager {
         };
         let serving = Arc::new(Serving::new(&[SERVICE_NAME]));
         let (server, addr) = crate::grpc::start_server(
-            env,
+            env.clone(),
             &config.listen,
             receive_limit(&config),
             config.tls.as_ref(),
@@ -121,6 +124,7 @@ impl Manager {
             fanout.instance()
         );
         Ok(Manager {
+            env,
             server: Some(server),
             discovery_status: discovery.status(),
             discovery: Some(discovery),
@@ -134,6 +138,11 @@ impl Manager {
     }
 
     /// The address the gRPC server is bound to.
+    /// The gRPC environment this manager runs on, for the process's other gRPC clients.
+    pub fn grpc_environment(&self) -> Arc<Environment> {
+        self.env.clone()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
