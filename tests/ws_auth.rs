@@ -82,8 +82,10 @@ fn secured(keys: &Keys, tweak: impl FnOnce(&mut push_manager::gateway::Config)) 
     })
 }
 
-fn publish(gw: &Gateway, topic: &str, body: &str) {
-    gw.hub().publish(&broadcast_request(topic, 1000, 0, body));
+/// Publishes as the node's gRPC handler does; returns the connections it reached
+/// (`NodeReply.delivered`).
+fn publish(gw: &Gateway, topic: &str, body: &str) -> u64 {
+    gw.hub().publish(&broadcast_request(topic, 1000, 0, body))
 }
 
 /// Reads frames until a message for `topic` arrives; returns its body.
@@ -224,13 +226,22 @@ fn a_connection_owing_its_token_gets_no_broadcast_to_everyone() {
     let mut pending = Client::connect(gw.ws_addr(), "/ws");
     let mut alice = Client::connect(gw.ws_addr(), &format!("/ws?token={t}"));
     wait_connections(&gw, 2);
-    publish(&gw, "", "to everyone");
+    assert_eq!(gw.stats().connections_pending_auth, 1);
+    assert_eq!(publish(&gw, "", "to everyone"), 1, "delivered counts alice, not the one owing its token");
     assert_eq!(next_message_on(&mut alice, ""), "to everyone");
     pending.send_text(&serde_json::json!({"action": "auth", "token": t}).to_string());
     let first = pending.next_json();
     assert_eq!(first["type"], "authenticated", "the broadcast before auth must not reach it: {first}");
-    publish(&gw, "", "after auth");
+    assert_eq!(gw.stats().connections_pending_auth, 0);
+    assert_eq!(publish(&gw, "", "after auth"), 2);
     assert_eq!(next_message_on(&mut pending, ""), "after auth");
+    // One that never authenticates and goes away leaves the count as it found it.
+    let quitter = Client::connect(gw.ws_addr(), "/ws");
+    wait_connections(&gw, 3);
+    assert_eq!(gw.stats().connections_pending_auth, 1);
+    drop(quitter);
+    wait_until("the quitter is gone", PATIENCE, || gw.stats().connections_open == 2);
+    assert_eq!(gw.stats().connections_pending_auth, 0);
 }
 
 #[test]

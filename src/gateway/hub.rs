@@ -246,7 +246,10 @@ impl Hub {
             let delivered = users.iter().map(|user| self.counts.users.get(user)).sum();
             (Audience::Users(users), delivered, protocol::encode_direct_frame(msg))
         } else if msg.get_topic().is_empty() {
-            (Audience::Everyone, self.connections() as u64, protocol::encode_message_frame(msg))
+            // Not the connections still owing their token: the loops skip them.
+            let reached = self.stats.connections_open.load(Ordering::Relaxed);
+            let pending = self.stats.connections_pending_auth.load(Ordering::Relaxed);
+            (Audience::Everyone, reached.saturating_sub(pending), protocol::encode_message_frame(msg))
         } else {
             let topic = msg.get_topic();
             (Audience::Topic(topic.into()), self.counts.topics.get(topic), protocol::encode_message_frame(msg))

@@ -96,6 +96,11 @@ impl Probe for GatewayProbe {
             &[(&[], s.connections_open as f64)],
         );
         out.gauge(
+            "push_manager_node_connections_pending_auth",
+            "Open connections still owing their token; they receive nothing until they authenticate.",
+            &[(&[], s.connections_pending_auth as f64)],
+        );
+        out.gauge(
             "push_manager_node_connections_held",
             "Sockets held (handshaking, open, closing); --max-connections bounds it.",
             &[(&[], s.connections_held as f64)],

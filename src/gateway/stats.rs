@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) connections_open: AtomicU64,
+    pub(crate) connections_pending_auth: AtomicU64,
     pub(crate) connections_held: AtomicU64,
     pub(crate) accepted: AtomicU64,
     pub(crate) refused_max_connections: AtomicU64,
@@ -39,6 +40,9 @@ pub(crate) struct Stats {
 pub struct StatsSnapshot {
     /// WebSocket connections past the handshake and not yet closing (a gauge).
     pub connections_open: u64,
+    /// Of those, connections still owing their token (`--ws-auth required`, no `?token=`):
+    /// they receive nothing until they authenticate (a gauge).
+    pub connections_pending_auth: u64,
     /// Sockets the event loops hold: handshaking, open and closing; what `max_connections`
     /// bounds (a gauge).
     pub connections_held: u64,
@@ -125,6 +129,7 @@ impl Stats {
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             connections_open: self.connections_open.load(Relaxed),
+            connections_pending_auth: self.connections_pending_auth.load(Relaxed),
             connections_held: self.connections_held.load(Relaxed),
             accepted: self.accepted.load(Relaxed),
             refused_max_connections: self.refused_max_connections.load(Relaxed),

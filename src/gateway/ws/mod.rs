@@ -359,6 +359,9 @@ impl EventLoop {
             }
             None => self.config.gatekeeper.without_token(Instant::now()),
         };
+        if matches!(conn.access, Access::Pending { .. }) {
+            Stats::inc(&self.stats.connections_pending_auth);
+        }
         self.conns[key] = Conn::Open(conn);
         Stats::inc(&self.stats.connections_open);
         if let Err(reject) = self.subscriptions.subscribe(key, opening.topics) {
@@ -476,6 +479,9 @@ impl EventLoop {
     /// what it holds (topics the new token does not grant are dropped) and its expiry.
     fn identify(&mut self, key: usize, identity: Identity, kind: IdentityKind) {
         let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
+        if matches!(conn.access, Access::Pending { .. }) {
+            Stats::dec(&self.stats.connections_pending_auth);
+        }
         if !matches!(conn.access, Access::User(_)) {
             self.subscriptions.set_user(key, identity.user.clone());
         }
@@ -596,6 +602,9 @@ impl EventLoop {
     fn leave_active(&mut self, key: usize) {
         let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
         if conn.leave_active() {
+            if matches!(conn.access, Access::Pending { .. }) {
+                Stats::dec(&self.stats.connections_pending_auth);
+            }
             self.subscriptions.remove_all(key);
             Stats::dec(&self.stats.connections_open);
         }
