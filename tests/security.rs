@@ -230,6 +230,33 @@ fn a_broadcast_crosses_every_secured_hop_to_subscribers_on_two_nodes() {
     for n in &nodes {
         assert!(stdout(&listed).contains(&n.grpc), "{} not in {listed:?}", n.grpc);
     }
+
+    // So does `send --etcd`, to find push-manager's address where serve registered it.
+    let send_found = |etcd_access: &[String]| {
+        Command::new(BIN)
+            .args(["send", "--etcd", &etcd.endpoint(), "--topic", TOPIC, "--timeout", "3s"])
+            .args(etcd_access)
+            .args(&caller)
+            .arg("found through the secured etcd")
+            .output()
+            .unwrap()
+    };
+    let out = send_found(&etcd_flags(&pki, &pki.issue("operator"), &password));
+    assert!(out.status.success(), "{out:?}");
+    for ws in &mut subscribers {
+        assert_eq!(ws.next_json()["body"], "found through the secured etcd");
+    }
+    // Without them it cannot read etcd, and says so; with them but no --etcd, it says what is missing.
+    let out = send_found(&[]);
+    assert!(!out.status.success() && stderr(&out).contains("--etcd"), "{}", printed(&out));
+    let out = Command::new(BIN)
+        .args(["send", "--topic", TOPIC, "--etcd-ca", &path(&pki.ca()), "x"])
+        .args(&caller)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", printed(&out));
+    assert!(stderr(&out).contains("give --etcd too"), "{}", printed(&out));
+
     for mut n in nodes {
         assert!(n.process.stop().success(), "{}", n.process.output());
     }

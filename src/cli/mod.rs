@@ -82,6 +82,14 @@ pub struct EtcdArgs {
     /// etcd key prefix under which connect-nodes register.
     #[arg(long, default_value = crate::registry::DEFAULT_PREFIX)]
     pub prefix: String,
+    #[command(flatten)]
+    pub access: EtcdAccessArgs,
+}
+
+/// How to talk to etcd: TLS and login. Shared by the roles (`EtcdArgs`) and by the clients that
+/// find an instance with `--etcd` (`LocateArgs`), so a secured etcd is reached the same way by all.
+#[derive(Args, Debug, Clone)]
+pub struct EtcdAccessArgs {
     /// CA certificate (PEM) that signed etcd's: talk to etcd over TLS.
     #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
@@ -160,18 +168,20 @@ pub struct LocateArgs {
     /// With --etcd: the instance to use, by id [default: the first registered, in key order].
     #[arg(long, requires = "etcd")]
     pub instance: Option<String>,
+    #[command(flatten)]
+    pub access: EtcdAccessArgs,
 }
 
 impl LocateArgs {
     /// A client of `--etcd`, if given.
     pub fn client(&self) -> Result<Option<etcd::Client>, String> {
-        let Some(endpoints) = &self.etcd else { return Ok(None) };
-        let config = etcd::Config {
-            endpoints: parse_endpoints(endpoints),
-            timeout: self.etcd_timeout.into(),
-            tls: None,
-            auth: None,
+        let Some(endpoints) = &self.etcd else {
+            if self.access.is_given() {
+                return Err("--etcd-ca, --etcd-cert and --etcd-user say how to reach --etcd: give --etcd too".into());
+            }
+            return Ok(None);
         };
+        let config = self.access.config(endpoints, self.etcd_timeout.into())?;
         config.validate().map_err(|e| format!("--etcd {endpoints}: {e}"))?;
         etcd::Client::connect(config).map(Some).map_err(|e| format!("--etcd {endpoints}: {e}"))
     }
@@ -236,6 +246,18 @@ pub const ETCD_PASSWORD_ENV: &str = "PUSH_MANAGER_ETCD_PASSWORD";
 impl EtcdArgs {
     /// The etcd client config; reads the password (never shown in an error).
     pub fn config(&self) -> Result<etcd::Config, String> {
+        self.access.config(&self.etcd, self.etcd_timeout.into())
+    }
+}
+
+impl EtcdAccessArgs {
+    fn is_given(&self) -> bool {
+        self.etcd_ca.is_some() || self.etcd_cert.is_some() || self.etcd_user.is_some()
+    }
+
+    /// The config of a client of `endpoints` with these flags; reads the password (never shown
+    /// in an error).
+    pub fn config(&self, endpoints: &str, timeout: Duration) -> Result<etcd::Config, String> {
         if self.etcd_ca.is_none() && (self.etcd_cert.is_some() || self.etcd_key.is_some()) {
             return Err("--etcd-cert and --etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into());
         }
@@ -262,7 +284,7 @@ impl EtcdArgs {
                 Some(etcd::Credentials { user: user.clone(), password })
             }
         };
-        Ok(etcd::Config { endpoints: parse_endpoints(&self.etcd), timeout: self.etcd_timeout.into(), tls, auth })
+        Ok(etcd::Config { endpoints: parse_endpoints(endpoints), timeout, tls, auth })
     }
 }
 
