@@ -234,12 +234,12 @@ impl Gateway {
         })
     }
 
-    /// The address the gRPC service is bound to (the real port when 0 was asked for).
     /// The gRPC environment this node runs on, for the process's other gRPC clients.
     pub fn grpc_environment(&self) -> Arc<Environment> {
         self.env.clone()
     }
 
+    /// The address the gRPC service is bound to (the real port when 0 was asked for).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }

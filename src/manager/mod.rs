@@ -137,12 +137,12 @@ impl Manager {
         })
     }
 
-    /// The address the gRPC server is bound to.
     /// The gRPC environment this manager runs on, for the process's other gRPC clients.
     pub fn grpc_environment(&self) -> Arc<Environment> {
         self.env.clone()
     }
 
+    /// The address the gRPC server is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
