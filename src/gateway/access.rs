@@ -168,6 +168,11 @@ pub(crate) enum Access {
 }
 
 impl Access {
+    /// Whether the connection still owes its token: it receives nothing, and is counted apart.
+    pub(crate) fn is_pending(&self) -> bool {
+        matches!(self, Access::Pending { .. })
+    }
+
     /// Whether the connection may subscribe to `topic`.
     pub(crate) fn allows(&self, topic: &str) -> bool {
         match self {

@@ -14,10 +14,11 @@
 //!
 //! Writes are coalesced per turn of the loop: the inbox is drained (a `BroadcastBatch` from
 //! push-manager is one message in it) onto the connections' queues first, then each connection
-//! with something queued writes it in one syscall ([`connection`]). A frame alone in its turn
-//! leaves in that turn. While deliveries keep coming (one turn after another within
-//! `write_delay`), writes wait up to `write_delay` for more to share them; a connection with a
-//! full batch queued writes at once all the same. Every socket a loop is handed counts in
+//! with something queued writes it in one syscall ([`connection`]). Writes are paced by what
+//! they cost ([`WriteHold`]): after writes that took `t`, the next wait until `4 × t` after them,
+//! at most `write_delay`, for more to share them, so a frame to a loop that has not written for
+//! a while leaves in its turn; a connection with a full batch queued writes at once all the
+//! same. Every socket a loop is handed counts in
 //! `connections_held` until the loop lets go of it, which is what `max_connections` bounds.
 //! On a `wss://` endpoint each socket carries a rustls session ([`transport`]), driven by the
 //! same reads and writes.
@@ -74,7 +75,8 @@ pub(crate) struct LoopConfig {
     ping_interval: Duration,
     /// Silence that drops a connection.
     pong_timeout: Duration,
-    /// How long a busy loop may hold writes back for more deliveries to share them; zero: never.
+    /// The longest a loop holds writes back for more deliveries to share them ([`WriteHold`]);
+    /// zero: never.
     write_delay: Duration,
     /// Bytes of queued frames per write.
     write_bytes: usize,
@@ -359,7 +361,7 @@ impl EventLoop {
             }
             None => self.config.gatekeeper.without_token(Instant::now()),
         };
-        if matches!(conn.access, Access::Pending { .. }) {
+        if conn.access.is_pending() {
             Stats::inc(&self.stats.connections_pending_auth);
         }
         self.conns[key] = Conn::Open(conn);
@@ -407,7 +409,7 @@ impl EventLoop {
 
     fn on_command(&mut self, key: usize, command: Command) {
         let Some(Conn::Open(conn)) = self.conns.get(key) else { return };
-        let pending = matches!(conn.access, Access::Pending { .. });
+        let pending = conn.access.is_pending();
         let kind = match command {
             Command::Auth(token) => return self.on_token(key, &token, IdentityKind::Authenticated),
             Command::Refresh(token) => return self.on_token(key, &token, IdentityKind::Refreshed),
@@ -479,7 +481,7 @@ impl EventLoop {
     /// what it holds (topics the new token does not grant are dropped) and its expiry.
     fn identify(&mut self, key: usize, identity: Identity, kind: IdentityKind) {
         let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
-        if matches!(conn.access, Access::Pending { .. }) {
+        if conn.access.is_pending() {
             Stats::dec(&self.stats.connections_pending_auth);
         }
         if !matches!(conn.access, Access::User(_)) {
@@ -507,7 +509,7 @@ impl EventLoop {
             Audience::Everyone => keys.extend(
                 self.conns
                     .iter()
-                    .filter(|(_, conn)| matches!(conn, Conn::Open(c) if !matches!(c.access, Access::Pending { .. })))
+                    .filter(|(_, conn)| matches!(conn, Conn::Open(c) if !c.access.is_pending()))
                     .map(|(key, _)| key),
             ),
             Audience::Topic(topic) => keys.extend(self.subscriptions.subscribers(topic)),
@@ -602,7 +604,7 @@ impl EventLoop {
     fn leave_active(&mut self, key: usize) {
         let Some(Conn::Open(conn)) = self.conns.get_mut(key) else { return };
         if conn.leave_active() {
-            if matches!(conn.access, Access::Pending { .. }) {
+            if conn.access.is_pending() {
                 Stats::dec(&self.stats.connections_pending_auth);
             }
             self.subscriptions.remove_all(key);
