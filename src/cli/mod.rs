@@ -181,8 +181,8 @@ impl LocateArgs {
             }
             return Ok(None);
         };
+        // `connect` validates the config, endpoints included.
         let config = self.access.config(endpoints, self.etcd_timeout.into())?;
-        config.validate().map_err(|e| format!("--etcd {endpoints}: {e}"))?;
         etcd::Client::connect(config).map(Some).map_err(|e| format!("--etcd {endpoints}: {e}"))
     }
 
