@@ -1,7 +1,9 @@
 //! Coalesced writes on the connect-node, end to end: a `BroadcastBatch` leaves in far fewer
 //! socket writes than it has frames, in order; `--ws-write-delay` is validated by name; held
-//! writes go out without more traffic to push them. Speed is measured in `benches/ws_fanout.rs`,
-//! not asserted here: these tests check delivery and order only.
+//! writes go out without more traffic to push them; a few frames for an idle event loop are
+//! written by the publishing thread, many go through the loop, and a connection sees one order
+//! either way. Speed is measured in `benches/ws_fanout.rs` and `benches/e2e.rs`, not asserted
+//! here: these tests check delivery and order only.
 
 mod common;
 
@@ -91,5 +93,62 @@ fn writes_held_for_the_longest_delay_go_out_with_no_more_traffic_and_a_lone_mess
     gw.hub().publish(&broadcast_request("t", OP, 68, "after"));
     for seq in 4..=68 {
         assert_delivery(&client.next_json(), "t", seq.into());
+    }
+}
+
+/// More than `INLINE_AUDIENCE` (32) connections of one loop: a broadcast to them all is always
+/// handed to the loop.
+const CROWD: usize = 40;
+
+#[test]
+fn a_message_for_a_few_connections_of_an_idle_loop_is_written_inline_and_one_for_a_crowd_is_not() {
+    // No write hold: right after its writes a loop holds the next ones for a multiple of what
+    // they took, which on a loaded machine can outlast the test's round trip.
+    let gw = start_gateway(|c| {
+        c.event_loops = 1;
+        c.ws_write_delay = Duration::ZERO;
+    });
+    let mut solo = Client::subscribed(gw.ws_addr(), &["solo"]);
+    wait_connections(&gw, 1);
+    // The loop is asleep between these unless a sweep happens to run: one of them is enough.
+    let before = gw.stats().inline_batches;
+    let mut seq = 0;
+    while gw.stats().inline_batches == before && seq < 50 {
+        gw.hub().publish(&broadcast_request("solo", OP, seq, "alone"));
+        assert_delivery(&solo.next_json(), "solo", seq.into());
+        seq += 1;
+    }
+    assert!(gw.stats().inline_batches > before, "none of {seq} lone messages to an idle loop was written inline");
+
+    let mut crowd: Vec<Client> = (0..CROWD).map(|_| Client::subscribed(gw.ws_addr(), &["crowd"])).collect();
+    wait_connections(&gw, 1 + CROWD);
+    let before = gw.stats();
+    assert_eq!(gw.hub().publish(&broadcast_request("crowd", OP, 0, "to all")), CROWD as u64);
+    for client in &mut crowd {
+        assert_delivery(&client.next_json(), "crowd", 0);
+    }
+    assert_eq!(gw.stats().inline_batches, before.inline_batches, "{CROWD} connections are the loop's to write");
+}
+
+#[test]
+fn a_connection_sees_inline_and_loop_written_frames_in_the_order_they_were_published() {
+    let gw = start_gateway(|c| c.event_loops = 1);
+    let mut both = Client::subscribed(gw.ws_addr(), &["crowd", "solo"]);
+    let mut crowd: Vec<Client> = (1..CROWD).map(|_| Client::subscribed(gw.ws_addr(), &["crowd"])).collect();
+    wait_connections(&gw, CROWD);
+
+    // Back to back, so each lone message finds the loop idle or still busy with the crowd's.
+    const N: i32 = 200;
+    for seq in 0..N {
+        let topic = if seq % 2 == 0 { "crowd" } else { "solo" };
+        gw.hub().publish(&broadcast_request(topic, OP, seq, "mixed"));
+    }
+    for seq in 0..N {
+        assert_delivery(&both.next_json(), if seq % 2 == 0 { "crowd" } else { "solo" }, seq.into());
+    }
+    for client in &mut crowd {
+        for seq in (0..N).step_by(2) {
+            assert_delivery(&client.next_json(), "crowd", seq.into());
+        }
     }
 }

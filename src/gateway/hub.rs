@@ -15,6 +15,7 @@ use tungstenite::Utf8Bytes;
 
 use super::protocol;
 use super::stats::Stats;
+use super::ws::LoopState;
 use crate::admin::Histogram;
 use crate::proto::dedup_user_ids;
 use crate::proto::protocol::BroadCastReq;
@@ -84,6 +85,8 @@ pub(crate) struct LoopHandle {
     /// Microseconds from the hub taking a broadcast to the loop's writes of its frames; one per
     /// loop, so the loops never share its counters' cache lines.
     pub(crate) delivery_latency_us: Arc<Histogram>,
+    /// The loop's state, for delivering to it directly while it sleeps.
+    pub(crate) state: LoopState,
 }
 
 impl LoopHandle {
@@ -159,8 +162,9 @@ pub struct Hub {
     stats: Arc<Stats>,
     /// `Config::max_loop_backlog` and `Config::max_loop_backlog_bytes`.
     limits: BacklogLimits,
-    /// Held while a broadcast is handed to every loop, so that two concurrent publishers cannot
-    /// interleave differently on different loops: all connections see one order.
+    /// Held while a broadcast is handed to every loop (or written inline to an idle one's few
+    /// connections), so that two concurrent publishers cannot interleave differently on
+    /// different loops: all connections see one order.
     order: Mutex<()>,
 }
 
@@ -210,7 +214,9 @@ impl Hub {
 
     /// [`Hub::publish`] for each of `messages`, in order, handed to each event loop as one
     /// message: the loop fans the whole batch out before it writes, so each connection gets it
-    /// in as few writes as the bytes allow. Returns the deliveries over all of them.
+    /// in as few writes as the bytes allow. A loop asleep with nothing to do, for which the
+    /// batch is a few frames, is not woken: the calling thread writes them
+    /// ([`LoopState::deliver_inline`]). Returns the deliveries over all of them.
     pub fn publish_batch(&self, messages: &[BroadCastReq]) -> u64 {
         if messages.is_empty() {
             return 0;
@@ -228,6 +234,9 @@ impl Hub {
         let taken = Instant::now();
         let _order = self.order.lock();
         for handle in &self.loops {
+            if handle.state.deliver_inline(&batch, taken) {
+                continue;
+            }
             handle.backlog.add(batch.len(), bytes);
             // A loop that is gone (gateway shutting down) has no connections left to reach.
             if !handle.send(LoopMsg::Publish { batch: batch.clone(), taken }) {

@@ -53,7 +53,7 @@ use observe::{GatewayProbe, Liveness};
 use sequencer::{HoldLimits, Sequencer};
 use service::Activity;
 use stats::Stats;
-use ws::{LoopConfig, LoopParts};
+use ws::{LoopConfig, LoopParts, LoopState};
 
 /// How long no ConnectNode call may have arrived before a stopping node takes push-manager to
 /// have stopped sending ([`Gateway::wait_until_quiet`]): push-manager hears of a deregistration
@@ -358,15 +358,17 @@ fn spawn_loop(
         config: LoopConfig::new(config, gatekeeper),
         tls,
     };
+    let (poll, state) = LoopState::new(parts)?;
     let name = format!("ws-loop-{n}");
     let alive = liveness.alive(name.clone());
+    let polled = state.clone();
     let thread = StoppableThread::spawn(name, move |stop| {
         let _alive = alive;
-        ws::run(parts, stop)
+        ws::run(poll, polled, stop)
     })?;
     Ok((
         thread.with_wake(wake_to_stop(waker.clone())),
-        LoopHandle { tx, waker, wake_pending, backlog, delivery_latency_us },
+        LoopHandle { tx, waker, wake_pending, backlog, delivery_latency_us, state },
     ))
 }
 

@@ -163,6 +163,11 @@ impl Probe for GatewayProbe {
             &[(&[], s.socket_writes)],
         );
         out.counter(
+            "push_manager_node_inline_batches_total",
+            "Batches written to an idle event loop's connections by the publishing thread, not handed to the loop.",
+            &[(&[], s.inline_batches)],
+        );
+        out.counter(
             "push_manager_node_bytes_sent_total",
             "WebSocket bytes (frames with headers, before TLS) written to client sockets.",
             &[(&[], s.bytes_sent)],

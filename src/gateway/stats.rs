@@ -31,6 +31,7 @@ pub(crate) struct Stats {
     pub(crate) duplicate_messages: AtomicU64,
     pub(crate) skipped_messages: AtomicU64,
     pub(crate) socket_writes: AtomicU64,
+    pub(crate) inline_batches: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) closed_shutdown: AtomicU64,
 }
@@ -105,6 +106,10 @@ pub struct StatsSnapshot {
     /// `write` calls that reached a WebSocket client's socket (on `wss://`, vectored writes of
     /// TLS records): against `frames_sent`, how many frames share a syscall.
     pub socket_writes: u64,
+    /// Batches (a unary broadcast is a batch of one) written to an event loop's connections by
+    /// the thread that published them, because the loop was asleep with nothing to do and the
+    /// batch was for a few of its connections; the others go through the loops' inboxes.
+    pub inline_batches: u64,
     /// WebSocket bytes (frames with their headers, before any TLS) handed to client sockets.
     pub bytes_sent: u64,
     /// Open connections closed with 1001 because the node was shutting down.
@@ -155,6 +160,7 @@ impl Stats {
             // Kept by the sequencer, not here: filled in by `Gateway::stats`.
             held_now: 0,
             socket_writes: self.socket_writes.load(Relaxed),
+            inline_batches: self.inline_batches.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             closed_shutdown: self.closed_shutdown.load(Relaxed),
         }

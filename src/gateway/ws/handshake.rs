@@ -9,17 +9,16 @@
 //! endpoint the TLS handshake comes first, inside this phase and its timeout; a client that
 //! fails it (one speaking plain HTTP or WebSocket, or garbage) is dropped and counted.
 
-use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use parking_lot::Mutex;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
 use tungstenite::handshake::MidHandshake;
@@ -58,14 +57,26 @@ pub(crate) struct Opening {
 }
 
 /// Why an upgrade was refused, for the node's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RefusedBy {
     /// Not a WebSocket upgrade we serve: wrong path or method, bad query, malformed request.
+    #[default]
     Request,
     /// `--allowed-origins` / `--require-origin` (HTTP 403).
     Origin,
     /// A missing, bad or expired `?token=`, or a `?topic=` it does not grant (HTTP 401/403).
     Token,
+}
+
+/// What the handshake callback learns from the request, for the handshake to act on.
+#[derive(Debug, Default)]
+struct Learned {
+    /// Filled from an accepted request.
+    opening: Opening,
+    /// Set when it refuses for a reason other than the request's form.
+    refused_by: RefusedBy,
+    /// Set once the request is read: from then on the socket carries our answer.
+    request_read: bool,
 }
 
 /// A connection still in its HTTP handshake.
@@ -77,12 +88,9 @@ pub(crate) struct Handshaking {
     /// callback's own refusals, 404, 401, 403 and bad topics, are written by tungstenite
     /// through TLS).
     answer: Option<std::net::TcpStream>,
-    /// Filled by [`Upgrade`] from the request.
-    opening: Rc<RefCell<Opening>>,
-    /// Set by [`Upgrade`] when it refuses for a reason other than the request's form.
-    refused_by: Rc<Cell<RefusedBy>>,
-    /// Set by [`Upgrade`] once the request is read: from then on the socket carries our answer.
-    request_read: Rc<Cell<bool>>,
+    /// What [`Upgrade`] learns from the request. Shared through a lock, not an `Rc`, because a
+    /// loop's state (this with it) is locked by publishers too ([`super::LoopState`]).
+    learned: Arc<Mutex<Learned>>,
     deadline: Instant,
     /// The open connection's bytes per write (`--ws-write-bytes`).
     write_bytes: usize,
@@ -106,20 +114,13 @@ impl Handshaking {
             }
         };
         registry.register(stream.socket_mut(), token, Interest::READABLE | Interest::WRITABLE)?;
-        let opening = Rc::new(RefCell::new(Opening::default()));
-        let refused_by = Rc::new(Cell::new(RefusedBy::Request));
-        let request_read = Rc::new(Cell::new(false));
-        let callback = Upgrade {
-            limits: config.limits,
-            gatekeeper: config.gatekeeper.clone(),
-            opening: opening.clone(),
-            refused_by: refused_by.clone(),
-            request_read: request_read.clone(),
-        };
+        let learned = Arc::new(Mutex::new(Learned::default()));
+        let callback =
+            Upgrade { limits: config.limits, gatekeeper: config.gatekeeper.clone(), learned: learned.clone() };
         let mid = ServerHandshake::start(stream, callback, Some(config.ws));
         let deadline = Instant::now() + config.handshake_timeout;
         let write_bytes = config.write_bytes;
-        Ok(Handshaking { mid: Some(mid), answer, opening, refused_by, request_read, deadline, write_bytes })
+        Ok(Handshaking { mid: Some(mid), answer, learned, deadline, write_bytes })
     }
 
     /// Takes the handshake as far as the socket allows.
@@ -128,7 +129,7 @@ impl Handshaking {
         match mid.handshake() {
             Ok(ws) => {
                 let conn = Box::new(Connection::new(ws, self.write_bytes));
-                Step::Open(conn, std::mem::take(&mut *self.opening.borrow_mut()))
+                Step::Open(conn, std::mem::take(&mut self.learned.lock().opening))
             }
             Err(HandshakeError::Interrupted(mid)) => {
                 self.mid = Some(mid);
@@ -147,7 +148,7 @@ impl Handshaking {
     /// one whose request was read is in the middle of getting our answer, and is just dropped.
     pub(crate) fn time_out(&self, timeout: std::time::Duration) {
         debug!("handshake not done within {timeout:?}; dropping the socket");
-        if !self.request_read.get() {
+        if !self.learned.lock().request_read {
             let body =
                 format!("the WebSocket handshake must complete within {}\n", humantime::format_duration(timeout));
             self.answer_http("408 Request Timeout", &body);
@@ -161,7 +162,7 @@ impl Handshaking {
             // Our callback refused it; tungstenite has written our response.
             WsError::Http(response) => {
                 debug!("handshake refused with HTTP {}", response.status());
-                return Step::Refused(self.refused_by.get());
+                return Step::Refused(self.learned.lock().refused_by);
             }
             WsError::Io(e) if transport::is_tls_failure(e) => {
                 debug!("TLS handshake failed: {e}");
@@ -220,21 +221,19 @@ pub(crate) fn http_response(status: &str, body: &str) -> String {
 struct Upgrade {
     limits: TopicLimits,
     gatekeeper: Arc<Gatekeeper>,
-    opening: Rc<RefCell<Opening>>,
-    refused_by: Rc<Cell<RefusedBy>>,
-    request_read: Rc<Cell<bool>>,
+    learned: Arc<Mutex<Learned>>,
 }
 
 impl Upgrade {
     fn refuse(&self, by: RefusedBy, status: u16, body: &str) -> ErrorResponse {
-        self.refused_by.set(by);
+        self.learned.lock().refused_by = by;
         http_error(status, body)
     }
 }
 
 impl Callback for Upgrade {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        self.request_read.set(true);
+        self.learned.lock().request_read = true;
         if request.uri().path() != WS_PATH {
             return Err(http_error(404, &format!("not found: the WebSocket endpoint is {WS_PATH}\n")));
         }
@@ -249,7 +248,7 @@ impl Callback for Upgrade {
             .map_err(|e| http_error(400, &format!("bad topic in query string: {e}\n")))?;
         let identity =
             self.identity(query, &topics).map_err(|(status, body)| self.refuse(RefusedBy::Token, status, &body))?;
-        *self.opening.borrow_mut() = Opening { topics, identity };
+        self.learned.lock().opening = Opening { topics, identity };
         Ok(response)
     }
 }

@@ -124,6 +124,16 @@ impl Subscriptions {
         self.by_topic.get(topic).map_or_else(Vec::new, |keys| keys.iter().copied().collect())
     }
 
+    /// How many connections are subscribed to `topic`.
+    pub(crate) fn subscriber_count(&self, topic: &str) -> usize {
+        self.by_topic.get(topic).map_or(0, HashSet::len)
+    }
+
+    /// How many connections `user` has on this loop.
+    pub(crate) fn connection_count(&self, user: &str) -> usize {
+        self.by_user.get(user).map_or(0, HashSet::len)
+    }
+
     /// Takes `key` off `name` (a topic or a user) in `index` and in `counts`.
     fn forget(index: &mut HashMap<Box<str>, HashSet<usize>>, counts: &Counts, key: usize, name: &str) {
         counts.remove(name);
