@@ -194,7 +194,7 @@ fn token_keys() -> Result<(tempfile::TempDir, std::path::PathBuf, TokenKeys), Fa
     let dir = tempfile::Builder::new().prefix("push-manager-demo-").tempdir().map_err(|e| e.to_string())?;
     let mut random = [0u8; 32];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).map_err(|e| e.to_string())?;
-    let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let key = hex::encode(random);
     let path = dir.path().join("token-keys");
     std::fs::write(&path, format!("{key}\n")).map_err(|e| e.to_string())?;
     let keys = TokenKeys::load(&path)?;

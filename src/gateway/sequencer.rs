@@ -158,7 +158,7 @@ impl<'a, P: FnMut(&[BroadCastReq]) -> u64> Apply<'a, P> {
             }
         }
         if skipped > 0 {
-            warn!("sender {}: skipped {skipped} message(s) before number {to}: {reason}", hex(self.sender));
+            warn!("sender {}: skipped {skipped} message(s) before number {to}: {reason}", hex::encode(self.sender));
         }
         self.release();
     }
@@ -216,7 +216,7 @@ impl Sequencer {
             match senders.get(sender) {
                 Some(state) => state.clone(),
                 None => {
-                    info!("sender {}: new, starting at number {low_water}", hex(sender));
+                    info!("sender {}: new, starting at number {low_water}", hex::encode(sender));
                     let state = SenderState { next: low_water, held: BTreeMap::new(), gap_since: None, last_seen: now };
                     let state = Arc::new(Mutex::new(state));
                     senders.insert(sender.into(), state.clone());
@@ -260,7 +260,7 @@ impl Sequencer {
             }
             let idle = state.held.is_empty() && now.saturating_duration_since(state.last_seen) >= FORGET_IDLE_SENDER;
             if idle {
-                info!("sender {}: idle for {FORGET_IDLE_SENDER:?}, forgotten", hex(sender));
+                info!("sender {}: idle for {FORGET_IDLE_SENDER:?}, forgotten", hex::encode(sender));
             }
             !idle
         });
@@ -271,10 +271,6 @@ impl Sequencer {
         let senders: Vec<_> = self.senders.lock().values().cloned().collect();
         senders.iter().map(|s| s.lock().held.len()).sum()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
