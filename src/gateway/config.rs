@@ -255,9 +255,6 @@ impl Config {
         if !(1..=MAX_PUSH_USERS_LIMIT).contains(&self.max_push_users) {
             return bad(format!("--max-push-users must be 1..={MAX_PUSH_USERS_LIMIT}, got {}", self.max_push_users));
         }
-        if let Some(ws_tls) = &self.ws_tls {
-            ws_tls.server_config()?;
-        }
         if self.ws_write_delay > MAX_WS_WRITE_DELAY {
             return bad(format!(
                 "--ws-write-delay must be at most {} (0 never waits), got {}",
@@ -500,8 +497,6 @@ mod tests {
         check(Config { allowed_origins: vec!["example.com".into()], ..local() }, "--allowed-origins");
         check(Config { max_push_users: 0, ..local() }, "--max-push-users");
         check(Config { max_push_users: MAX_PUSH_USERS_LIMIT + 1, ..local() }, "--max-push-users");
-        let missing = WsTls { cert: "/nonexistent/cert.pem".into(), key: "/nonexistent/key.pem".into() };
-        check(Config { ws_tls: Some(missing), ..local() }, "--ws-tls-cert");
         check(Config { reorder_hold: Duration::ZERO, ..local() }, "--reorder-hold");
         check(Config { reorder_hold: Duration::MAX, ..local() }, "--reorder-hold");
         check(Config { reorder_hold_messages: 0, ..local() }, "--reorder-hold-messages");

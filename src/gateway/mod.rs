@@ -117,7 +117,8 @@ impl Gateway {
             config.ws_auth_timeout,
             origins,
         ));
-        // Read once; every wss connection shares it.
+        // Read once, here rather than in `validate` (which reads no files, like the token keys
+        // above): every wss connection shares it. Nothing is bound yet.
         let ws_tls = config.ws_tls.as_ref().map(WsTls::server_config).transpose()?;
         let stats = Arc::new(Stats::default());
         let counts = Arc::new(SharedCounts::default());
