@@ -85,7 +85,7 @@ pub(crate) struct LoopHandle {
     /// Microseconds from the hub taking a broadcast to the loop's writes of its frames; one per
     /// loop, so the loops never share its counters' cache lines.
     pub(crate) delivery_latency_us: Arc<Histogram>,
-    /// The loop's state, for delivering to it directly while it sleeps.
+    /// The loop's state, for writing to its connections inline while it sleeps.
     pub(crate) state: LoopState,
 }
 
