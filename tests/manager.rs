@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::grpc::{broadcast, push_client, OP};
-use common::{free_addr, wait_until, PATIENCE};
+use common::{free_addr, thread_names, wait_until, PATIENCE};
 use grpcio::RpcStatusCode;
 use push_manager::manager::{Config, Manager, NodeStats};
 use push_manager::proto::broadcast_request;
@@ -57,13 +57,9 @@ fn stats(manager: &Manager, id: &str) -> NodeStats {
     manager.nodes().into_iter().find(|n| n.id == id).unwrap_or_else(|| panic!("node {id} is not registered"))
 }
 
-/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task/*/comm).
+/// Threads of this process whose name starts with `prefix`.
 fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(prefix))
-        .count()
+    thread_names(std::process::id()).iter().filter(|name| name.starts_with(prefix)).count()
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{free_addr, wait_until, BIN};
+use common::{free_addr, thread_names, wait_until, BIN};
 use push_manager::testkit::{signal, spawn_serve, wait_exit, Reaped, Sink};
 
 const PREFIX: &str = "/proc-test/nodes/";
@@ -151,15 +151,6 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
     }
-}
-
-/// The names of a process's threads (Linux: /proc/<pid>/task/*/comm).
-fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim_end().to_string())
-        .collect()
 }
 
 #[test]

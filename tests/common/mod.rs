@@ -29,6 +29,16 @@ pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+/// The names of process `pid`'s threads (Linux: /proc/<pid>/task/*/comm); a thread names itself
+/// once it runs, so one just spawned may not be listed under its name yet.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect()
+}
+
 /// Asserts that the binary exited non-zero and said `needle` on standard error.
 #[track_caller]
 pub fn assert_fails_with(out: &Output, needle: &str) {
