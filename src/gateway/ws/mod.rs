@@ -571,7 +571,8 @@ impl EventLoop {
         }
     }
 
-    /// How many connections here `broadcast` is for.
+    /// How many connections here `broadcast` is for; for everyone, every socket the loop holds
+    /// (an upper bound: some are handshaking, closing or owe their token).
     fn audience_len(&self, broadcast: &EncodedBroadcast) -> usize {
         match &broadcast.audience {
             Audience::Everyone => self.conns.len(),
