@@ -51,7 +51,7 @@ use hub::{Backlog, BacklogLimits, LoopHandle, SharedCounts};
 use observe::DELIVERY_LATENCY_BOUNDS_US;
 use observe::{GatewayProbe, Liveness};
 use sequencer::{HoldLimits, Sequencer};
-use service::Activity;
+use service::{Activity, OpenStreams};
 use stats::Stats;
 use ws::{LoopConfig, LoopParts, LoopState};
 
@@ -74,6 +74,8 @@ pub struct Gateway {
     env: Arc<Environment>,
     grpc: Option<grpcio::Server>,
     activity: Arc<Activity>,
+    /// push-manager's `BroadcastBatchStream`s, ended before the gRPC server stops.
+    streams: Arc<OpenStreams>,
     grpc_addr: SocketAddr,
     ws_addr: SocketAddr,
     hub: Arc<Hub>,
@@ -147,6 +149,7 @@ impl Gateway {
             env: env.clone(),
             grpc: None,
             activity: Arc::new(Activity::new()),
+            streams: Arc::new(OpenStreams::new()),
             grpc_addr: "0.0.0.0:0".parse().expect("literal"),
             ws_addr,
             hub,
@@ -185,8 +188,13 @@ impl Gateway {
             max_batch_messages: config.max_batch_messages,
             max_push_users: config.max_push_users,
         };
-        let service =
-            service::ConnectNodeService::new(gateway.hub.clone(), gateway.activity.clone(), admission, sequencer);
+        let service = service::ConnectNodeService::new(
+            gateway.hub.clone(),
+            gateway.activity.clone(),
+            admission,
+            sequencer,
+            gateway.streams.clone(),
+        );
         let (server, grpc_addr) = start_grpc(env, &config, service, gateway.serving.health_service())?;
         gateway.grpc = Some(server);
         gateway.grpc_addr = grpc_addr;
@@ -227,6 +235,7 @@ impl Gateway {
         Arc::new(GatewayProbe {
             stats: self.stats.clone(),
             sequencer: self.sequencer.clone(),
+            streams: self.streams.clone(),
             counts: self.counts.clone(),
             loops: self.loop_handles.clone(),
             liveness: self.liveness.clone(),
@@ -252,7 +261,12 @@ impl Gateway {
 
     /// The counters as they are now.
     pub fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot { held_now: self.sequencer.held_now() as u64, ..self.stats.snapshot() }
+        StatsSnapshot {
+            held_now: self.sequencer.held_now() as u64,
+            batch_streams_open: self.streams.count() as u64,
+            batch_streams_opened: self.streams.opened(),
+            ..self.stats.snapshot()
+        }
     }
 
     /// Publishes without gRPC (tests, demos).
@@ -281,14 +295,15 @@ impl Gateway {
         }
     }
 
-    /// Stops accepting RPCs: waits a short while for those in flight (handlers never block),
-    /// then cancels the rest, so a client stalled mid-call cannot hold the node up.
-    pub fn stop_grpc(&mut self) {
-        if let Some(server) = self.grpc.take() {
-            // Dropping the server (and with it the last handle on its environment) joins the
-            // completion-queue threads.
-            crate::grpc::stop_server(server, GRPC_STOP_GRACE);
-        }
+    /// Stops accepting RPCs: ends push-manager's streams between two batches, waits a short
+    /// while for the calls in flight (handlers never block), then cancels the rest, so a client
+    /// stalled mid-call cannot hold the node up. Returns whether every call ended without being
+    /// cancelled (`true` too when gRPC was stopped already).
+    pub fn stop_grpc(&mut self) -> bool {
+        self.streams.end_all();
+        // Dropping the server (and with it the last handle on its environment) joins the
+        // completion-queue threads.
+        self.grpc.take().is_none_or(|server| crate::grpc::stop_server(server, GRPC_STOP_GRACE))
     }
 
     /// Stops gRPC and the accept thread, closes every WebSocket connection with 1001 "server
@@ -296,7 +311,7 @@ impl Gateway {
     /// handshakes and joins every thread. Idempotent.
     pub fn shutdown(&mut self) {
         self.begin_drain();
-        self.stop_grpc();
+        let _ = self.stop_grpc();
         // What is still held behind a gap is dropped with the node, as a restart would.
         if let Some(sweep) = &mut self.sweep {
             sweep.shutdown();

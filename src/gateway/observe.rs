@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::hub::{LoopHandle, SharedCounts};
 use super::sequencer::Sequencer;
+use super::service::OpenStreams;
 use super::stats::Stats;
 use crate::admin::{Exposition, Probe, Serving};
 use crate::registry::RegistrationState;
@@ -54,6 +55,7 @@ impl Drop for Alive {
 pub(crate) struct GatewayProbe {
     pub(crate) stats: Arc<Stats>,
     pub(crate) sequencer: Arc<Sequencer>,
+    pub(crate) streams: Arc<OpenStreams>,
     pub(crate) counts: Arc<SharedCounts>,
     /// Each event loop's way in, for its backlog (deliveries and bytes waiting).
     pub(crate) loops: Vec<LoopHandle>,
@@ -207,6 +209,16 @@ impl Probe for GatewayProbe {
             "push_manager_node_held_messages",
             "Sequenced messages waiting behind a gap now.",
             &[(&[], self.sequencer.held_now() as f64)],
+        );
+        out.gauge(
+            "push_manager_node_batch_streams_open",
+            "BroadcastBatchStreams open now: push-manager keeps one per worker while it sends here.",
+            &[(&[], self.streams.count() as f64)],
+        );
+        out.counter(
+            "push_manager_node_batch_streams_opened_total",
+            "BroadcastBatchStreams opened: against the open ones, how often senders had to open new ones.",
+            &[(&[], self.streams.opened())],
         );
         let names: Vec<String> = (0..self.loops.len()).map(|n| n.to_string()).collect();
         let backlog: Vec<_> = self.loops.iter().map(|l| l.backlog.broadcasts.load(Ordering::Relaxed) as f64).collect();

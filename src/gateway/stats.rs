@@ -103,6 +103,12 @@ pub struct StatsSnapshot {
     pub skipped_messages: u64,
     /// Sequenced messages waiting behind a gap right now (a gauge).
     pub held_now: u64,
+    /// `BroadcastBatchStream`s open now: push-manager keeps one per worker while it sends to
+    /// this node (a gauge).
+    pub batch_streams_open: u64,
+    /// `BroadcastBatchStream`s served since the start: against `batch_streams_open`, how often
+    /// senders had to open new ones (after an error, or when they restarted).
+    pub batch_streams_opened: u64,
     /// `write` calls that reached a WebSocket client's socket (on `wss://`, vectored writes of
     /// TLS records): against `frames_sent`, how many frames share a syscall.
     pub socket_writes: u64,
@@ -157,8 +163,10 @@ impl Stats {
             held_messages: self.held_messages.load(Relaxed),
             duplicate_messages: self.duplicate_messages.load(Relaxed),
             skipped_messages: self.skipped_messages.load(Relaxed),
-            // Kept by the sequencer, not here: filled in by `Gateway::stats`.
+            // Kept by the sequencer and the gRPC service, not here: filled in by `Gateway::stats`.
             held_now: 0,
+            batch_streams_open: 0,
+            batch_streams_opened: 0,
             socket_writes: self.socket_writes.load(Relaxed),
             inline_batches: self.inline_batches.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),

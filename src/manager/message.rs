@@ -5,14 +5,17 @@
 //! written by hand as the concatenation of `messages` fields (tag, length, encoded request)
 //! followed by the `sequence` field, which is exactly what protobuf would produce for
 //! `BroadcastBatch { repeated BroadCastReq messages = 1; Sequence sequence = 2; }`. So a message
-//! costs one allocation however many nodes and batches carry it. Every call is a sequenced
-//! batch, one message or many: the unary `Broadcast` has no room for a sequence number.
+//! costs one allocation however many nodes and batches carry it. Every batch is sequenced, one
+//! message or many: the unary `Broadcast` has no room for a sequence number. The same bytes go
+//! as a `BroadcastBatchStream` message or as a `BroadcastBatch` call.
 
 use std::sync::Arc;
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::SystemTime;
+
+use std::cell::Cell;
 
 use grpcio::{GrpcSlice, Marshaller, MessageReader, Method, MethodType};
 use protobuf::Message as _;
@@ -174,6 +177,29 @@ pub(crate) const BROADCAST_BATCH: Method<BatchRequest, NodeReply> = Method {
     ty: MethodType::Unary,
     name: "/protocol.ConnectNode/BroadcastBatch",
     req_mar: Marshaller { ser: ser_batch, de: de_unused },
+    resp_mar: REPLY_MARSHALLER,
+};
+
+/// An encoded `BroadcastBatch` for a stream, whose sink takes its messages by value: the bytes
+/// are moved into gRPC's buffer when it is sent, not copied (a marshaller only sees a reference).
+pub(crate) struct EncodedBatch(Cell<Vec<u8>>);
+
+impl EncodedBatch {
+    pub(crate) fn new(batch: &BatchRequest) -> EncodedBatch {
+        EncodedBatch(Cell::new(encode_batch(batch)))
+    }
+}
+
+fn ser_encoded(batch: &EncodedBatch, buf: &mut GrpcSlice) -> grpcio::Result<()> {
+    *buf = GrpcSlice::from(batch.0.take());
+    Ok(())
+}
+
+/// `protocol.ConnectNode/BroadcastBatchStream`, carrying pre-encoded batches.
+pub(crate) const BROADCAST_BATCH_STREAM: Method<EncodedBatch, NodeReply> = Method {
+    ty: MethodType::Duplex,
+    name: "/protocol.ConnectNode/BroadcastBatchStream",
+    req_mar: Marshaller { ser: ser_encoded, de: de_unused },
     resp_mar: REPLY_MARSHALLER,
 };
 

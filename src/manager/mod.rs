@@ -19,6 +19,7 @@ mod message;
 mod node;
 mod observe;
 mod server;
+mod stream;
 mod throttle;
 
 use std::net::SocketAddr;

@@ -15,6 +15,9 @@
 //! puts each sender's messages back in order and drops what it has already applied. The window
 //! also tracks which numbers are settled (acknowledged or given up), so each call carries the
 //! low water mark that tells the node what it need not wait for.
+//!
+//! Each worker sends its batches over a stream of its own to the node ([`BatchStream`]), one
+//! batch at a time, or as `BroadcastBatch` calls to a node from before the stream.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,18 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
-use grpcio::{CallOption, ChannelBuilder, Client, Environment};
+use grpcio::{CallOption, ChannelBuilder, Client, Environment, RpcStatusCode};
 use log::{debug, info, warn};
 use parking_lot::{Mutex, RwLock};
 
 use super::config::Config;
 use super::error::Error;
 use super::message::{BatchRequest, Queued, SenderId, SharedMessage, BROADCAST_BATCH};
+use super::stream::BatchStream;
 use super::throttle::Throttle;
 use crate::admin::{Histogram, HistogramSnapshot};
 use crate::auth::{bearer, KeyFile};
 use crate::grpc::is_retryable;
 use crate::grpc::{ClientTls, TlsError};
+use crate::proto::protocol::NodeReply;
+use crate::secret::Secret;
 use crate::thread::StoppableThread;
 
 /// A batch stops growing at this many encoded bytes (a single larger message still goes alone),
@@ -275,6 +281,8 @@ impl NodeClient {
                 lifecycle: lifecycle.clone(),
                 config: config.clone(),
                 failures: failures.clone(),
+                stream: None,
+                unary_at: None,
             };
             // Workers end when the queue disconnects (`close`), after draining it, not on the
             // stop channel.
@@ -421,13 +429,17 @@ pub(crate) struct NodeAccess {
 }
 
 impl NodeAccess {
-    /// A call option with `timeout` and, if there is a node token, its bearer header.
-    fn call_option(&self, timeout: Duration) -> CallOption {
-        let opt = CallOption::default().timeout(timeout);
-        match &self.token {
-            Some(token) => opt.headers(bearer(&token.first())),
-            None => opt,
-        }
+    /// The node token to send now, if there is one.
+    fn current_token(&self) -> Option<Secret> {
+        self.token.as_ref().map(|token| token.first())
+    }
+}
+
+/// A call option carrying `token`, if any, as its bearer header.
+fn call_option(token: Option<&Secret>) -> CallOption {
+    match token {
+        Some(token) => CallOption::default().headers(bearer(token)),
+        None => CallOption::default(),
     }
 }
 
@@ -507,11 +519,16 @@ struct Worker {
     lifecycle: Arc<Lifecycle>,
     config: Arc<Config>,
     failures: Arc<Throttle>,
+    /// The worker's stream to the node, once it has sent a batch; `None` after an error.
+    stream: Option<BatchStream>,
+    /// The node's address if it refused the stream as a method it lacks (a node from before
+    /// it): batches to it go as `BroadcastBatch` calls while it stays there.
+    unary_at: Option<String>,
 }
 
 impl Worker {
     /// Ends when the queue is disconnected and empty: nothing queued is left behind uncounted.
-    fn run(self) {
+    fn run(mut self) {
         loop {
             let batch = {
                 // One worker collects at a time; waiting for the queue under this lock is the
@@ -555,7 +572,7 @@ impl Worker {
     }
 
     /// Sends `messages` until acknowledged or given up on; hands them back to be settled.
-    fn deliver(&self, messages: Vec<Queued>) -> Vec<Queued> {
+    fn deliver(&mut self, messages: Vec<Queued>) -> Vec<Queued> {
         let n = messages.len() as u64;
         let mut request = BatchRequest { sender: self.sender_id, messages, low_water: 0 };
         let mut attempt = 1;
@@ -564,15 +581,18 @@ impl Worker {
                 self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
                 return request.messages;
             }
-            let opt = self.access.call_option(self.lifecycle.rpc_timeout(self.config.rpc_timeout));
+            let timeout = self.lifecycle.rpc_timeout(self.config.rpc_timeout);
             self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
             // Read at each attempt: what was settled meanwhile need not be waited for.
             request.low_water = self.window.lock().low_water;
-            // Cloned (an Arc) so the lock is not held across the RPC.
-            let client = self.target.read().client.clone();
+            // Cloned (the client is an Arc) so the lock is not held across the RPC.
+            let (client, addr) = {
+                let target = self.target.read();
+                (target.client.clone(), target.addr.clone())
+            };
             self.counters.batch_sizes.observe(n);
             let started = Instant::now();
-            let result = client.unary_call(&BROADCAST_BATCH, &request, opt);
+            let result = self.attempt(&client, &addr, &request, timeout);
             self.counters.rpc_latency_us.observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
             let error = match result {
                 Ok(_) => {
@@ -600,6 +620,49 @@ impl Worker {
                 );
             }
             return request.messages;
+        }
+    }
+
+    /// One attempt at `request`: over the worker's stream to the node at `addr` (a new one if
+    /// it has none that fits), or as a `BroadcastBatch` call to a node without the stream.
+    fn attempt(
+        &mut self,
+        client: &Client,
+        addr: &str,
+        request: &BatchRequest,
+        timeout: Duration,
+    ) -> grpcio::Result<NodeReply> {
+        let token = self.access.current_token();
+        let unary =
+            |token: Option<&Secret>| client.unary_call(&BROADCAST_BATCH, request, call_option(token).timeout(timeout));
+        if self.unary_at.as_deref() == Some(addr) {
+            return unary(token.as_ref());
+        }
+        let (stream, fresh) = match self.stream.take() {
+            Some(stream) if stream.fits(addr, token.as_ref()) => (stream, false),
+            _ => (BatchStream::open(client, addr, call_option(token.as_ref()), token.clone())?, true),
+        };
+        let result = self.stream.insert(stream).exchange(request, timeout);
+        if result.is_err() {
+            self.stream = None;
+        }
+        match result {
+            // A node from before the stream answers UNIMPLEMENTED, or CANCELLED when the batch
+            // races that answer (grpcio aborts a call to a method it lacks without reading it);
+            // a node with the stream never cancels one. Nothing of the batch was taken.
+            Err(grpcio::Error::RpcFailure(status))
+                if fresh && matches!(status.code(), RpcStatusCode::UNIMPLEMENTED | RpcStatusCode::CANCELLED) =>
+            {
+                let reply = unary(token.as_ref())?;
+                info!(
+                    "node {}: {addr} does not serve BroadcastBatchStream (a node from before it); \
+                     this worker sends it BroadcastBatch calls",
+                    self.node_id
+                );
+                self.unary_at = Some(addr.to_string());
+                Ok(reply)
+            }
+            result => result,
         }
     }
 

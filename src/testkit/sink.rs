@@ -3,6 +3,11 @@
 //! benchmarks, only counts it), and can be told to stall (hold every call unanswered) or to
 //! answer each call only after a delay, on a thread of its own. It panics where a test would
 //! fail (it cannot bind, say).
+//!
+//! The recording sink serves the unary calls only, as a node from before `BroadcastBatchStream`
+//! does: push-manager's workers fall back to `BroadcastBatch` calls, whose every attempt it can
+//! hold, delay or refuse. The counting sink serves the stream too, as a node does, so the
+//! benchmarks measure the path push-manager takes to real nodes.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,9 +17,10 @@ use std::time::{Duration, Instant};
 use crate::grpc::ServerTls;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::{create_connect_node, ConnectNode};
+use futures::{SinkExt, TryStreamExt};
 use grpcio::{
-    ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext, RpcStatus,
-    RpcStatusCode, ServerBuilder, ServerCredentials, ServiceBuilder, UnarySink,
+    ChannelBuilder, DuplexSink, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RequestStream,
+    RpcContext, RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServiceBuilder, UnarySink, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -114,6 +120,9 @@ const RAW_BROADCAST: Method<Vec<u8>, NodeReply> = Method {
 
 const RAW_BATCH: Method<Vec<u8>, NodeReply> = Method { name: "/protocol.ConnectNode/BroadcastBatch", ..RAW_BROADCAST };
 
+const RAW_BATCH_STREAM: Method<Vec<u8>, NodeReply> =
+    Method { ty: MethodType::Duplex, name: "/protocol.ConnectNode/BroadcastBatchStream", ..RAW_BROADCAST };
+
 /// Messages in an encoded `BroadcastBatch`: its field-1 (length-delimited) entries.
 fn count_batch(mut bytes: &[u8]) -> u32 {
     fn varint(bytes: &mut &[u8]) -> u64 {
@@ -148,10 +157,29 @@ fn counting_service(state: Arc<State>) -> grpcio::Service {
             ctx.spawn(answer(sink, n));
         }
     };
+    let streamed = state.clone();
     ServiceBuilder::new()
         .add_unary_handler(&RAW_BROADCAST, answer_counted(state.clone(), |_| 1))
         .add_unary_handler(&RAW_BATCH, answer_counted(state, count_batch))
+        .add_duplex_streaming_handler(&RAW_BATCH_STREAM, move |ctx, batches, sink| {
+            ctx.spawn(answer_stream(streamed.clone(), batches, sink));
+        })
         .build()
+}
+
+/// Counts and answers each batch of a stream, as a node does, until the sender ends it.
+async fn answer_stream(state: Arc<State>, mut batches: RequestStream<Vec<u8>>, mut sink: DuplexSink<NodeReply>) {
+    while let Ok(Some(batch)) = batches.try_next().await {
+        let n = count_batch(&batch);
+        state.count.fetch_add(u64::from(n), Ordering::SeqCst);
+        state.rpcs.fetch_add(1, Ordering::SeqCst);
+        let mut reply = NodeReply::new();
+        reply.set_received(n);
+        if sink.send((reply, WriteFlags::default())).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// A running stand-in; dropping it answers any held calls and stops serving.
@@ -239,7 +267,7 @@ impl Sink {
         self.state.received.lock().iter().map(|(_, r)| r.get_proto().get_body().to_vec()).collect()
     }
 
-    /// Calls received so far, batched or not.
+    /// Calls received so far, batched or not, and batches received on streams (the counting sink).
     pub fn rpcs(&self) -> u64 {
         self.state.rpcs.load(Ordering::SeqCst)
     }
