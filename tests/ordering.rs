@@ -1,7 +1,8 @@
 //! In order and at most once to every node (issue 13): push-manager with parallel workers and
 //! retries, a real connect-node (in-process gateway, real hub, real WebSocket subscriber), and
-//! between them a relay that delays, answers late or fails chosen calls, as a slow or flaky
-//! network and node would.
+//! between them a relay that delays, answers late or fails chosen batches, as a slow or flaky
+//! network and node would. The relay takes push-manager's streams, as a node does; the jittery
+//! test also runs over `BroadcastBatch` calls, what push-manager sends a node without streams.
 
 mod common;
 
@@ -16,9 +17,11 @@ use common::gateway::{start_gateway, wait_connections};
 use common::grpc::{batch, broadcast, node_client, push_client, refused, OP};
 use common::ws::Client;
 use common::{wait_until, PATIENCE};
+use futures::executor::{block_on, block_on_stream};
+use futures::SinkExt;
 use grpcio::{
-    CallOption, ChannelBuilder, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType, RpcContext,
-    RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServiceBuilder, UnarySink,
+    CallOption, ChannelBuilder, DuplexSink, EnvBuilder, Environment, Marshaller, MessageReader, Method, MethodType,
+    RequestStream, RpcStatus, RpcStatusCode, ServerBuilder, ServerCredentials, ServiceBuilder, UnarySink, WriteFlags,
 };
 use parking_lot::Mutex;
 use protobuf::Message as _;
@@ -64,68 +67,132 @@ const RAW_BATCH: Method<Vec<u8>, Vec<u8>> = Method {
     resp_mar: Marshaller { ser: write_raw, de: read_raw },
 };
 
-/// A `ConnectNode` server that passes each `BroadcastBatch` on to a real node as its policy says,
-/// answering from a thread per call so that calls overtake one another as on a real network.
+/// `ConnectNode/BroadcastBatchStream`, both ways as bytes.
+const RAW_BATCH_STREAM: Method<Vec<u8>, Vec<u8>> =
+    Method { ty: MethodType::Duplex, name: "/protocol.ConnectNode/BroadcastBatchStream", ..RAW_BATCH };
+
+/// How push-manager's batches reach the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Over a stream per worker, as to a node.
+    Streams,
+    /// As `BroadcastBatch` calls, as to a node from before the stream (the relay lacks it).
+    Calls,
+}
+
+/// A `ConnectNode` server that passes each batch on to a real node as its policy says, from a
+/// thread per call or per stream, so that batches overtake one another as on a real network.
 struct Relay {
     server: grpcio::Server,
     addr: String,
     calls: Arc<AtomicU64>,
+    /// Streams push-manager opened to it.
+    streams: Arc<AtomicU64>,
 }
 
 impl Relay {
-    fn start(upstream: &str, policy: Arc<Policy>) -> Relay {
+    fn start(upstream: &str, policy: Arc<Policy>, transport: Transport) -> Relay {
         let env: Arc<Environment> = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("relay").build());
         let client = grpcio::Client::new(ChannelBuilder::new(env.clone()).connect(upstream));
         let calls = Arc::new(AtomicU64::new(0));
-        let counted = calls.clone();
-        let handler = move |_ctx: RpcContext, req: Vec<u8>, sink: UnarySink<Vec<u8>>| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            let action = policy(&BroadcastBatch::parse_from_bytes(&req).expect("push-manager sends a valid batch"));
-            let client = client.clone();
-            thread::spawn(move || relay_one(&client, action, req, sink));
-        };
-        let service = ServiceBuilder::new().add_unary_handler(&RAW_BATCH, handler).build();
-        let mut server = ServerBuilder::new(env).register_service(service).build().expect("relay builds");
+        let relay = Relayed { client, policy, calls: calls.clone() };
+        let one = relay.clone();
+        let mut service = ServiceBuilder::new().add_unary_handler(&RAW_BATCH, move |_ctx, req, sink| {
+            let one = one.clone();
+            thread::spawn(move || one.relay_call(req, sink));
+        });
+        let streams = Arc::new(AtomicU64::new(0));
+        let opened = streams.clone();
+        if transport == Transport::Streams {
+            service = service.add_duplex_streaming_handler(&RAW_BATCH_STREAM, move |_ctx, batches, sink| {
+                opened.fetch_add(1, Ordering::SeqCst);
+                let relay = relay.clone();
+                thread::spawn(move || relay.relay_stream(batches, sink));
+            });
+        }
+        let mut server = ServerBuilder::new(env).register_service(service.build()).build().expect("relay builds");
         let port = server.add_listening_port("127.0.0.1:0", ServerCredentials::insecure()).expect("relay binds");
         server.start();
-        Relay { server, addr: format!("127.0.0.1:{port}"), calls }
+        Relay { server, addr: format!("127.0.0.1:{port}"), calls, streams }
     }
 
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
     }
+
+    fn streams(&self) -> u64 {
+        self.streams.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = futures::executor::block_on(self.server.shutdown());
+        let _ = block_on(self.server.shutdown());
     }
 }
 
-fn relay_one(client: &grpcio::Client, action: Action, req: Vec<u8>, sink: UnarySink<Vec<u8>>) {
-    let forward = |req: &Vec<u8>| client.unary_call(&RAW_BATCH, req, CallOption::default().timeout(PATIENCE));
-    let answer = match action {
-        Action::Forward(delay) => {
-            thread::sleep(delay);
-            forward(&req)
+/// What the relay's threads share.
+#[derive(Clone)]
+struct Relayed {
+    client: grpcio::Client,
+    policy: Arc<Policy>,
+    /// Batches relayed, by call or on a stream.
+    calls: Arc<AtomicU64>,
+}
+
+impl Relayed {
+    /// Does what the policy says with one batch; the node's answer, or the status to fail with.
+    fn relay(&self, req: &Vec<u8>) -> Result<Vec<u8>, RpcStatus> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let action = (self.policy)(&BroadcastBatch::parse_from_bytes(req).expect("push-manager sends a valid batch"));
+        let forward = || self.client.unary_call(&RAW_BATCH, req, CallOption::default().timeout(PATIENCE));
+        let answer = match action {
+            Action::Forward(delay) => {
+                thread::sleep(delay);
+                forward()
+            }
+            Action::AnswerLate(late) => {
+                let answer = forward();
+                thread::sleep(late);
+                answer
+            }
+            Action::FailAfter(after) => {
+                thread::sleep(after);
+                return Err(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, "relay drops it".into()));
+            }
+        };
+        answer.map_err(|e| match e {
+            grpcio::Error::RpcFailure(status) => status,
+            e => RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, e.to_string()),
+        })
+    }
+
+    fn relay_call(&self, req: Vec<u8>, sink: UnarySink<Vec<u8>>) {
+        let _ = match self.relay(&req) {
+            Ok(reply) => block_on(sink.success(reply)),
+            Err(status) => block_on(sink.fail(status)),
+        };
+    }
+
+    /// Relays each batch of one stream in turn; a failure ends the stream with its status.
+    fn relay_stream(&self, batches: RequestStream<Vec<u8>>, mut sink: DuplexSink<Vec<u8>>) {
+        for req in block_on_stream(batches) {
+            // An error: push-manager cancelled the stream (a deadline passed, or it stopped).
+            let Ok(req) = req else { return };
+            match self.relay(&req) {
+                Ok(reply) => {
+                    if block_on(sink.send((reply, WriteFlags::default()))).is_err() {
+                        return;
+                    }
+                }
+                Err(status) => {
+                    let _ = block_on(sink.fail(status));
+                    return;
+                }
+            }
         }
-        Action::AnswerLate(late) => {
-            let answer = forward(&req);
-            thread::sleep(late);
-            answer
-        }
-        Action::FailAfter(after) => {
-            thread::sleep(after);
-            Err(grpcio::Error::RpcFailure(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, "relay drops it".into())))
-        }
-    };
-    let _ = futures::executor::block_on(async move {
-        match answer {
-            Ok(reply) => sink.success(reply).await,
-            Err(grpcio::Error::RpcFailure(status)) => sink.fail(status).await,
-            Err(e) => sink.fail(RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, e.to_string())).await,
-        }
-    });
+        let _ = block_on(sink.close());
+    }
 }
 
 /// A uniformly random delay of 0 to `max_ms` milliseconds (xorshift: no crate for so little).
@@ -157,9 +224,17 @@ struct Setup {
 }
 
 fn setup(tweak: impl FnOnce(&mut push_manager::gateway::Config), policy: Arc<Policy>) -> Setup {
+    setup_over(Transport::Streams, tweak, policy)
+}
+
+fn setup_over(
+    transport: Transport,
+    tweak: impl FnOnce(&mut push_manager::gateway::Config),
+    policy: Arc<Policy>,
+) -> Setup {
     let etcd = Etcd::start();
     let gateway = start_gateway(tweak);
-    let relay = Relay::start(&gateway.grpc_addr().to_string(), policy);
+    let relay = Relay::start(&gateway.grpc_addr().to_string(), policy, transport);
     let registration = Registration::start(
         etcd.client(),
         RegistrationConfig {
@@ -205,10 +280,19 @@ fn publish(manager: &Manager, range: std::ops::Range<usize>) {
 }
 
 #[test]
-fn twenty_thousand_broadcasts_over_ten_workers_and_a_jittery_link_arrive_in_order_once() {
+fn twenty_thousand_broadcasts_over_ten_streams_and_a_jittery_link_arrive_in_order_once() {
+    twenty_thousand_over_a_jittery_link(Transport::Streams);
+}
+
+#[test]
+fn twenty_thousand_broadcasts_over_ten_workers_calls_and_a_jittery_link_arrive_in_order_once() {
+    twenty_thousand_over_a_jittery_link(Transport::Calls);
+}
+
+fn twenty_thousand_over_a_jittery_link(transport: Transport) {
     const N: usize = 20_000;
     let delay = random_delay(20);
-    let s = setup(|_| {}, Arc::new(move |_: &BroadcastBatch| Action::Forward(delay())));
+    let s = setup_over(transport, |_| {}, Arc::new(move |_: &BroadcastBatch| Action::Forward(delay())));
     // Room for the whole burst: this is about order, not about what a full queue drops. Small
     // batches: many calls in flight at once, so that they overtake one another.
     let manager = s.manager(|c| {
@@ -224,7 +308,9 @@ fn twenty_thousand_broadcasts_over_ten_workers_and_a_jittery_link_arrive_in_orde
     assert!(got == names(0..N), "out of order or repeated: first difference at {:?}", first_difference(&got, N));
     let stats = s.gateway.stats();
     assert_eq!((stats.skipped_messages, stats.held_now), (0, 0), "{stats:?}");
-    assert!(s.relay.calls() > 10, "the calls went through the relay");
+    assert!(s.relay.calls() > 10, "the batches went through the relay");
+    let streams = s.relay.streams();
+    assert_eq!(streams > 0, transport == Transport::Streams, "{streams} streams over {transport:?}");
     assert!(stats.held_messages > 0, "calls overtook one another (or this test proves nothing)");
     println!(
         "{N} broadcasts in {elapsed:?} over {} calls; {} held on the node for a while, {} duplicates",
