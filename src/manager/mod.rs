@@ -1,9 +1,10 @@
 //! The push-manager role: the `protocol.PushServer` service, the discovery of connect-nodes,
 //! and the fan-out of every broadcast to each node through its own queue and workers.
 //!
-//! Threads: gRPC completion-queue threads (`grpc-<n>`, shared by the server and the node
-//! clients), `discovery` (and the etcd client's `etcd-watch`), and `n<number>-w<n>` per node
-//! (the log maps each node's number to its id when it is added). All are joined by `shutdown`.
+//! Threads: gRPC completion-queue threads (`grpc-<n>`, shared by the server and the etcd
+//! client; `grpc-nodes-0`, the node clients'), `discovery` (and the etcd client's `etcd-watch`),
+//! and `n<number>-w<n>` per node (the log maps each node's number to its id when it is added).
+//! All are joined by `shutdown`.
 //!
 //! Each instance numbers what it sends to each node under a random instance id (logged at
 //! start), so that a node applies it in order and once; see `message` and `node`.
@@ -79,7 +80,13 @@ impl Manager {
             // Read now so that a bad file stops start-up instead of every node later.
             tls.credentials()?;
         }
-        let access = Arc::new(NodeAccess { env: env.clone(), tls: config.node_tls.clone(), token: node_token.clone() });
+        // The node clients have a completion-queue thread of their own: the server's can be kept
+        // busy by one caller's stream (a completion ready at once for each element it already
+        // holds), and a thread that never waits never polls, so the nodes' replies, and with
+        // them every worker, would wait behind that caller. One thread more for the calls to
+        // the nodes, named for them.
+        let node_env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("grpc-nodes").build());
+        let access = Arc::new(NodeAccess { env: node_env, tls: config.node_tls.clone(), token: node_token.clone() });
         let fanout = Arc::new(Fanout::new(access, Arc::new(config.clone())));
 
         // Discovery first, so the service can tell callers whether etcd is reachable. Until the

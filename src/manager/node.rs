@@ -420,7 +420,7 @@ impl Drop for NodeClient {
 
 /// What every node client of one manager connects and authenticates with.
 pub(crate) struct NodeAccess {
-    /// The gRPC environment shared with the server.
+    /// The node clients' gRPC environment (its thread is `grpc-nodes-0`).
     pub(crate) env: Arc<Environment>,
     /// TLS to the nodes; `None` for plaintext.
     pub(crate) tls: Option<ClientTls>,
