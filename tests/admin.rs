@@ -215,7 +215,11 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
         assert_eq!(value(&n, "push_manager_node_topics", &[]), 1.0);
         assert_eq!(value(&n, "push_manager_node_registered", &[]), 1.0);
         assert_eq!(value(&n, "push_manager_node_registrations_total", &[]), 1.0);
+        let streams = value(&n, "push_manager_node_batch_streams_open", &[]);
+        assert!(streams >= 1.0, "{admin}: push-manager sends over streams ({streams} open)");
+        assert!(value(&n, "push_manager_node_batch_streams_opened_total", &[]) >= streams, "{admin}");
         for metric in [
+            "push_manager_node_batch_streams_opened_total",
             "push_manager_node_connections_accepted_total",
             "push_manager_node_connections_refused_total",
             "push_manager_node_connections_closed_total",
@@ -231,6 +235,7 @@ fn metrics_of_serve_and_two_nodes_move_with_the_traffic() {
             "push_manager_node_loop_backlog",
             "push_manager_node_loop_backlog_bytes",
             "push_manager_node_held_messages",
+            "push_manager_node_batch_streams_open",
         ] {
             assert_kind(&n, metric, gauge);
         }
