@@ -292,7 +292,15 @@ fn twenty_thousand_broadcasts_over_ten_workers_calls_and_a_jittery_link_arrive_i
 fn twenty_thousand_over_a_jittery_link(transport: Transport) {
     const N: usize = 20_000;
     let delay = random_delay(20);
-    let s = setup_over(transport, |_| {}, Arc::new(move |_: &BroadcastBatch| Action::Forward(delay())));
+    // The first batch is held long enough for full batches to pile up behind it and overtake
+    // it however slowly a loaded machine publishes (a worker sends a partial batch only when
+    // nothing else is in flight); the rest get random delays.
+    let first = AtomicU64::new(0);
+    let policy = move |_: &BroadcastBatch| match first.fetch_add(1, Ordering::SeqCst) {
+        0 => Action::Forward(Duration::from_millis(100)),
+        _ => Action::Forward(delay()),
+    };
+    let s = setup_over(transport, |_| {}, Arc::new(policy));
     // Room for the whole burst: this is about order, not about what a full queue drops. Small
     // batches: many calls in flight at once, so that they overtake one another.
     let manager = s.manager(|c| {
