@@ -17,7 +17,9 @@
 //! low water mark that tells the node what it need not wait for.
 //!
 //! Each worker sends its batches over a stream of its own to the node ([`BatchStream`]), one
-//! batch at a time, or as `BroadcastBatch` calls to a node from before the stream.
+//! batch at a time, or as `BroadcastBatch` calls to a node from before the stream. "RPC" here
+//! (and in the counters: `rpcs`, the RPC latency) is one batch's exchange with the node either
+//! way: a message and its reply on the stream, or a call.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -107,7 +109,7 @@ pub struct NodeStats {
     pub abandoned: u64,
     /// RPC attempts that were retries.
     pub retried: u64,
-    /// RPCs made (a batch is one).
+    /// RPCs made: batch attempts, on a stream or as calls.
     pub rpcs: u64,
     /// Messages waiting in its queue now.
     pub queue_depth: u64,
