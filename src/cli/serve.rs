@@ -39,10 +39,10 @@ pub struct ServeArgs {
     /// Do not watch the prefix; rely on the periodic list only.
     #[arg(long)]
     pub no_watch: bool,
-    /// Deadline of one RPC to a connect-node.
+    /// Deadline of one batch to a connect-node: its reply on the worker's stream (or its call).
     #[arg(long, default_value_t = Config::default().rpc_timeout.into(), value_parser = parse_duration)]
     pub rpc_timeout: humantime::Duration,
-    /// Most messages sent to a node in one RPC when more are queued (1 = one RPC per message).
+    /// Most messages sent to a node in one batch when more are queued (1 = one batch per message).
     #[arg(long, default_value_t = Config::default().batch_max)]
     pub batch_max: usize,
     /// Largest broadcast body accepted, in bytes.
@@ -51,13 +51,14 @@ pub struct ServeArgs {
     /// Most user ids in one PushUsers request (1..=100000).
     #[arg(long, default_value_t = Config::default().max_push_users)]
     pub max_push_users: usize,
-    /// Attempts per RPC to a node (first included) on retryable errors.
+    /// Attempts per batch to a node (first included) on retryable errors.
     #[arg(long, default_value_t = RetryPolicy::default().max_attempts)]
     pub max_attempts: u32,
     /// Log each node's counters this often when they changed (0s = never).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stats_interval: humantime::Duration,
-    /// gRPC completion-queue threads, shared by the server and the node clients.
+    /// gRPC completion-queue threads, shared by the server and the etcd clients (the calls to the
+    /// nodes have one of their own, grpc-nodes-0).
     #[arg(long, default_value_t = Config::default().grpc_threads)]
     pub grpc_threads: usize,
     /// Time a removed node, or every node at shutdown, has to deliver what it has queued.

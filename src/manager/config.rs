@@ -25,10 +25,11 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Watch the prefix so changes apply at once; off leaves only the periodic list. Default on.
     pub watch: bool,
-    /// Deadline of one RPC to a connect-node. Default 5 s.
+    /// Deadline of one batch to a connect-node: its reply on the worker's stream, or its call.
+    /// Default 5 s.
     pub rpc_timeout: Duration,
-    /// Most messages a worker sends in one RPC when more are already queued. Default 512: under
-    /// load the RPC rate, not the bytes, is what limits a node (~16k calls/s per client here).
+    /// Most messages a worker sends in one batch when more are already queued. Default 512: under
+    /// load the batch rate, not the bytes, is what limits a node (~16k calls/s per client here).
     pub batch_max: usize,
     /// Largest `proto.body` accepted, in bytes. Default 1 MiB.
     pub max_message_bytes: usize,
@@ -39,9 +40,10 @@ pub struct Config {
     /// How long a removed node (or every node, at shutdown) may take to deliver what it has
     /// queued before the rest is counted as failed. Default 10 s.
     pub drain_timeout: Duration,
-    /// gRPC completion-queue threads, shared by the server and the node clients. Default 1: on
-    /// a small machine more pollers contend more than they help (measured on 2 cores: 1 gives
-    /// ~20% more deliveries/s than 2 with 32 calls in flight, and no less with 128).
+    /// gRPC completion-queue threads, shared by the server and the etcd clients; the node clients
+    /// have one of their own (`grpc-nodes-0`). Default 1: on a small machine more pollers contend
+    /// more than they help (measured on 2 cores: 1 gives ~20% more deliveries/s than 2 with 32
+    /// calls in flight, and no less with 128).
     pub grpc_threads: usize,
     /// TLS for `PushServer` (`--tls-cert`, `--tls-key`, and `--tls-client-ca` to require client
     /// certificates). Default `None`: plaintext.
@@ -193,7 +195,7 @@ impl Config {
             return bad("--queue-size must be at least 1 message".into());
         }
         if self.batch_max == 0 {
-            return bad("--batch-max must be at least 1 (1 sends one RPC per message)".into());
+            return bad("--batch-max must be at least 1 (1 sends one batch per message)".into());
         }
         if self.poll_interval.is_zero() {
             return bad("--poll-interval must be greater than 0".into());
