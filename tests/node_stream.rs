@@ -71,11 +71,6 @@ fn assert_refused(result: Result<NodeReply, RpcStatus>, code: RpcStatusCode, rea
     assert!(status.message().contains(reason), "{reason:?} not in {status:?}");
 }
 
-/// Reads `n` deliveries on `client` and returns their bodies.
-fn receive(client: &mut Client, n: usize) -> Vec<String> {
-    (0..n).map(|_| client.next_json()["body"].as_str().expect("a text body").to_string()).collect()
-}
-
 /// Registers `addr` as the node `n1` for push-manager to find.
 fn register(etcd: &Etcd, addr: String) -> Registration {
     let records = vec![Record::new(format!("{PREFIX}n1"), addr)];
@@ -103,7 +98,7 @@ fn push_manager_sends_over_one_stream_per_worker_and_closes_them_when_it_stops()
         assert_eq!(broadcast(&push, TOPIC, &format!("m{i}")).get_accepted(), 1);
     }
     let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
-    assert_eq!(receive(&mut user, N), expected, "in order, once");
+    assert_eq!(user.next_bodies(N), expected, "in order, once");
     let stats = gw.stats();
     let rpcs = manager.nodes()[0].rpcs;
     // Two workers (the test config's routine_size): a stream each at most, kept for every batch.
@@ -140,7 +135,7 @@ fn a_stream_needs_the_node_token_when_it_opens_and_with_every_batch() {
 
     let mut stream = Stream::open(&gw, with_key("token-b"));
     assert_eq!(stream.exchange(one("with token b")).unwrap().get_delivered(), 1);
-    assert_eq!(receive(&mut user, 2), ["with token a", "with token b"], "nothing refused was delivered");
+    assert_eq!(user.next_bodies(2), ["with token a", "with token b"], "nothing refused was delivered");
     assert_eq!(gw.stats().batch_streams_open, 1, "the refused streams ended");
 }
 
@@ -169,12 +164,12 @@ fn a_batch_the_call_would_refuse_ends_its_stream_with_the_calls_status_and_deliv
         let good = format!("before {what}");
         assert_eq!(stream.exchange(one(&good)).unwrap().get_delivered(), 1, "{what}");
         assert_refused(stream.exchange(refused_batch), RpcStatusCode::INVALID_ARGUMENT, reason);
-        assert_eq!(receive(&mut user, 1), [good], "{what}: refused #{n}, nothing of it delivered");
+        assert_eq!(user.next_bodies(1), [good], "{what}: refused #{n}, nothing of it delivered");
     }
     // The node goes on: a new stream delivers, and the old ones have ended.
     let mut stream = Stream::open(&gw, CallOption::default());
     assert_eq!(stream.exchange(one("after")).unwrap().get_delivered(), 1);
-    assert_eq!(receive(&mut user, 1), ["after"]);
+    assert_eq!(user.next_bodies(1), ["after"]);
     assert_eq!(gw.stats().batch_streams_open, 1);
 }
 

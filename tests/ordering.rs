@@ -262,11 +262,6 @@ impl Setup {
     }
 }
 
-/// Reads `n` deliveries on `client` and returns their bodies.
-fn receive(client: &mut Client, n: usize) -> Vec<String> {
-    (0..n).map(|_| client.next_json()["body"].as_str().expect("a text body").to_string()).collect()
-}
-
 fn names(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("m{i}")).collect()
 }
@@ -309,7 +304,7 @@ fn twenty_thousand_over_a_jittery_link(transport: Transport) {
     });
     let mut user = s.subscriber();
     let started = Instant::now();
-    let reader = thread::spawn(move || receive(&mut user, N));
+    let reader = thread::spawn(move || user.next_bodies(N));
     publish(&manager, 0..N);
     let got = reader.join().expect("every broadcast arrives");
     let elapsed = started.elapsed();
@@ -349,7 +344,7 @@ fn a_retry_after_a_deadline_the_node_had_met_delivers_once() {
         manager.nodes().first().is_some_and(|n| n.sent == 1 && n.retried >= 1)
     });
     publish(&manager, 1..2);
-    assert_eq!(receive(&mut user, 2), names(0..2), "m0 once, then m1");
+    assert_eq!(user.next_bodies(2), names(0..2), "m0 once, then m1");
     assert!(s.gateway.stats().duplicate_messages >= 1, "{:?}", s.gateway.stats());
 }
 
@@ -372,17 +367,17 @@ fn a_batch_that_fails_for_good_leaves_a_gap_skipped_after_the_hold_time() {
     });
     let mut user = s.subscriber();
     publish(&manager, 0..1);
-    assert_eq!(receive(&mut user, 1), names(0..1));
+    assert_eq!(user.next_bodies(1), names(0..1));
     let sent = Instant::now();
     // m1 takes a worker; m2 and m3 go on others, and wait on the node behind m1's gap.
     publish(&manager, 1..4);
-    assert_eq!(receive(&mut user, 2), ["m2", "m3"], "the rest, in order");
+    assert_eq!(user.next_bodies(2), ["m2", "m3"], "the rest, in order");
     let waited = sent.elapsed();
     assert!(waited >= hold && waited < Duration::from_secs(3), "skipped after the hold time: {waited:?}");
     assert_eq!(s.gateway.stats().skipped_messages, 1, "{:?}", s.gateway.stats());
     wait_until("push-manager gives m1 up", PATIENCE, || manager.nodes().first().is_some_and(|n| n.failed == 1));
     publish(&manager, 4..5);
-    assert_eq!(receive(&mut user, 1), ["m4"], "m1 never comes; what follows does");
+    assert_eq!(user.next_bodies(1), ["m4"], "m1 never comes; what follows does");
 }
 
 #[test]
@@ -396,13 +391,13 @@ fn a_restarted_push_manager_is_applied_at_once_without_waiting_on_the_old_sequen
     let mut user = s.subscriber();
     let mut first = s.manager(|_| {});
     publish(&first, 0..500);
-    assert_eq!(receive(&mut user, 500), names(0..500));
+    assert_eq!(user.next_bodies(500), names(0..500));
     // Mid-stream: the first instance stops with some of its numbers given out, a second starts.
     first.shutdown();
     drop(first);
     let second = s.manager(|_| {});
     publish(&second, 500..1000);
-    assert_eq!(receive(&mut user, 500), names(500..1000), "the new instance's messages, at once and in order");
+    assert_eq!(user.next_bodies(500), names(500..1000), "the new instance's messages, at once and in order");
     let stats = s.gateway.stats();
     assert_eq!((stats.skipped_messages, stats.held_now), (0, 0), "{stats:?}");
 }
@@ -433,7 +428,7 @@ fn batches_without_a_sequence_are_delivered_as_they_come() {
         let len = range.len() as u32;
         assert_eq!(node.broadcast_batch(&plain_batch(range)).unwrap().get_received(), len);
     }
-    assert_eq!(receive(&mut user, 5), ["m2", "m3", "m0", "m1", "m0"]);
+    assert_eq!(user.next_bodies(5), ["m2", "m3", "m0", "m1", "m0"]);
     let stats = gateway.stats();
     assert_eq!((stats.held_messages, stats.duplicate_messages, stats.skipped_messages), (0, 0, 0));
 }
@@ -455,7 +450,7 @@ fn a_malformed_sequence_is_refused_with_the_reason_and_the_sender_carries_on() {
     assert_eq!((reply.get_received(), reply.get_delivered()), (1, 0), "m1 waits for m0");
     let reply = node.broadcast_batch(&sequenced(0..1, b"s", 0)).unwrap();
     assert_eq!(reply.get_delivered(), 2, "m0 and the m1 it released");
-    assert_eq!(receive(&mut user, 2), ["m0", "m1"]);
+    assert_eq!(user.next_bodies(2), ["m0", "m1"]);
 }
 
 #[test]

@@ -136,6 +136,12 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// The bodies (text) of the next `n` deliveries, in arrival order.
+    #[track_caller]
+    pub fn next_bodies(&mut self, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.next_json()["body"].as_str().expect("a text body").to_string()).collect()
+    }
+
     /// The next data or close message (pings and pongs are answered and skipped).
     #[track_caller]
     pub fn next_message(&mut self) -> Message {
