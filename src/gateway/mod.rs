@@ -149,7 +149,7 @@ impl Gateway {
             env: env.clone(),
             grpc: None,
             activity: Arc::new(Activity::new()),
-            streams: Arc::new(OpenStreams::new()),
+            streams: Arc::new(OpenStreams::new(stats.clone())),
             grpc_addr: "0.0.0.0:0".parse().expect("literal"),
             ws_addr,
             hub,
@@ -264,7 +264,6 @@ impl Gateway {
         StatsSnapshot {
             held_now: self.sequencer.held_now() as u64,
             batch_streams_open: self.streams.count() as u64,
-            batch_streams_opened: self.streams.opened(),
             ..self.stats.snapshot()
         }
     }

@@ -218,7 +218,7 @@ impl Probe for GatewayProbe {
         out.counter(
             "push_manager_node_batch_streams_opened_total",
             "BroadcastBatchStreams opened: against the open ones, how often senders had to open new ones.",
-            &[(&[], self.streams.opened())],
+            &[(&[], s.batch_streams_opened)],
         );
         let names: Vec<String> = (0..self.loops.len()).map(|n| n.to_string()).collect();
         let backlog: Vec<_> = self.loops.iter().map(|l| l.backlog.broadcasts.load(Ordering::Relaxed) as f64).collect();

@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 
 use super::hub::Hub;
 use super::sequencer::{self, Sequencer};
+use super::stats::Stats;
 use crate::auth::KeyFile;
 use crate::proto::protocol::{BroadCastReq, BroadcastBatch, NodeReply};
 use crate::proto::protocol_grpc::ConnectNode;
@@ -74,13 +75,13 @@ pub(crate) struct OpenStreams {
     /// One per stream being served; dropping it ends that stream. `None` once stopping, which
     /// refuses new streams.
     enders: Mutex<Option<Vec<oneshot::Sender<()>>>>,
-    /// Streams served since the start.
-    opened: AtomicU64,
+    /// Where the streams opened are counted (`batch_streams_opened`).
+    stats: Arc<Stats>,
 }
 
 impl OpenStreams {
-    pub(crate) fn new() -> OpenStreams {
-        OpenStreams { enders: Mutex::new(Some(Vec::new())), opened: AtomicU64::new(0) }
+    pub(crate) fn new(stats: Arc<Stats>) -> OpenStreams {
+        OpenStreams { enders: Mutex::new(Some(Vec::new())), stats }
     }
 
     /// What ends a new stream when the node stops; `None` if it is stopping already.
@@ -92,13 +93,8 @@ impl OpenStreams {
         enders.retain(|ender| !ender.is_canceled());
         let (ender, ended) = oneshot::channel();
         enders.push(ender);
-        self.opened.fetch_add(1, Ordering::Relaxed);
+        Stats::inc(&self.stats.batch_streams_opened);
         Some(ended)
-    }
-
-    /// Streams served since the start.
-    pub(crate) fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
     }
 
     /// Streams being served now.
@@ -169,9 +165,7 @@ impl ConnectNodeService {
         }
         self.hub.admit().map_err(|busy| (RpcStatusCode::RESOURCE_EXHAUSTED, busy))
     }
-}
 
-impl ConnectNodeService {
     /// One batch, as `BroadcastBatch` or one element of `BroadcastBatchStream` carries it: all
     /// or nothing (a bad message refuses the batch before any of it is delivered), then in its
     /// sender's order, once.

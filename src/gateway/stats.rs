@@ -32,6 +32,7 @@ pub(crate) struct Stats {
     pub(crate) skipped_messages: AtomicU64,
     pub(crate) socket_writes: AtomicU64,
     pub(crate) inline_batches: AtomicU64,
+    pub(crate) batch_streams_opened: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) closed_shutdown: AtomicU64,
 }
@@ -166,7 +167,7 @@ impl Stats {
             // Kept by the sequencer and the gRPC service, not here: filled in by `Gateway::stats`.
             held_now: 0,
             batch_streams_open: 0,
-            batch_streams_opened: 0,
+            batch_streams_opened: self.batch_streams_opened.load(Relaxed),
             socket_writes: self.socket_writes.load(Relaxed),
             inline_batches: self.inline_batches.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
