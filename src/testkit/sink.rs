@@ -74,6 +74,13 @@ impl Service {
 }
 
 impl State {
+    /// Counts one call, or one batch of a stream, of `n` messages (a counting sink).
+    fn counted(&self, n: u32) -> u32 {
+        self.count.fetch_add(u64::from(n), Ordering::SeqCst);
+        self.rpcs.fetch_add(1, Ordering::SeqCst);
+        n
+    }
+
     fn record(&self, messages: Vec<BroadCastReq>) {
         if !self.counting_only {
             let now = Instant::now();
@@ -83,10 +90,15 @@ impl State {
     }
 }
 
-async fn answer(sink: UnarySink<NodeReply>, n: u32) {
+/// A node's reply to a call or a stream batch of `n` messages.
+fn received(n: u32) -> NodeReply {
     let mut reply = NodeReply::new();
     reply.set_received(n);
-    let _ = sink.success(reply).await;
+    reply
+}
+
+async fn answer(sink: UnarySink<NodeReply>, n: u32) {
+    let _ = sink.success(received(n)).await;
 }
 
 impl ConnectNode for Service {
@@ -151,10 +163,7 @@ fn count_batch(mut bytes: &[u8]) -> u32 {
 fn counting_service(state: Arc<State>) -> grpcio::Service {
     let answer_counted = |state: Arc<State>, count: fn(&[u8]) -> u32| {
         move |ctx: RpcContext, req: Vec<u8>, sink: UnarySink<NodeReply>| {
-            let n = count(&req);
-            state.count.fetch_add(u64::from(n), Ordering::SeqCst);
-            state.rpcs.fetch_add(1, Ordering::SeqCst);
-            ctx.spawn(answer(sink, n));
+            ctx.spawn(answer(sink, state.counted(count(&req))));
         }
     };
     let streamed = state.clone();
@@ -170,11 +179,7 @@ fn counting_service(state: Arc<State>) -> grpcio::Service {
 /// Counts and answers each batch of a stream, as a node does, until the sender ends it.
 async fn answer_stream(state: Arc<State>, mut batches: RequestStream<Vec<u8>>, mut sink: DuplexSink<NodeReply>) {
     while let Ok(Some(batch)) = batches.try_next().await {
-        let n = count_batch(&batch);
-        state.count.fetch_add(u64::from(n), Ordering::SeqCst);
-        state.rpcs.fetch_add(1, Ordering::SeqCst);
-        let mut reply = NodeReply::new();
-        reply.set_received(n);
+        let reply = received(state.counted(count_batch(&batch)));
         if sink.send((reply, WriteFlags::default())).await.is_err() {
             return;
         }
