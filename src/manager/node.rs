@@ -635,10 +635,9 @@ impl Worker {
         timeout: Duration,
     ) -> grpcio::Result<NodeReply> {
         let token = self.access.current_token();
-        let unary =
-            |token: Option<&Secret>| client.unary_call(&BROADCAST_BATCH, request, call_option(token).timeout(timeout));
+        let unary = || client.unary_call(&BROADCAST_BATCH, request, call_option(token.as_ref()).timeout(timeout));
         if self.unary_at.as_deref() == Some(addr) {
-            return unary(token.as_ref());
+            return unary();
         }
         let (stream, fresh) = match self.stream.take() {
             Some(stream) if stream.fits(addr, token.as_ref()) => (stream, false),
@@ -655,7 +654,7 @@ impl Worker {
             Err(grpcio::Error::RpcFailure(status))
                 if fresh && matches!(status.code(), RpcStatusCode::UNIMPLEMENTED | RpcStatusCode::CANCELLED) =>
             {
-                let reply = unary(token.as_ref())?;
+                let reply = unary()?;
                 info!(
                     "node {}: {addr} does not serve BroadcastBatchStream (a node from before it); \
                      this worker sends it BroadcastBatch calls",
